@@ -1,0 +1,212 @@
+"""``moba bench``: MoBA against dense causal attention (PyTorch SDPA) across sequence lengths."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .ops.attention import moba_attention, resolve_backend
+from .ops.naive import naive_moba_attention
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def pair_fraction(T: int, block_size: int, topk: int) -> float:
+    """Share of the causal (query, key) pairs that MoBA reads, for one sequence of T tokens."""
+    p = torch.arange(T, dtype=torch.float64)
+    own = torch.remainder(p, block_size) + 1
+    past = torch.clamp(torch.div(p, block_size, rounding_mode="floor"), max=topk - 1) * block_size
+    return float((own + past).sum() / (p + 1).sum())
+
+
+def _mallopt(mmap_threshold: int) -> None:
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, mmap_threshold)   # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(key)
+
+
+def peak_bytes(fn, device) -> float:
+    """Peak memory of one untimed call of fn, above what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux, glibc): the process's peak RSS while large blocks are
+    served by mmap and returned on free, so that RSS follows live tensors; NaN where that can't be read.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    try:
+        _mallopt(1 << 16)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                   # resets VmHWM to the current RSS
+        base = _status("VmRSS")
+        fn()
+        return float(_status("VmHWM") - base)
+    except OSError:
+        return float("nan")
+    finally:
+        _mallopt(32 << 20)                 # back to glibc's largest dynamic threshold for timing
+
+
+def _time(fn, device, repeats):
+    """Median milliseconds of fn() after one warm-up call."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, 50 * repeats), return_mode="median")
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def dense_causal(q, k, v, backend=None):
+    """SDPA causal over [B, T, H, D] inputs (GQA through enable_gqa, no copy where supported)."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    if backend is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+
+
+def _dense_variants(device):
+    if device.type != "cuda":
+        return {"sdpa": None}
+    from torch.nn.attention import SDPBackend
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+
+
+def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, device, batch=1, repeats=3,
+        fwd_bwd=False, ref_max=8192, seed=0, log=sys.stderr):
+    device = torch.device(device)
+    dt = DTYPES[dtype]
+    be = resolve_backend(backend, torch.empty(0, device=device))
+    rows = []
+    for i, T in enumerate(lengths):
+        torch.manual_seed(seed)
+        shp = lambda h: (batch, T, h, head_dim)  # noqa: E731
+        q = torch.randn(shp(heads), device=device, dtype=dt)
+        k = torch.randn(shp(kv_heads), device=device, dtype=dt)
+        v = torch.randn(shp(kv_heads), device=device, dtype=dt)
+        if fwd_bwd:
+            for x in (q, k, v):
+                x.requires_grad_(True)
+            do = torch.randn_like(q)
+
+        def timed(f):
+            if not fwd_bwd:
+                with torch.no_grad():
+                    return lambda: f(q, k, v)
+            return lambda: torch.autograd.backward(f(q, k, v), do)
+
+        row = dict(T=T, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                   block_size=block_size, topk=topk, backend=be, device=str(device), fwd_bwd=fwd_bwd,
+                   frac_pairs=pair_fraction(T, block_size, topk))
+        for name, sdpa_backend in _dense_variants(device).items():
+            print(f"[{i + 1}/{len(lengths)}] T={T}: dense ({name}) ...", file=log, flush=True)
+            try:
+                fn = timed(lambda a, b, c: dense_causal(a, b, c, sdpa_backend))
+                row[f"{name}_ms"] = _time(fn, device, repeats)
+                row[f"{name}_peak_bytes"] = peak_bytes(fn, device)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:   # a backend that can't run this shape
+                print(f"    {name} unavailable: {str(e).splitlines()[0][:100]}", file=log)
+                row[f"{name}_ms"] = float("nan")
+        dense_ms = [row[f"{n}_ms"] for n in _dense_variants(device) if not math.isnan(row[f"{n}_ms"])]
+        row["dense_ms"] = min(dense_ms) if dense_ms else float("nan")
+        print(f"[{i + 1}/{len(lengths)}] T={T}: moba ({be}) ...", file=log, flush=True)
+        fn = timed(lambda a, b, c: moba_attention(a, b, c, block_size, topk, backend=be))
+        row["moba_ms"] = _time(fn, device, repeats)
+        row["moba_peak_bytes"] = peak_bytes(fn, device)
+        row["speedup"] = row["dense_ms"] / row["moba_ms"]
+        row["rel_err"] = float("nan")
+        if T <= ref_max:
+            with torch.no_grad():
+                out = moba_attention(q, k, v, block_size, topk, backend=be).double()
+                ref = naive_moba_attention(q.double(), k.double(), v.double(), block_size, topk)
+            row["rel_err"] = ((out - ref).norm() / ref.norm()).item()
+        rows.append(row)
+    return rows
+
+
+def format_table(rows) -> str:
+    dense_cols = [c[:-3] for c in rows[0] if c.endswith("_ms") and c not in ("dense_ms", "moba_ms")]
+    head = (["T"] + [f"{c} ms" for c in dense_cols] + ["moba ms", "speedup", "pairs read", "dense peak MB",
+                                                        "moba peak MB", "rel err"])
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        peak_d = max(r.get(f"{c}_peak_bytes", float("nan")) for c in dense_cols) / 2**20
+        cells = ([str(r["T"])] + [f"{r[c + '_ms']:.2f}" for c in dense_cols]
+                 + [f"{r['moba_ms']:.2f}", f"{r['speedup']:.2f}x", f"{100 * r['frac_pairs']:.1f}%",
+                    f"{peak_d:.0f}", f"{r['moba_peak_bytes'] / 2**20:.0f}",
+                    "-" if math.isnan(r["rel_err"]) else f"{r['rel_err']:.1e}"])
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def add_arguments(p):
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="comma-separated sequence lengths (default: 4096,8192,16384,32768 on CPU; "
+                        "8192,32768,131072 on CUDA)")
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--heads", type=int, default=None, help="query heads (default 4 on CPU, 32 on CUDA)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: 4 on CPU, 8 on CUDA)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--backend", choices=["auto", "torch", "triton", "naive"], default="auto")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--fwd-bwd", action="store_true", help="time forward + backward instead of forward")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats on CPU (median reported)")
+    p.add_argument("--ref-max", type=int, default=8192, help="longest T checked against the reference")
+    p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
+
+
+def main_bench(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    args.lengths = args.lengths or ([8192, 32768, 131072] if gpu else [4096, 8192, 16384, 32768])
+    args.heads = args.heads or (32 if gpu else 4)
+    args.kv_heads = args.kv_heads or (8 if gpu else args.heads)
+    args.head_dim = args.head_dim or (128 if gpu else 64)
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    env = dict(device=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+               torch=torch.__version__, threads=torch.get_num_threads(),
+               date=time.strftime("%Y-%m-%d"))
+    print(f"moba bench on {env['device']} (torch {env['torch']}): B={args.batch} H={args.heads}/"
+          f"{args.kv_heads} D={args.head_dim} {args.dtype} block={args.block_size} topk={args.topk} "
+          f"{'fwd+bwd' if args.fwd_bwd else 'fwd'}", flush=True)
+    rows = run(args.lengths, args.block_size, args.topk, args.heads, args.kv_heads, args.head_dim, args.dtype,
+               args.backend, device, batch=args.batch, repeats=args.repeats, fwd_bwd=args.fwd_bwd,
+               ref_max=args.ref_max)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return rows

@@ -1,0 +1,107 @@
+"""Public entry points: ``moba_attention`` and ``select_blocks``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import gate, grouped
+from .naive import naive_moba_attention
+from .utils import pack, validate
+
+
+def _triton_usable(q: torch.Tensor) -> bool:
+    if q.is_cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """Turn "auto" into a concrete backend and check that a requested one can run here."""
+    if backend == "auto":
+        from . import parallel
+        return "triton" if q.is_cuda and _triton_usable(q) and parallel.supports(q) else "torch"
+    if backend == "triton":
+        if not _triton_usable(q):
+            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                             "set before import) and the triton package")
+    return backend
+
+
+def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None, scale=None,
+                   return_lse=False, backend="auto"):
+    """Mixture of Block Attention.
+
+    Keys are cut into blocks of ``block_size`` tokens from the start of each sequence. A query at
+    position ``p`` attends its own block ``p // block_size`` causally, plus the ``topk - 1`` strictly
+    earlier blocks whose mean key scores highest against it (all of them if fewer exist)::
+
+        keys    |blk0 |blk1 |blk2 |blk3 |blk4..
+        query in blk4, topk=3:   ####        ####  ##<- causal, up to p
+                                 (chosen)   (chosen) (own)
+
+    Args:
+        q: [B, Tq, Hq, D]. k: [B, Tk, Hkv, D]. v: [B, Tk, Hkv, Dv]. ``Hq % Hkv == 0`` (grouped-query
+            attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``; K/V are never copied).
+            ``Tq <= Tk``: queries are the *last* ``Tq`` positions of the keys, as in FlashAttention::
+
+                keys     0 1 2 3 4 5 6 7
+                queries            0 1 2      (Tq=3, Tk=8: query 0 sits at position 5)
+
+        block_size: tokens per key block (>= 1).
+        topk: blocks per query *including* the own block (>= 1); ``topk=1`` is block-local causal
+            attention, ``topk >= number of blocks`` equals causal attention.
+        cu_seqlens: int32 [N+1] offsets of N sequences packed along T (B must be 1).
+        cu_seqlens_k: the keys' offsets when they differ from the queries' (chunked prefill, decoding).
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp, float32 [B, Tq, Hq], natural log.
+        backend: "auto" (Triton on CUDA, else "torch"), "torch", "naive" (fp32 reference) or "triton".
+
+    Returns:
+        ``out`` [B, Tq, Hq, Dv] in q's dtype, or ``(out, lse)``. Gradients flow to q, k and v; the gate is
+        a hard selection without gradient.
+
+    Example:
+        >>> q = torch.randn(1, 1000, 4, 64); k = torch.randn(1, 1000, 2, 64); v = torch.randn(1, 1000, 2, 64)
+        >>> moba_attention(q, k, v, block_size=128, topk=3).shape
+        torch.Size([1, 1000, 4, 64])
+    """
+    lay, sc = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
+    backend = resolve_backend(backend, q)
+    if backend == "naive":
+        return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,
+                                    cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse)
+    B, Tq, Hq, _ = q.shape
+    Dv = v.shape[3]
+    if backend == "triton":
+        from . import parallel
+        out, lse = parallel.moba_attention_triton(pack(q), pack(k), pack(v), lay, topk, sc)
+    else:
+        qp, kp, vp = pack(q), pack(k), pack(v)
+        lt = lay.tensors(q.device)
+        with torch.no_grad():
+            sel = gate.select_past_blocks(qp.detach(), kp.detach(), lay, lt, topk)
+        plan = grouped.make_plan(sel, lay, lt, k.shape[2])
+        out, lse = grouped.MobaGrouped.apply(qp, kp, vp, plan, sc)
+    out = out.view(B, Tq, Hq, Dv)
+    if return_lse:
+        return out, lse.view(B, Tq, Hq)
+    return out
+
+
+@torch.no_grad()
+def select_blocks(q, k, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None):
+    """The blocks each (query, head) reads: int32 [B, Tq, Hq, topk].
+
+    Slot 0 is the own block; then the chosen earlier blocks by decreasing gate score; -1 where fewer
+    than ``topk - 1`` earlier blocks exist. Block ids count from the start of each query's sequence.
+    """
+    lay, _ = validate(q, k, k, block_size, topk, cu_seqlens, cu_seqlens_k)
+    qp, kp = pack(q), pack(k)
+    lt = lay.tensors(q.device)
+    sel = gate.select_past_blocks(qp, kp, lay, lt, topk)
+    return gate.to_local(sel, lay, lt).view(q.shape[0], q.shape[1], q.shape[2], topk)

@@ -1,0 +1,110 @@
+"""The "torch" backend (and select_blocks) against the fp64 reference, plus MoBA's identities."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moba
+from helpers import check_against_reference, make_inputs, rel_err
+
+CASES = [
+    # lens_q, lens_k, Hq, Hkv, D, block, topk
+    ([100], [100], 4, 4, 48, 16, 3),          # T not a multiple of the block
+    ([10], [10], 2, 1, 16, 16, 3),            # T < block
+    ([1], [1], 2, 2, 16, 8, 2),               # T = 1
+    ([130, 130], [130, 130], 6, 3, 80, 32, 2),  # batch of 2, head dim 80, GQA 2
+    ([77], [77], 8, 2, 32, 8, 4),             # GQA 4
+    ([40, 1, 67, 13], [40, 1, 67, 13], 4, 2, 16, 8, 3),   # packed, uneven, with a length-1 sequence
+    ([16], [100], 4, 2, 16, 16, 3),           # chunked prefill: Tq < Tk
+    ([1], [150], 4, 1, 16, 16, 4),            # decoding: Tq = 1
+    ([5, 1, 20], [50, 9, 20], 3, 3, 16, 8, 2),  # varlen with Tq < Tk per sequence
+    ([64], [64], 2, 2, 16, 16, 1),            # topk 1: own block only
+    ([0, 30], [12, 30], 2, 1, 8, 4, 3),       # an empty query sequence
+]
+
+
+@pytest.mark.parametrize("lens_q,lens_k,Hq,Hkv,D,bs,topk", CASES, ids=lambda x: str(x))
+def test_torch_backend_matches_reference(lens_q, lens_k, Hq, Hkv, D, bs, topk):
+    q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, Dv=D + 8)
+    check_against_reference(q, k, v, bs, topk, "torch", 1e-10, extra)
+
+
+def test_torch_backend_fp32_and_noncontiguous():
+    # transformers hands [B, H, T, D] tensors transposed to [B, T, H, D]: not contiguous
+    q = torch.randn(2, 4, 90, 32).transpose(1, 2)
+    k = torch.randn(2, 2, 90, 32).transpose(1, 2)
+    v = torch.randn(2, 2, 90, 32).transpose(1, 2)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, 16, 3, "torch", 1e-5, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_half(dtype):
+    q, k, v, _ = make_inputs([120], [120], 4, 2, 32, dtype=dtype)
+    out = moba.moba_attention(q, k, v, 16, 3, backend="torch")
+    assert out.dtype == dtype
+    ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3)
+    low = moba.naive_moba_attention(q, k, v, 16, 3)   # the reference's own rounding at this dtype
+    assert rel_err(out, ref) <= 2 * rel_err(low, ref) + 1e-3
+
+
+def _causal(q, k, v, scale=None):
+    G = q.shape[2] // k.shape[2]
+    kr, vr = (x.repeat_interleave(G, 2).transpose(1, 2) for x in (k, v))
+    Tq, Tk = q.shape[1], k.shape[1]
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_topk_covering_all_blocks_is_causal_attention(backend):
+    q, k, v, _ = make_inputs([97, 97], [97, 97], 4, 2, 16)
+    out = moba.moba_attention(q, k, v, 16, 7, backend=backend, scale=0.2)
+    torch.testing.assert_close(out, _causal(q, k, v, scale=0.2), rtol=1e-10, atol=1e-10)
+    q, k, v, _ = make_inputs([20], [90], 4, 2, 16)
+    out = moba.moba_attention(q, k, v, 8, 100, backend=backend)
+    torch.testing.assert_close(out, _causal(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_topk_one_is_block_local_causal(backend):
+    bs = 16
+    q, k, v, _ = make_inputs([100], [100], 2, 1, 16)
+    out = moba.moba_attention(q, k, v, bs, 1, backend=backend)
+    blk = torch.arange(100) // bs
+    mask = (blk[:, None] == blk[None, :]) & torch.ones(100, 100, dtype=torch.bool).tril()
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2),
+                                          v.repeat_interleave(2, 2).transpose(1, 2),
+                                          attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_small_topk_differs_from_dense(backend):
+    q, k, v, _ = make_inputs([128], [128], 2, 2, 16)
+    out = moba.moba_attention(q, k, v, 16, 2, backend=backend)
+    dense = _causal(q, k, v)
+    assert (out - dense).abs().max() > 1e-2
+    # but the first two blocks read everything there is
+    torch.testing.assert_close(out[:, :32], dense[:, :32], rtol=1e-10, atol=1e-10)
+
+
+def test_select_blocks_layout():
+    q, k, _, extra = make_inputs([40, 1, 67], [40, 1, 67], 4, 2, 16)
+    sel = moba.select_blocks(q, k, 8, 3, **extra)
+    assert sel.shape == (1, 108, 4, 3) and sel.dtype == torch.int32
+    pos = torch.cat([torch.arange(40), torch.arange(1), torch.arange(67)])
+    assert torch.equal(sel[0, :, :, 0], (pos // 8)[:, None].expand(-1, 4).int())
+    past = sel[0, :, :, 1:]
+    n_past = (pos // 8).clamp(max=2)
+    assert torch.equal((past >= 0).sum(-1), n_past[:, None].expand(-1, 4))
+    assert ((past < (pos // 8)[:, None, None]) | (past == -1)).all()
+    # and it is the reference's choice, slot for slot
+    from moba.ops.naive import naive_select
+    want = naive_select(q[0, 41:], k[0, 41:], 8, 3)
+    assert torch.equal(sel[0, 41:], want)
+
+
+def test_default_backend_runs_on_cpu():
+    q, k, v, _ = make_inputs([50], [50], 2, 2, 16, dtype=torch.float32)
+    out = moba.moba_attention(q, k, v, 8, 2)
+    assert rel_err(out, moba.naive_moba_attention(q, k, v, 8, 2)) < 1e-5
