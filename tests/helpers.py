@@ -44,10 +44,11 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_against_reference(q, k, v, block_size, topk, backend, tol, extra, grads=True):
+def check_against_reference(q, k, v, block_size, topk, backend, tol, extra, grads=True, **backend_kw):
     """Compare a backend with the fp64 reference, forward, lse and all three gradients."""
     ref_in = [x.double() for x in (q, k, v)]
-    fn = lambda *a, **kw: moba.moba_attention(*a, block_size, topk, backend=backend, **kw)  # noqa: E731
+    fn = lambda *a, **kw: moba.moba_attention(*a, block_size, topk, backend=backend, **kw,  # noqa: E731
+                                              **backend_kw)
     ref = lambda *a, **kw: moba.naive_moba_attention(*a, block_size, topk, **kw)  # noqa: E731
     if not grads:
         out, lse = fn(q, k, v, return_lse=True, **extra)

@@ -33,7 +33,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None, scale=None,
-                   return_lse=False, backend="auto"):
+                   return_lse=False, backend="auto", deterministic=False):
     """Mixture of Block Attention.
 
     Keys are cut into blocks of ``block_size`` tokens from the start of each sequence. A query at
@@ -60,6 +60,8 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp, float32 [B, Tq, Hq], natural log.
         backend: "auto" (Triton on CUDA, else "torch"), "torch", "naive" (fp32 reference) or "triton".
+        deterministic: Triton backward without atomics (bitwise-repeatable dQ, more memory). The other
+            backends are always deterministic on a given device.
 
     Returns:
         ``out`` [B, Tq, Hq, Dv] in q's dtype, or ``(out, lse)``. Gradients flow to q, k and v; the gate is
@@ -79,7 +81,7 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
     Dv = v.shape[3]
     if backend == "triton":
         from . import parallel
-        out, lse = parallel.moba_attention_triton(pack(q), pack(k), pack(v), lay, topk, sc)
+        out, lse = parallel.moba_attention_triton(pack(q), pack(k), pack(v), lay, topk, sc, deterministic)
     else:
         qp, kp, vp = pack(q), pack(k), pack(v)
         lt = lay.tensors(q.device)

@@ -1,5 +1,501 @@
-"""Triton kernels for MoBA (placeholder until the kernels land)."""
+"""Triton kernels for MoBA: kernels -> launchers -> autograd.Function -> public entry.
+
+Work is split the way the selection falls (see ../../PERFLOG.md for the why and the numbers):
+
+* gate (``gate.py``): block means and the top ``topk - 1`` earlier blocks per (query, head), in query
+  chunks; then the chosen (row, slot) entries are sorted by (kv head, block) so that every key block
+  sees the list of rows that picked it.
+* ``_sparse_fwd``: one program per tile of up to BM gathered rows of one (kv head, block) group; the rows
+  attend the whole block (no mask: chosen blocks are strictly in the past) with an online softmax and
+  write a normalised partial output and its log-sum-exp per (row, slot) to an fp32 buffer.
+* ``_own_fwd``: one program per tile of consecutive queries of one sequence and one head: causal
+  attention over the own block, then the merge of the tile's partial results into the final output.
+* backward: ``_dkdv`` (one program per key tile of a block and kv head: the block's own queries of
+  every head in the group, causally, then the gathered rows that chose it; no atomics), ``_sparse_dq``
+  (gathered tiles; dQ per (row, slot) either atomically added into an fp32 accumulator or, with
+  ``deterministic=True``, written to a buffer) and ``_own_dq`` (own block plus the sum over slots).
+
+The forward runs in query chunks so that the partial buffer stays under ``PARTIAL_BYTES``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import gate
+from .utils import Layout, LayoutTensors, new_empty
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+PARTIAL_BYTES = 1 << 31  # forward partial-output buffer per query chunk
 
 
-def supports(q) -> bool:
-    return False
+def supports(q: torch.Tensor) -> bool:
+    """Inputs the kernels take: CUDA (or the interpreter), 16/32-bit floats, head dim up to 256."""
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, LSEP,
+                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, t0, scale_log2, NB,
+                Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                PREC: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_gid = tl.load(TILE_G + i_t)
+    e0 = tl.load(TILE_E0 + i_t)
+    e1 = tl.load(GRP_END + i_gid)
+    i_g = i_gid // NB
+    i_b = i_gid % NB
+    o_e = e0 + tl.arange(0, BM)
+    m_e = o_e < e1
+    f = tl.load(ENT + o_e, mask=m_e, other=0)                     # [BM] local (row, slot) ids
+    row = f // S
+    t = t0 + row // Hq
+    h = row % Hq
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
+                  mask=m_e[:, None] & (o_d[None, :] < D), other=0.)  # [BM, BD]
+    ks = tl.load(BLK_START + i_b)
+    ke = tl.load(BLK_END + i_b)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, BDV], tl.float32)
+    for n0 in range(ks, ke, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < ke
+        b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
+                      mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
+        b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2          # [BM, BN]
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_a = tl.exp2(b_m - b_mn)
+        b_l = b_l * b_a + tl.sum(b_p, 1)
+        b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)  # [BN, BDV]
+        b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_m = b_mn
+    b_o = b_acc / b_l[:, None]
+    tl.store(OP + f[:, None] * DV + o_dv[None, :], b_o, mask=m_e[:, None] & (o_dv[None, :] < DV))
+    tl.store(LSEP + f, b_m + tl.log2(b_l), mask=m_e)
+
+
+@triton.jit
+def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
+             sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, t0, scale_log2, block_size,
+             Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+             PREC: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_g = i_h // G
+    q0 = tl.load(TILE_Q0 + i_t)          # first query row of the tile (packed)
+    q1 = tl.load(TILE_Q1 + i_t)          # one past the last
+    p0 = tl.load(TILE_P0 + i_t)          # key row of the first query's position
+    kb = tl.load(TILE_KB + i_t)          # first key row of the sequence
+    o_m = q0 + tl.arange(0, BM)
+    m_m = o_m < q1
+    pos = p0 + tl.arange(0, BM)                                         # [BM] own key row
+    lo = kb + ((pos - kb) // block_size) * block_size                   # [BM] own block start
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, BDV], tl.float32)
+    n_lo = kb + ((p0 - kb) // block_size) * block_size
+    n_hi = p0 + (q1 - q0)
+    for n0 in range(n_lo, n_hi, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < n_hi
+        b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
+                      mask=m_n[None, :] & (o_d[:, None] < D), other=0.)
+        b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2
+        ok = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= pos[:, None])
+        b_s = tl.where(ok, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_a = tl.exp2(b_m - b_mn)
+        b_l = b_l * b_a + tl.sum(b_p, 1)
+        b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
+        b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_m = b_mn
+    # merge the chosen blocks' partial results (slots without a block are skipped)
+    f_row = ((o_m - t0) * Hq + i_h) * S
+    for s in range(S):
+        f = f_row + s
+        ok = m_m & (tl.load(SEL + f, mask=m_m, other=-1) >= 0)
+        b_ls = tl.load(LSEP + f, mask=ok, other=float("-inf"))
+        b_os = tl.load(OP + f[:, None] * DV + o_dv[None, :], mask=ok[:, None] & (o_dv[None, :] < DV), other=0.)
+        b_mn = tl.maximum(b_m, b_ls)
+        b_a = tl.exp2(b_m - b_mn)
+        b_w = tl.exp2(b_ls - b_mn)
+        b_acc = b_acc * b_a[:, None] + b_os * b_w[:, None]
+        b_l = b_l * b_a + b_w
+        b_m = b_mn
+    b_o = b_acc / b_l[:, None]
+    tl.store(O + o_m[:, None] * so_t + i_h * so_h + o_dv[None, :], b_o.to(O.dtype.element_ty),
+             mask=m_m[:, None] & (o_dv[None, :] < DV))
+    tl.store(LSE + o_m * Hq + i_h, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_m)
+
+
+@triton.jit
+def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK_START, BLK_END, OWN_Q0, OWN_Q1,
+          QPOS, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+          scale, scale_log2, NB,
+          Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+    i_kt = tl.program_id(0)
+    i_g = tl.program_id(1)
+    i_b = tl.load(KT_B + i_kt)
+    n0 = tl.load(KT_N0 + i_kt)
+    ke = tl.load(BLK_END + i_b)
+    o_n = n0 + tl.arange(0, BN)
+    m_n = o_n < ke
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_k = tl.load(K + o_n[:, None] * sk_t + i_g * sk_h + o_d[None, :],
+                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.)       # [BN, BD]
+    b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)     # [BN, BDV]
+    b_dk = tl.zeros([BN, BD], tl.float32)
+    b_dv = tl.zeros([BN, BDV], tl.float32)
+    # 1) queries whose own block this is (all heads of the group), causally
+    r0 = tl.load(OWN_Q0 + i_b)
+    r1 = tl.load(OWN_Q1 + i_b)
+    # queries before the tile's first key see none of it: start at the first one that does
+    r0 = r0 + tl.maximum(n0 - tl.load(QPOS + r0, mask=r1 > r0, other=0), 0)
+    for j in range(G):
+        i_h = i_g * G + j
+        for m0 in range(r0, r1, BM):
+            o_m = m0 + tl.arange(0, BM)
+            m_m = o_m < r1
+            pos = tl.load(QPOS + o_m, mask=m_m, other=-1)
+            b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                          mask=m_m[:, None] & (o_d[None, :] < D), other=0.)
+            b_do = tl.load(DO + o_m[:, None] * sdo_t + i_h * sdo_h + o_dv[None, :],
+                           mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.)
+            b_lse = tl.load(LSE + o_m * Hq + i_h, mask=m_m, other=0.) * 1.4426950408889634
+            b_dl = tl.load(DELTA + o_m * Hq + i_h, mask=m_m, other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2     # [BM, BN]
+            ok = m_m[:, None] & m_n[None, :] & (o_n[None, :] <= pos[:, None])
+            b_p = tl.where(ok, tl.exp2(b_s - b_lse[:, None]), 0.)
+            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_dl[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+    # 2) gathered rows that chose this block (never masked)
+    i_gid = i_g * NB + i_b
+    e_lo = tl.load(GRP_OFF + i_gid)
+    e_hi = tl.load(GRP_OFF + i_gid + 1)
+    for e0 in range(e_lo, e_hi, BM):
+        o_e = e0 + tl.arange(0, BM)
+        m_e = o_e < e_hi
+        f = tl.load(ENT + o_e, mask=m_e, other=0)
+        row = f // S
+        t = row // Hq
+        h = row % Hq
+        b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
+                      mask=m_e[:, None] & (o_d[None, :] < D), other=0.)
+        b_do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + o_dv[None, :],
+                       mask=m_e[:, None] & (o_dv[None, :] < DV), other=0.)
+        b_lse = tl.load(LSE + row, mask=m_e, other=0.) * 1.4426950408889634
+        b_dl = tl.load(DELTA + row, mask=m_e, other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+        b_p = tl.where(m_e[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_dl[:, None])
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+    tl.store(DK + o_n[:, None] * sdk_t + i_g * sdk_h + o_d[None, :], (b_dk * scale).to(DK.dtype.element_ty),
+             mask=m_n[:, None] & (o_d[None, :] < D))
+    tl.store(DV_ + o_n[:, None] * sdv_t + i_g * sdv_h + o_dv[None, :], b_dv.to(DV_.dtype.element_ty),
+             mask=m_n[:, None] & (o_dv[None, :] < DV))
+
+
+@triton.jit
+def _sparse_dq(Q, K, V, DO, LSE, DELTA, DQ, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+               sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, scale, scale_log2, NB,
+               Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+               PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_gid = tl.load(TILE_G + i_t)
+    e0 = tl.load(TILE_E0 + i_t)
+    e1 = tl.load(GRP_END + i_gid)
+    i_g = i_gid // NB
+    i_b = i_gid % NB
+    o_e = e0 + tl.arange(0, BM)
+    m_e = o_e < e1
+    f = tl.load(ENT + o_e, mask=m_e, other=0)
+    row = f // S
+    t = row // Hq
+    h = row % Hq
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
+                  mask=m_e[:, None] & (o_d[None, :] < D), other=0.)
+    b_do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + o_dv[None, :],
+                   mask=m_e[:, None] & (o_dv[None, :] < DV), other=0.)
+    b_lse = tl.load(LSE + row, mask=m_e, other=0.) * 1.4426950408889634
+    b_dl = tl.load(DELTA + row, mask=m_e, other=0.)
+    ks = tl.load(BLK_START + i_b)
+    ke = tl.load(BLK_END + i_b)
+    b_dq = tl.zeros([BM, BD], tl.float32)
+    for n0 in range(ks, ke, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < ke
+        b_k = tl.load(K + o_n[:, None] * sk_t + i_g * sk_h + o_d[None, :],
+                      mask=m_n[:, None] & (o_d[None, :] < D), other=0.)   # [BN, BD]
+        b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_dl[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq = b_dq * scale
+    if ATOMIC:
+        tl.atomic_add(DQ + row[:, None] * D + o_d[None, :], b_dq, mask=m_e[:, None] & (o_d[None, :] < D),
+                      sem="relaxed")
+    else:
+        tl.store(DQ + f[:, None] * D + o_d[None, :], b_dq, mask=m_e[:, None] & (o_d[None, :] < D))
+
+
+@triton.jit
+def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
+            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, scale, scale_log2, block_size,
+            Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+            ATOMIC: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_g = i_h // G
+    q0 = tl.load(TILE_Q0 + i_t)
+    q1 = tl.load(TILE_Q1 + i_t)
+    p0 = tl.load(TILE_P0 + i_t)
+    kb = tl.load(TILE_KB + i_t)
+    o_m = q0 + tl.arange(0, BM)
+    m_m = o_m < q1
+    pos = p0 + tl.arange(0, BM)
+    lo = kb + ((pos - kb) // block_size) * block_size
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.)
+    b_do = tl.load(DO + o_m[:, None] * sdo_t + i_h * sdo_h + o_dv[None, :],
+                   mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.)
+    b_lse = tl.load(LSE + o_m * Hq + i_h, mask=m_m, other=0.) * 1.4426950408889634
+    b_dl = tl.load(DELTA + o_m * Hq + i_h, mask=m_m, other=0.)
+    b_dq = tl.zeros([BM, BD], tl.float32)
+    n_lo = kb + ((p0 - kb) // block_size) * block_size
+    n_hi = p0 + (q1 - q0)
+    for n0 in range(n_lo, n_hi, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < n_hi
+        b_k = tl.load(K + o_n[:, None] * sk_t + i_g * sk_h + o_d[None, :],
+                      mask=m_n[:, None] & (o_d[None, :] < D), other=0.)
+        b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
+        ok = m_m[:, None] & (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= pos[:, None])
+        b_p = tl.where(ok, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_dl[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq = b_dq * scale
+    m_qd = m_m[:, None] & (o_d[None, :] < D)
+    if ATOMIC:
+        # the chosen blocks' contributions were added atomically into the fp32 accumulator
+        b_dq += tl.load(DQACC + (o_m * Hq + i_h)[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
+    else:
+        f_row = (o_m * Hq + i_h) * S
+        for s in range(S):
+            f = f_row + s
+            ok = m_m & (tl.load(SEL + f, mask=m_m, other=-1) >= 0)
+            b_dq += tl.load(DQP + f[:, None] * D + o_d[None, :], mask=ok[:, None] & (o_d[None, :] < D), other=0.)
+    tl.store(DQ + o_m[:, None] * sdq_t + i_h * sdq_h + o_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=m_qd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+def _cfg(D: int, DV: int, dtype):
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    big = max(BD, BDV) > 128
+    return dict(BM=64, BN=32 if big else 64, BD=BD, BDV=BDV,
+                PREC="ieee" if dtype == torch.float32 else "tf32"), dict(num_warps=4, num_stages=2)
+
+
+def _q_tiles(lay: Layout, lt: LayoutTensors, t0: int, t1: int, BM: int, device):
+    """Tiles of <= BM consecutive queries of one sequence within rows [t0, t1)."""
+    q0s = []
+    for i in range(lay.n_seqs):
+        a, b = max(lay.cu_q[i], t0), min(lay.cu_q[i + 1], t1)
+        q0s.extend(range(a, b, BM))
+    if not q0s:
+        z = torch.empty(0, dtype=torch.int64, device=device)
+        return z, z, z, z
+    q0 = torch.tensor(q0s, dtype=torch.int64, device=device)
+    seq = lt.q_seq[q0]
+    cu_q_end = torch.tensor(lay.cu_q[1:], dtype=torch.int64, device=device)[seq]
+    q1 = torch.minimum(torch.minimum(q0 + BM, cu_q_end), torch.tensor(t1, device=device))
+    kb = torch.tensor(lay.cu_k[:-1], dtype=torch.int64, device=device)[seq]
+    return q0, q1, lt.q_pos[q0], kb
+
+
+def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, with_tiles=True):
+    """Sort the chosen (row, slot) entries by (kv head, block).
+
+    sel int32 [n, Hq, S] -> ent int64 [n*Hq*S] (valid entries first, in group order), grp_off int64
+    [Hkv*NB + 1], and per tile of BM entries its group id and first entry.
+    """
+    n, Hq, S = sel.shape
+    G = Hq // Hkv
+    flat = sel.reshape(-1)
+    head = torch.arange(Hq, device=sel.device, dtype=torch.int32).repeat_interleave(S).repeat(n)
+    key = torch.where(flat >= 0, (head // G) * NB + flat, Hkv * NB)
+    key_sorted, ent = torch.sort(key, stable=True)
+    counts = torch.bincount(key_sorted, minlength=Hkv * NB + 1)[:Hkv * NB]
+    grp_off = torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=sel.device)
+    torch.cumsum(counts, 0, out=grp_off[1:])
+    if not with_tiles:
+        return ent, grp_off, None, None
+    tiles = (counts + BM - 1) // BM
+    n_tiles = int(tiles.sum())
+    tile_g = torch.repeat_interleave(torch.arange(Hkv * NB, device=sel.device), tiles, output_size=n_tiles)
+    first = torch.cumsum(tiles, 0) - tiles
+    tile_e0 = grp_off[tile_g] + (torch.arange(n_tiles, device=sel.device) - first[tile_g]) * BM
+    return ent, grp_off, tile_g, tile_e0
+
+
+def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
+    T, Hq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[2]
+    G, S, NB = Hq // Hkv, topk - 1, lay.n_blocks
+    meta, launch = _cfg(D, DV, q.dtype)
+    BM = meta["BM"]
+    out = new_empty(T, Hq, DV, dtype=q.dtype, device=q.device)
+    lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
+    sel = torch.full((T, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
+    means = gate.block_means(k, lay, lt) if S and NB > 1 else None
+    per_row = Hq * max(S, 1) * (DV + 1) * 4
+    chunk = max(BM, (PARTIAL_BYTES // per_row) // BM * BM)
+    sl2 = scale * LOG2E
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        if S and NB > 1:
+            sel[t0:t1, :, :S] = gate.select_past_blocks(q[t0:t1], k, lay, _rows(lt, t0, t1), topk, means)
+        sel_c = sel[t0:t1]
+        Sx = sel_c.shape[2]
+        op = torch.empty((t1 - t0) * Hq * Sx, DV, dtype=torch.float32, device=q.device)
+        lsep = torch.empty((t1 - t0) * Hq * Sx, dtype=torch.float32, device=q.device)
+        if S and NB > 1:
+            ent, grp_off, tile_g, tile_e0 = _group(sel_c, Hkv, NB, BM)
+            if tile_g.numel():
+                _sparse_fwd[(tile_g.numel(),)](
+                    q, k, v, ent, tile_g, tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, op, lsep,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    t0, sl2, NB, Hq=Hq, S=Sx, D=D, DV=DV, **meta, **launch)
+        q0, q1, p0, kb = _q_tiles(lay, lt, t0, t1, BM, q.device)
+        if q0.numel():
+            _own_fwd[(q0.numel(), Hq)](
+                q, k, v, out, lse, op, lsep, sel_c, q0, q1, p0, kb,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), t0, sl2, lay.block_size,
+                Hq=Hq, G=G, S=Sx if S and NB > 1 else 0, D=D, DV=DV, **meta, **launch)
+    return out, lse, sel
+
+
+def _rows(lt: LayoutTensors, t0: int, t1: int) -> LayoutTensors:
+    """The per-query fields of ``lt`` restricted to rows [t0, t1) (block fields unchanged)."""
+    return LayoutTensors(lt.q_pos[t0:t1], lt.q_seq[t0:t1], lt.own_block[t0:t1], lt.first_block[t0:t1],
+                         lt.blk_start, lt.blk_end)
+
+
+def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, scale: float, deterministic: bool):
+    T, Hq, D = q.shape
+    Tk, Hkv, DV = v.shape
+    G, S, NB = Hq // Hkv, sel.shape[2], lay.n_blocks
+    meta, launch = _cfg(D, DV, q.dtype)
+    BM, BN = meta["BM"], meta["BN"]
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)                                # [T, Hq]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    dq = new_empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    dk = new_empty(Tk, Hkv, D, dtype=k.dtype, device=q.device)
+    dv = new_empty(Tk, Hkv, DV, dtype=v.dtype, device=q.device)
+    sl2 = scale * LOG2E
+    has_sparse = bool(S) and NB > 1 and bool((sel >= 0).any())
+    Sx = S if has_sparse else 0
+    ent, grp_off, tile_g, tile_e0 = (_group(sel, Hkv, NB, BM) if has_sparse else
+                                     (torch.zeros(1, dtype=torch.int64, device=q.device),
+                                      torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=q.device), None, None))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1))
+    # dK, dV: one program per key tile of a block
+    nt = (lt.blk_end - lt.blk_start + BN - 1) // BN
+    n_kt = int(nt.sum())
+    kt_b = torch.repeat_interleave(torch.arange(NB, device=q.device), nt, output_size=n_kt)
+    kt_n0 = lt.blk_start[kt_b] + (torch.arange(n_kt, device=q.device) - (torch.cumsum(nt, 0) - nt)[kt_b]) * BN
+    own_cnt = torch.bincount(lt.own_block, minlength=NB)
+    own_q1 = torch.cumsum(own_cnt, 0)
+    own_q0 = own_q1 - own_cnt
+    if n_kt:
+        _dkdv[(n_kt, Hkv)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
+                           own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
+                           dv.stride(1), scale, sl2, NB, Hq=Hq, G=G, S=max(S, 1), D=D, DV=DV, **meta, **launch)
+    # dQ: chosen blocks (gathered tiles), then own block + sum
+    dq_acc = dqp = None
+    if has_sparse:
+        if deterministic:
+            dqp = torch.empty(T * Hq * S, D, dtype=torch.float32, device=q.device)
+        else:
+            dq_acc = torch.zeros(T * Hq, D, dtype=torch.float32, device=q.device)
+        _sparse_dq[(tile_g.numel(),)](q, k, v, do, lse, delta, dq_acc if dqp is None else dqp, ent, tile_g,
+                                      tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB,
+                                      Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None, **meta, **launch)
+    q0, q1, p0, kb = _q_tiles(lay, lt, 0, T, BM, q.device)
+    if q0.numel():
+        dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+        _own_dq[(q0.numel(), Hq)](q, k, v, do, lse, delta, dummy if dq_acc is None else dq_acc,
+                                  dummy if dqp is None else dqp, sel, dq, q0, q1, p0, kb, *strides,
+                                  dq.stride(0), dq.stride(1), scale, sl2, lay.block_size,
+                                  Hq=Hq, G=G, S=Sx, D=D, DV=DV, ATOMIC=dq_acc is not None, **meta, **launch)
+    return dq, dk, dv
+
+
+class MobaTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lay, lt, topk, scale, deterministic):
+        out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale)
+        ctx.save_for_backward(q, k, v, out, lse, sel)
+        ctx.lay, ctx.lt, ctx.scale, ctx.deterministic = lay, lt, scale, deterministic
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sel = ctx.saved_tensors
+        dq, dk, dv = _bwd(q, k, v, out, lse, dout, dlse, sel, ctx.lay, ctx.lt, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def moba_attention_triton(q, k, v, lay: Layout, topk: int, scale: float, deterministic: bool = False):
+    """Packed q [T, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out [T, Hq, Dv], lse fp32 [T, Hq])."""
+    if not supports(q):
+        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dim <= 256; got "
+                         f"{q.dtype} with head dim {q.shape[-1]}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    lt = lay.tensors(q.device)
+    return MobaTriton.apply(q, k, v, lay, lt, topk, scale, deterministic)
