@@ -42,6 +42,65 @@ def supports(q: torch.Tensor) -> bool:
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
+               sq_t, sq_h, sm_b, sm_h, t0, block_size,
+               Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+               BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """Top S earlier blocks per (query, head) by <q, block mean>, kept in registers (no score matrix).
+
+    Scores are fp32; for 16-bit q the fp32 means are split into hi + lo 16-bit parts so that the tensor
+    cores give nearly fp32-exact scores. Ties go to the lower block id. Output by decreasing score.
+    """
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_g = i_h // G
+    q0 = tl.load(TILE_Q0 + i_t)
+    q1 = tl.load(TILE_Q1 + i_t)
+    p0 = tl.load(TILE_P0 + i_t)
+    kb = tl.load(TILE_KB + i_t)
+    fb = tl.load(TILE_FB + i_t)
+    o_m = q0 + tl.arange(0, BM)
+    m_m = o_m < q1
+    own = fb + (p0 + tl.arange(0, BM) - kb) // block_size               # [BM] global own block
+    o_d = tl.arange(0, BD)
+    o_s = tl.arange(0, SP)
+    b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                  mask=m_m[:, None] & (o_d[None, :] < D), other=0.)      # [BM, BD]
+    BIG: tl.constexpr = 2147483647
+    b_bv = tl.full([BM, SP], float("-inf"), tl.float32)                  # best scores
+    b_bi = tl.full([BM, SP], BIG, tl.int32)                              # their block ids
+    b_end = fb + (p0 + (q1 - q0) - 1 - kb) // block_size                 # own block of the last row
+    for c0 in range(fb, b_end, BNB):
+        o_b = c0 + tl.arange(0, BNB)
+        m_b = o_b < b_end
+        p_m = o_b[None, :] * sm_b + i_g * sm_h + o_d[:, None]
+        b_mh = tl.load(MHI + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BNB]
+        b_sc = tl.dot(b_q, b_mh, input_precision=PREC)
+        if SPLIT:
+            b_ml = tl.load(MLO + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.)
+            b_sc += tl.dot(b_q, b_ml, input_precision=PREC)
+        ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
+        b_sc = tl.where(ok, b_sc, float("-inf"))
+        o_bi = o_b.to(tl.int32)
+        b_nv = tl.full([BM, SP], float("-inf"), tl.float32)
+        b_ni = tl.full([BM, SP], BIG, tl.int32)
+        for r in range(S):   # take the best of (kept, chunk) S times
+            b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
+            i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
+            i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
+            idx = tl.minimum(i1, i2)
+            b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
+            b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
+            b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
+            b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
+        b_bv = b_nv
+        b_bi = b_ni
+    b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
+    tl.store(SEL + (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :], b_out,
+             mask=m_m[:, None] & (o_s[None, :] < S))
+
+
+@triton.jit
 def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, LSEP,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, t0, scale_log2, NB,
                 Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -76,8 +135,9 @@ def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, 
         b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2          # [BM, BN]
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_a = tl.exp2(b_m - b_mn)
+        b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)   # a row with no visible key yet
+        b_p = tl.exp2(b_s - b_mz[:, None])
+        b_a = tl.exp2(b_m - b_mz)
         b_l = b_l * b_a + tl.sum(b_p, 1)
         b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
                       mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)  # [BN, BDV]
@@ -123,8 +183,9 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
         ok = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= pos[:, None])
         b_s = tl.where(ok, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_a = tl.exp2(b_m - b_mn)
+        b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)   # a row with no visible key yet
+        b_p = tl.exp2(b_s - b_mz[:, None])
+        b_a = tl.exp2(b_m - b_mz)
         b_l = b_l * b_a + tl.sum(b_p, 1)
         b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
                       mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
@@ -330,11 +391,22 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
-def _cfg(D: int, DV: int, dtype):
+# Tile sizes and launch options: (BM rows, BN keys, num_warps, num_stages), per pass. None: the default.
+# Benchmarks and tuning scripts may set these; see PERFLOG.md for what was measured.
+CONFIG = {"fwd": None, "bwd": None}
+GPU_DEFAULT = {"fwd": (64, 64, 4, 2), "bwd": (64, 64, 4, 2)}
+
+
+def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    big = max(BD, BDV) > 128
-    return dict(BM=64, BN=32 if big else 64, BD=BD, BDV=BDV,
-                PREC="ieee" if dtype == torch.float32 else "tf32"), dict(num_warps=4, num_stages=2)
+    if CONFIG[kind] is not None:
+        BM, BN, warps, stages = CONFIG[kind]
+    elif max(BD, BDV) > 128:
+        BM, BN, warps, stages = 64, 32, 4, 1
+    else:
+        BM, BN, warps, stages = GPU_DEFAULT[kind]
+    return (dict(BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if dtype == torch.float32 else "tf32"),
+            dict(num_warps=warps, num_stages=stages))
 
 
 def _q_tiles(lay: Layout, lt: LayoutTensors, t0: int, t1: int, BM: int, device):
@@ -379,6 +451,33 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, with_tiles=True):
     return ent, grp_off, tile_g, tile_e0
 
 
+def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch.Tensor:
+    """The Triton gate alone: int32 [T, Hq, topk - 1] global block ids (as ``gate.select_past_blocks``)."""
+    T, Hq, D = q.shape
+    S = topk - 1
+    sel = torch.full((T, Hq, S), -1, dtype=torch.int32, device=q.device)
+    if S and lay.n_blocks > 1 and T:
+        meta, launch = _cfg(D, D, q.dtype)
+        q0, q1, p0, kb = _q_tiles(lay, lt, 0, T, meta["BM"], q.device)
+        _launch_gate(q, k, lay, lt, S, sel, 0, (q0, q1, p0, kb), meta, launch)
+    return sel
+
+
+def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
+    q0, q1, p0, kb = tiles
+    if means is None:
+        means = gate.block_means(k, lay, lt)                                  # [NB, Hkv, D] fp32
+    split = q.dtype != torch.float32
+    m_hi = means.to(q.dtype)
+    m_lo = (means - m_hi.float()).to(q.dtype) if split else m_hi
+    Hq, Hkv = q.shape[1], k.shape[1]
+    _gate_topk[(q0.numel(), Hq)](
+        q, m_hi, m_lo, sel_c, q0, q1, p0, kb, lt.first_block[q0], q.stride(0), q.stride(1),
+        m_hi.stride(0), m_hi.stride(1), t0, lay.block_size, Hq=Hq, G=Hq // Hkv, S=S,
+        SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"], SPLIT=split,
+        PREC=meta["PREC"], **launch)
+
+
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
@@ -394,9 +493,10 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     sl2 = scale * LOG2E
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        if S and NB > 1:
-            sel[t0:t1, :, :S] = gate.select_past_blocks(q[t0:t1], k, lay, _rows(lt, t0, t1), topk, means)
+        q0, q1, p0, kb = _q_tiles(lay, lt, t0, t1, BM, q.device)
         sel_c = sel[t0:t1]
+        if S and NB > 1 and q0.numel():
+            _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb), meta, launch, means)
         Sx = sel_c.shape[2]
         op = torch.empty((t1 - t0) * Hq * Sx, DV, dtype=torch.float32, device=q.device)
         lsep = torch.empty((t1 - t0) * Hq * Sx, dtype=torch.float32, device=q.device)
@@ -407,7 +507,6 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
                     q, k, v, ent, tile_g, tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, op, lsep,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     t0, sl2, NB, Hq=Hq, S=Sx, D=D, DV=DV, **meta, **launch)
-        q0, q1, p0, kb = _q_tiles(lay, lt, t0, t1, BM, q.device)
         if q0.numel():
             _own_fwd[(q0.numel(), Hq)](
                 q, k, v, out, lse, op, lsep, sel_c, q0, q1, p0, kb,
@@ -417,17 +516,11 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     return out, lse, sel
 
 
-def _rows(lt: LayoutTensors, t0: int, t1: int) -> LayoutTensors:
-    """The per-query fields of ``lt`` restricted to rows [t0, t1) (block fields unchanged)."""
-    return LayoutTensors(lt.q_pos[t0:t1], lt.q_seq[t0:t1], lt.own_block[t0:t1], lt.first_block[t0:t1],
-                         lt.blk_start, lt.blk_end)
-
-
 def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, scale: float, deterministic: bool):
     T, Hq, D = q.shape
     Tk, Hkv, DV = v.shape
     G, S, NB = Hq // Hkv, sel.shape[2], lay.n_blocks
-    meta, launch = _cfg(D, DV, q.dtype)
+    meta, launch = _cfg(D, DV, q.dtype, "bwd")
     BM, BN = meta["BM"], meta["BN"]
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1)                                # [T, Hq]
