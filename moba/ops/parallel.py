@@ -30,7 +30,7 @@ from .utils import Layout, LayoutTensors, new_empty
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PARTIAL_BYTES = 1 << 31  # forward partial-output buffer per query chunk
+PARTIAL_BYTES = 1 << 28  # forward partial-output buffer per query chunk (at least; or q's size / 4)
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -105,11 +105,13 @@ def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, 
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, t0, scale_log2, NB,
                 Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, EVEN: tl.constexpr):
     i_t = tl.program_id(0)
     i_gid = tl.load(TILE_G + i_t)
     e0 = tl.load(TILE_E0 + i_t)
     e1 = tl.load(GRP_END + i_gid)
+    if e0 >= e1:
+        return
     i_g = i_gid // NB
     i_b = i_gid % NB
     o_e = e0 + tl.arange(0, BM)
@@ -130,21 +132,25 @@ def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, 
     for n0 in range(ks, ke, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < ke
-        b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
-                      mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
-        b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2          # [BM, BN]
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        if EVEN:   # chosen blocks are whole (strictly in the past): no key mask
+            b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None], mask=o_d[:, None] < D, other=0.)
+            b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2      # [BM, BN]
+        else:
+            b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
+                          mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
+            b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)   # a row with no visible key yet
-        b_p = tl.exp2(b_s - b_mz[:, None])
-        b_a = tl.exp2(b_m - b_mz)
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_a = tl.exp2(b_m - b_mn)
         b_l = b_l * b_a + tl.sum(b_p, 1)
         b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
-                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)  # [BN, BDV]
+                      mask=(m_n[:, None] | EVEN) & (o_dv[None, :] < DV), other=0.)  # [BN, BDV]
         b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         b_m = b_mn
     b_o = b_acc / b_l[:, None]
-    tl.store(OP + f[:, None] * DV + o_dv[None, :], b_o, mask=m_e[:, None] & (o_dv[None, :] < DV))
+    tl.store(OP + f[:, None] * DV + o_dv[None, :], b_o.to(OP.dtype.element_ty),
+             mask=m_e[:, None] & (o_dv[None, :] < DV))
     tl.store(LSEP + f, b_m + tl.log2(b_l), mask=m_e)
 
 
@@ -174,14 +180,16 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
     b_acc = tl.zeros([BM, BDV], tl.float32)
     n_lo = kb + ((p0 - kb) // block_size) * block_size
     n_hi = p0 + (q1 - q0)
+    lo_last = kb + ((n_hi - 1 - kb) // block_size) * block_size         # own block start of the last row
     for n0 in range(n_lo, n_hi, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_hi
         b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
                       mask=m_n[None, :] & (o_d[:, None] < D), other=0.)
         b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2
-        ok = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= pos[:, None])
-        b_s = tl.where(ok, b_s, float("-inf"))
+        if (n0 < lo_last) | (n0 + BN - 1 > p0):   # only tiles on a block edge or the diagonal need a mask
+            ok = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= pos[:, None])
+            b_s = tl.where(ok, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)   # a row with no visible key yet
         b_p = tl.exp2(b_s - b_mz[:, None])
@@ -197,7 +205,8 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
         f = f_row + s
         ok = m_m & (tl.load(SEL + f, mask=m_m, other=-1) >= 0)
         b_ls = tl.load(LSEP + f, mask=ok, other=float("-inf"))
-        b_os = tl.load(OP + f[:, None] * DV + o_dv[None, :], mask=ok[:, None] & (o_dv[None, :] < DV), other=0.)
+        b_os = tl.load(OP + f[:, None] * DV + o_dv[None, :], mask=ok[:, None] & (o_dv[None, :] < DV),
+                       other=0.).to(tl.float32)
         b_mn = tl.maximum(b_m, b_ls)
         b_a = tl.exp2(b_m - b_mn)
         b_w = tl.exp2(b_ls - b_mn)
@@ -208,6 +217,24 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
     tl.store(O + o_m[:, None] * so_t + i_h * so_h + o_dv[None, :], b_o.to(O.dtype.element_ty),
              mask=m_m[:, None] & (o_dv[None, :] < DV))
     tl.store(LSE + o_m * Hq + i_h, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_m)
+
+
+@triton.jit
+def _delta(O, DO, DLSE, DELTA, n_rows, so_t, so_h, sdo_t, sdo_h,
+           Hq: tl.constexpr, DV: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta[row] = <dO[row], O[row]> (- dlse[row]) in fp32, row = t * Hq + h."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = o_r < n_rows
+    t = o_r // Hq
+    h = o_r % Hq
+    o_dv = tl.arange(0, BDV)
+    m = m_r[:, None] & (o_dv[None, :] < DV)
+    b_o = tl.load(O + t[:, None] * so_t + h[:, None] * so_h + o_dv[None, :], mask=m, other=0.).to(tl.float32)
+    b_do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + o_dv[None, :], mask=m, other=0.).to(tl.float32)
+    b_d = tl.sum(b_o * b_do, 1)
+    if HAS_DLSE:
+        b_d -= tl.load(DLSE + o_r, mask=m_r, other=0.).to(tl.float32)
+    tl.store(DELTA + o_r, b_d, mask=m_r)
 
 
 @triton.jit
@@ -289,11 +316,13 @@ def _sparse_dq(Q, K, V, DO, LSE, DELTA, DQ, ENT, TILE_G, TILE_E0, GRP_END, BLK_S
                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, scale, scale_log2, NB,
                Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-               PREC: tl.constexpr, ATOMIC: tl.constexpr):
+               PREC: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr):
     i_t = tl.program_id(0)
     i_gid = tl.load(TILE_G + i_t)
     e0 = tl.load(TILE_E0 + i_t)
     e1 = tl.load(GRP_END + i_gid)
+    if e0 >= e1:
+        return
     i_g = i_gid // NB
     i_b = i_gid % NB
     o_e = e0 + tl.arange(0, BM)
@@ -317,11 +346,14 @@ def _sparse_dq(Q, K, V, DO, LSE, DELTA, DQ, ENT, TILE_G, TILE_E0, GRP_END, BLK_S
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < ke
         b_k = tl.load(K + o_n[:, None] * sk_t + i_g * sk_h + o_d[None, :],
-                      mask=m_n[:, None] & (o_d[None, :] < D), other=0.)   # [BN, BD]
+                      mask=(m_n[:, None] | EVEN) & (o_d[None, :] < D), other=0.)   # [BN, BD]
         b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
-                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
+                      mask=(m_n[:, None] | EVEN) & (o_dv[None, :] < DV), other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
-        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        if EVEN:
+            b_p = tl.exp2(b_s - b_lse[:, None])
+        else:
+            b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_dl[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
@@ -394,7 +426,7 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
 # Tile sizes and launch options: (BM rows, BN keys, num_warps, num_stages), per pass. None: the default.
 # Benchmarks and tuning scripts may set these; see PERFLOG.md for what was measured.
 CONFIG = {"fwd": None, "bwd": None}
-GPU_DEFAULT = {"fwd": (64, 64, 4, 2), "bwd": (64, 64, 4, 2)}
+GPU_DEFAULT = {"fwd": (128, 64, 8, 3), "bwd": (64, 64, 4, 2)}
 
 
 def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
@@ -410,44 +442,43 @@ def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
 
 
 def _q_tiles(lay: Layout, lt: LayoutTensors, t0: int, t1: int, BM: int, device):
-    """Tiles of <= BM consecutive queries of one sequence within rows [t0, t1)."""
-    q0s = []
-    for i in range(lay.n_seqs):
-        a, b = max(lay.cu_q[i], t0), min(lay.cu_q[i + 1], t1)
-        q0s.extend(range(a, b, BM))
-    if not q0s:
+    """Tiles of <= BM consecutive queries of one sequence within rows [t0, t1): first row, end row, the
+    first row's key position and the sequence's first key row (int64 device tensors)."""
+    starts = [torch.arange(max(lay.cu_q[i], t0), min(lay.cu_q[i + 1], t1), BM)
+              for i in range(lay.n_seqs) if min(lay.cu_q[i + 1], t1) > max(lay.cu_q[i], t0)]
+    if not starts:
         z = torch.empty(0, dtype=torch.int64, device=device)
         return z, z, z, z
-    q0 = torch.tensor(q0s, dtype=torch.int64, device=device)
+    q0 = torch.cat(starts).to(device)
     seq = lt.q_seq[q0]
-    cu_q_end = torch.tensor(lay.cu_q[1:], dtype=torch.int64, device=device)[seq]
-    q1 = torch.minimum(torch.minimum(q0 + BM, cu_q_end), torch.tensor(t1, device=device))
-    kb = torch.tensor(lay.cu_k[:-1], dtype=torch.int64, device=device)[seq]
-    return q0, q1, lt.q_pos[q0], kb
+    q1 = torch.minimum(torch.minimum(q0 + BM, lt.cu_q[1:][seq]), torch.full_like(q0, t1))
+    return q0, q1, lt.q_pos[q0], lt.cu_k[:-1][seq]
 
 
-def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, with_tiles=True):
-    """Sort the chosen (row, slot) entries by (kv head, block).
+def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
+    """Sort the chosen (row, slot) entries by (kv head, block), on the device, without a host sync.
 
     sel int32 [n, Hq, S] -> ent int64 [n*Hq*S] (valid entries first, in group order), grp_off int64
-    [Hkv*NB + 1], and per tile of BM entries its group id and first entry.
+    [Hkv*NB + 1], and for each of an upper bound of tiles of BM entries its group id and first entry;
+    tiles past the last real one get an empty range (first entry == group end) and exit at once.
     """
     n, Hq, S = sel.shape
     G = Hq // Hkv
+    dev = sel.device
     flat = sel.reshape(-1)
-    head = torch.arange(Hq, device=sel.device, dtype=torch.int32).repeat_interleave(S).repeat(n)
+    head = (torch.arange(n * Hq * S, device=dev, dtype=torch.int32) // S) % Hq
     key = torch.where(flat >= 0, (head // G) * NB + flat, Hkv * NB)
     key_sorted, ent = torch.sort(key, stable=True)
     counts = torch.bincount(key_sorted, minlength=Hkv * NB + 1)[:Hkv * NB]
-    grp_off = torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=sel.device)
+    grp_off = torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=dev)
     torch.cumsum(counts, 0, out=grp_off[1:])
-    if not with_tiles:
-        return ent, grp_off, None, None
     tiles = (counts + BM - 1) // BM
-    n_tiles = int(tiles.sum())
-    tile_g = torch.repeat_interleave(torch.arange(Hkv * NB, device=sel.device), tiles, output_size=n_tiles)
-    first = torch.cumsum(tiles, 0) - tiles
-    tile_e0 = grp_off[tile_g] + (torch.arange(n_tiles, device=sel.device) - first[tile_g]) * BM
+    tile_end = torch.cumsum(tiles, 0)                                         # [groups]
+    n_max = triton.cdiv(n * Hq * S, BM) + Hkv * NB                             # >= real tiles
+    i = torch.arange(n_max, device=dev)
+    tile_g = torch.searchsorted(tile_end, i, right=True).clamp_(max=Hkv * NB - 1)
+    tile_e0 = grp_off[tile_g] + (i - (tile_end - tiles)[tile_g]) * BM
+    tile_e0 = torch.where(i < tile_end[-1], tile_e0, grp_off[tile_g + 1])     # past the end: empty
     return ent, grp_off, tile_g, tile_e0
 
 
@@ -488,8 +519,11 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
     sel = torch.full((T, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
     means = gate.block_means(k, lay, lt) if S and NB > 1 else None
-    per_row = Hq * max(S, 1) * (DV + 1) * 4
-    chunk = max(BM, (PARTIAL_BYTES // per_row) // BM * BM)
+    # partial outputs in the input's dtype for 16-bit inputs (their log-sum-exp stays fp32)
+    p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    per_row = Hq * max(S, 1) * (DV * p_dtype.itemsize + 4)
+    budget = max(PARTIAL_BYTES, q.numel() * q.element_size() // 4)
+    chunk = max(BM, (budget // per_row) // BM * BM)
     sl2 = scale * LOG2E
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -498,15 +532,15 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
         if S and NB > 1 and q0.numel():
             _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb), meta, launch, means)
         Sx = sel_c.shape[2]
-        op = torch.empty((t1 - t0) * Hq * Sx, DV, dtype=torch.float32, device=q.device)
+        op = torch.empty((t1 - t0) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
         lsep = torch.empty((t1 - t0) * Hq * Sx, dtype=torch.float32, device=q.device)
         if S and NB > 1:
             ent, grp_off, tile_g, tile_e0 = _group(sel_c, Hkv, NB, BM)
-            if tile_g.numel():
-                _sparse_fwd[(tile_g.numel(),)](
+            _sparse_fwd[(tile_g.numel(),)](
                     q, k, v, ent, tile_g, tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, op, lsep,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    t0, sl2, NB, Hq=Hq, S=Sx, D=D, DV=DV, **meta, **launch)
+                    t0, sl2, NB, Hq=Hq, S=Sx, D=D, DV=DV, EVEN=lay.block_size % meta["BN"] == 0,
+                    **meta, **launch)
         if q0.numel():
             _own_fwd[(q0.numel(), Hq)](
                 q, k, v, out, lse, op, lsep, sel_c, q0, q1, p0, kb,
@@ -516,32 +550,42 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     return out, lse, sel
 
 
-def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, scale: float, deterministic: bool):
+def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk: int, scale: float,
+         deterministic: bool):
     T, Hq, D = q.shape
     Tk, Hkv, DV = v.shape
     G, S, NB = Hq // Hkv, sel.shape[2], lay.n_blocks
     meta, launch = _cfg(D, DV, q.dtype, "bwd")
     BM, BN = meta["BM"], meta["BN"]
-    do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)                                # [T, Hq]
-    if dlse is not None:
-        delta = delta - dlse.float()
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
+    if T:
+        dl = dlse.contiguous() if dlse is not None else delta
+        _delta[(triton.cdiv(T * Hq, 64),)](out, do, dl, delta, T * Hq, out.stride(0), out.stride(1), do.stride(0),
+                                           do.stride(1), Hq=Hq, DV=DV, BR=64, BDV=meta["BDV"],
+                                           HAS_DLSE=dlse is not None)
     dq = new_empty(T, Hq, D, dtype=q.dtype, device=q.device)
     dk = new_empty(Tk, Hkv, D, dtype=k.dtype, device=q.device)
     dv = new_empty(Tk, Hkv, DV, dtype=v.dtype, device=q.device)
     sl2 = scale * LOG2E
-    has_sparse = bool(S) and NB > 1 and bool((sel >= 0).any())
+    has_sparse = NB > 1 and topk > 1
     Sx = S if has_sparse else 0
     ent, grp_off, tile_g, tile_e0 = (_group(sel, Hkv, NB, BM) if has_sparse else
                                      (torch.zeros(1, dtype=torch.int64, device=q.device),
                                       torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=q.device), None, None))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
-    # dK, dV: one program per key tile of a block
-    nt = (lt.blk_end - lt.blk_start + BN - 1) // BN
-    n_kt = int(nt.sum())
-    kt_b = torch.repeat_interleave(torch.arange(NB, device=q.device), nt, output_size=n_kt)
-    kt_n0 = lt.blk_start[kt_b] + (torch.arange(n_kt, device=q.device) - (torch.cumsum(nt, 0) - nt)[kt_b]) * BN
+    # dK, dV: one program per key tile of a block (the table comes from the host-side layout: no sync)
+    kt_b, kt_n0 = [], []
+    for i in range(lay.n_seqs):
+        for j, b in enumerate(range(lay.blk_off[i], lay.blk_off[i + 1])):
+            st = lay.cu_k[i] + j * lay.block_size
+            en = min(st + lay.block_size, lay.cu_k[i + 1])
+            kt_n0.extend(range(st, en, BN))
+            kt_b.extend([b] * len(range(st, en, BN)))
+    n_kt = len(kt_b)
+    kt_b = torch.tensor(kt_b, dtype=torch.int64).to(q.device, non_blocking=True)
+    kt_n0 = torch.tensor(kt_n0, dtype=torch.int64).to(q.device, non_blocking=True)
     own_cnt = torch.bincount(lt.own_block, minlength=NB)
     own_q1 = torch.cumsum(own_cnt, 0)
     own_q0 = own_q1 - own_cnt
@@ -558,7 +602,8 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, scale
             dq_acc = torch.zeros(T * Hq, D, dtype=torch.float32, device=q.device)
         _sparse_dq[(tile_g.numel(),)](q, k, v, do, lse, delta, dq_acc if dqp is None else dqp, ent, tile_g,
                                       tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB,
-                                      Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None, **meta, **launch)
+                                      Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None,
+                                      EVEN=lay.block_size % BN == 0, **meta, **launch)
     q0, q1, p0, kb = _q_tiles(lay, lt, 0, T, BM, q.device)
     if q0.numel():
         dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -574,13 +619,14 @@ class MobaTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, lay, lt, topk, scale, deterministic):
         out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale)
         ctx.save_for_backward(q, k, v, out, lse, sel)
-        ctx.lay, ctx.lt, ctx.scale, ctx.deterministic = lay, lt, scale, deterministic
+        ctx.lay, ctx.lt, ctx.topk, ctx.scale, ctx.deterministic = lay, lt, topk, scale, deterministic
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, sel = ctx.saved_tensors
-        dq, dk, dv = _bwd(q, k, v, out, lse, dout, dlse, sel, ctx.lay, ctx.lt, ctx.scale, ctx.deterministic)
+        dq, dk, dv = _bwd(q, k, v, out, lse, dout, dlse, sel, ctx.lay, ctx.lt, ctx.topk, ctx.scale,
+                          ctx.deterministic)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -93,6 +93,8 @@ class LayoutTensors:
     first_block: torch.Tensor  # [total_q] global id of the first block of the query's sequence
     blk_start: torch.Tensor   # [n_blocks] first key row of each block
     blk_end: torch.Tensor     # [n_blocks] one past the last key row of each block
+    cu_q: torch.Tensor        # [N+1] query offsets
+    cu_k: torch.Tensor        # [N+1] key offsets
 
     @staticmethod
     def build(lay: Layout, device) -> "LayoutTensors":
@@ -113,7 +115,7 @@ class LayoutTensors:
         blk_start = cu_k[b_seq] + b_local * bs
         blk_end = torch.minimum(blk_start + bs, cu_k[b_seq + 1])
         return LayoutTensors(*(t.to(device) for t in (q_pos, q_seq, own_block, blk_off[q_seq],
-                                                       blk_start, blk_end)))
+                                                       blk_start, blk_end, cu_q, cu_k)))
 
 
 def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scale=None,
