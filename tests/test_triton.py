@@ -22,6 +22,7 @@ CASES = [
     ([130], [130], 2, 1, 48, 32, 2),            # head dim 48 (padded to 64 inside)
     ([90, 90], [90, 90], 2, 2, 16, 16, 20),     # topk covers everything
     ([1, 17], [130, 200], 2, 1, 16, 64, 3),     # a query tile straddling two own blocks
+    ([0, 30], [12, 30], 2, 1, 16, 4, 3),        # an empty query sequence
 ]
 
 

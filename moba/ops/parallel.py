@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import gate
-from .utils import Layout, LayoutTensors, new_empty
+from .utils import Layout, LayoutTensors, new_empty, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -441,18 +441,34 @@ def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
             dict(num_warps=warps, num_stages=stages))
 
 
-def _q_tiles(lay: Layout, lt: LayoutTensors, t0: int, t1: int, BM: int, device):
-    """Tiles of <= BM consecutive queries of one sequence within rows [t0, t1): first row, end row, the
-    first row's key position and the sequence's first key row (int64 device tensors)."""
-    starts = [torch.arange(max(lay.cu_q[i], t0), min(lay.cu_q[i + 1], t1), BM)
-              for i in range(lay.n_seqs) if min(lay.cu_q[i + 1], t1) > max(lay.cu_q[i], t0)]
-    if not starts:
-        z = torch.empty(0, dtype=torch.int64, device=device)
-        return z, z, z, z
-    q0 = torch.cat(starts).to(device)
-    seq = lt.q_seq[q0]
-    q1 = torch.minimum(torch.minimum(q0 + BM, lt.cu_q[1:][seq]), torch.full_like(q0, t1))
-    return q0, q1, lt.q_pos[q0], lt.cu_k[:-1][seq]
+def _q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
+    """Tiles of <= BM consecutive queries of one sequence, also cut at the rows in ``cuts``.
+
+    Built on the host from the layout (no device sync) and copied once. Returns device int64 tensors
+    (first row, end row, first row's key position, the sequence's first key row, its first block id)
+    and the host list of first rows (to find the tiles of a row range with bisect).
+    """
+    bounds = sorted(set(lay.cu_q) | {c for c in cuts if 0 < c < lay.total_q})
+    q0, q1, p0, kb, fb = [], [], [], [], []
+    i = 0
+    for a, b in zip(bounds, bounds[1:]):
+        while lay.cu_q[i + 1] <= a:
+            i += 1
+        shift = lay.cu_k[i] + (lay.cu_k[i + 1] - lay.cu_k[i]) - (lay.cu_q[i + 1] - lay.cu_q[i]) - lay.cu_q[i]
+        for r in range(a, b, BM):
+            q0.append(r)
+            q1.append(min(r + BM, b))
+            p0.append(r + shift)
+            kb.append(lay.cu_k[i])
+            fb.append(lay.blk_off[i])
+    t = torch.tensor([q0, q1, p0, kb, fb], dtype=torch.int64).reshape(5, -1)
+    t = to_device(t, device)
+    return (t[0], t[1], t[2], t[3], t[4]), q0
+
+
+def _tile_range(starts: list, t0: int, t1: int):
+    import bisect
+    return bisect.bisect_left(starts, t0), bisect.bisect_left(starts, t1)
 
 
 def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
@@ -469,9 +485,8 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     head = (torch.arange(n * Hq * S, device=dev, dtype=torch.int32) // S) % Hq
     key = torch.where(flat >= 0, (head // G) * NB + flat, Hkv * NB)
     key_sorted, ent = torch.sort(key, stable=True)
-    counts = torch.bincount(key_sorted, minlength=Hkv * NB + 1)[:Hkv * NB]
-    grp_off = torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts, 0, out=grp_off[1:])
+    grp_off = torch.searchsorted(key_sorted, torch.arange(Hkv * NB + 1, device=dev, dtype=torch.int32))
+    counts = grp_off[1:] - grp_off[:-1]
     tiles = (counts + BM - 1) // BM
     tile_end = torch.cumsum(tiles, 0)                                         # [groups]
     n_max = triton.cdiv(n * Hq * S, BM) + Hkv * NB                             # >= real tiles
@@ -489,13 +504,13 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
     sel = torch.full((T, Hq, S), -1, dtype=torch.int32, device=q.device)
     if S and lay.n_blocks > 1 and T:
         meta, launch = _cfg(D, D, q.dtype)
-        q0, q1, p0, kb = _q_tiles(lay, lt, 0, T, meta["BM"], q.device)
-        _launch_gate(q, k, lay, lt, S, sel, 0, (q0, q1, p0, kb), meta, launch)
+        tiles, _ = _q_tiles(lay, meta["BM"], device=q.device)
+        _launch_gate(q, k, lay, lt, S, sel, 0, tiles, meta, launch)
     return sel
 
 
 def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
-    q0, q1, p0, kb = tiles
+    q0, q1, p0, kb, fb = tiles
     if means is None:
         means = gate.block_means(k, lay, lt)                                  # [NB, Hkv, D] fp32
     split = q.dtype != torch.float32
@@ -503,7 +518,7 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
     m_lo = (means - m_hi.float()).to(q.dtype) if split else m_hi
     Hq, Hkv = q.shape[1], k.shape[1]
     _gate_topk[(q0.numel(), Hq)](
-        q, m_hi, m_lo, sel_c, q0, q1, p0, kb, lt.first_block[q0], q.stride(0), q.stride(1),
+        q, m_hi, m_lo, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
         m_hi.stride(0), m_hi.stride(1), t0, lay.block_size, Hq=Hq, G=Hq // Hkv, S=S,
         SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"], SPLIT=split,
         PREC=meta["PREC"], **launch)
@@ -525,12 +540,14 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     budget = max(PARTIAL_BYTES, q.numel() * q.element_size() // 4)
     chunk = max(BM, (budget // per_row) // BM * BM)
     sl2 = scale * LOG2E
+    all_tiles, starts = _q_tiles(lay, BM, range(0, T, chunk), q.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        q0, q1, p0, kb = _q_tiles(lay, lt, t0, t1, BM, q.device)
+        i0, i1 = _tile_range(starts, t0, t1)
+        q0, q1, p0, kb, fb = (x[i0:i1] for x in all_tiles)
         sel_c = sel[t0:t1]
         if S and NB > 1 and q0.numel():
-            _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb), meta, launch, means)
+            _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb, fb), meta, launch, means)
         Sx = sel_c.shape[2]
         op = torch.empty((t1 - t0) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
         lsep = torch.empty((t1 - t0) * Hq * Sx, dtype=torch.float32, device=q.device)
@@ -584,11 +601,10 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
             kt_n0.extend(range(st, en, BN))
             kt_b.extend([b] * len(range(st, en, BN)))
     n_kt = len(kt_b)
-    kt_b = torch.tensor(kt_b, dtype=torch.int64).to(q.device, non_blocking=True)
-    kt_n0 = torch.tensor(kt_n0, dtype=torch.int64).to(q.device, non_blocking=True)
-    own_cnt = torch.bincount(lt.own_block, minlength=NB)
-    own_q1 = torch.cumsum(own_cnt, 0)
-    own_q0 = own_q1 - own_cnt
+    kt_b, kt_n0 = to_device(torch.tensor([kt_b, kt_n0], dtype=torch.int64).reshape(2, -1), q.device)
+    blocks = torch.arange(NB, device=q.device)
+    own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
+    own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
     if n_kt:
         _dkdv[(n_kt, Hkv)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
                            own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
@@ -604,7 +620,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
                                       tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB,
                                       Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None,
                                       EVEN=lay.block_size % BN == 0, **meta, **launch)
-    q0, q1, p0, kb = _q_tiles(lay, lt, 0, T, BM, q.device)
+    (q0, q1, p0, kb, _), _ = _q_tiles(lay, BM, device=q.device)
     if q0.numel():
         dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
         _own_dq[(q0.numel(), Hq)](q, k, v, do, lse, delta, dummy if dq_acc is None else dq_acc,

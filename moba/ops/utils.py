@@ -114,8 +114,16 @@ class LayoutTensors:
         b_local = torch.arange(lay.n_blocks) - blk_off[b_seq]
         blk_start = cu_k[b_seq] + b_local * bs
         blk_end = torch.minimum(blk_start + bs, cu_k[b_seq + 1])
-        return LayoutTensors(*(t.to(device) for t in (q_pos, q_seq, own_block, blk_off[q_seq],
-                                                       blk_start, blk_end, cu_q, cu_k)))
+        return LayoutTensors(*(to_device(t, device) for t in (q_pos, q_seq, own_block, blk_off[q_seq],
+                                                               blk_start, blk_end, cu_q, cu_k)))
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device without stalling the stream (pinned, non-blocking copy on CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scale=None,
