@@ -75,3 +75,15 @@ def test_triton_gate_matches_torch_gate(dtype):
         # the same blocks; the order of two scores equal to ~1e-7 may differ
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
         assert (got[..., 0] == want[..., 0]).float().mean() > 0.99
+
+
+def test_triton_inference_in_several_query_chunks(monkeypatch):
+    """Force tiny partial-buffer chunks: the forward must give the same answer chunk by chunk."""
+    from moba.ops import parallel
+    monkeypatch.setattr(parallel, "PARTIAL_BYTES", 1)
+    q, k, v, extra = make_inputs([150, 70], [150, 70], 2, 1, 16, dtype=torch.float32, device=DEV)
+    ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3, **extra)
+    with torch.no_grad():
+        out = moba.moba_attention(q, k, v, 16, 3, backend="triton", **extra)
+    assert rel_err(out, ref) < 2e-4
+    check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import gate
-from .utils import Layout, LayoutTensors, new_empty, to_device
+from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -442,6 +442,11 @@ def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
 
 
 def _q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
+    cuts = tuple(cuts)
+    return cached(("q_tiles", lay.key(), BM, cuts, str(device)), lambda: _make_q_tiles(lay, BM, cuts, device))
+
+
+def _make_q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
     """Tiles of <= BM consecutive queries of one sequence, also cut at the rows in ``cuts``.
 
     Built on the host from the layout (no device sync) and copied once. Returns device int64 tensors
@@ -466,6 +471,19 @@ def _q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
     return (t[0], t[1], t[2], t[3], t[4]), q0
 
 
+def _k_tiles(lay: Layout, BN: int, device):
+    """(block id, first key row) of every tile of <= BN keys inside one key block."""
+    kt_b, kt_n0 = [], []
+    for i in range(lay.n_seqs):
+        for j, b in enumerate(range(lay.blk_off[i], lay.blk_off[i + 1])):
+            st = lay.cu_k[i] + j * lay.block_size
+            en = min(st + lay.block_size, lay.cu_k[i + 1])
+            kt_n0.extend(range(st, en, BN))
+            kt_b.extend([b] * len(range(st, en, BN)))
+    t = to_device(torch.tensor([kt_b, kt_n0], dtype=torch.int64).reshape(2, -1), device)
+    return t[0], t[1]
+
+
 def _tile_range(starts: list, t0: int, t1: int):
     import bisect
     return bisect.bisect_left(starts, t0), bisect.bisect_left(starts, t1)
@@ -481,9 +499,8 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     n, Hq, S = sel.shape
     G = Hq // Hkv
     dev = sel.device
-    flat = sel.reshape(-1)
-    head = (torch.arange(n * Hq * S, device=dev, dtype=torch.int32) // S) % Hq
-    key = torch.where(flat >= 0, (head // G) * NB + flat, Hkv * NB)
+    base = (torch.arange(Hq, device=dev, dtype=torch.int32) // G * NB)[None, :, None]   # kv head's groups
+    key = torch.where(sel >= 0, sel + base, Hkv * NB).reshape(-1)
     key_sorted, ent = torch.sort(key, stable=True)
     grp_off = torch.searchsorted(key_sorted, torch.arange(Hkv * NB + 1, device=dev, dtype=torch.int32))
     counts = grp_off[1:] - grp_off[:-1]
@@ -524,7 +541,7 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
         PREC=meta["PREC"], **launch)
 
 
-def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
+def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True):
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     G, S, NB = Hq // Hkv, topk - 1, lay.n_blocks
@@ -532,20 +549,23 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float):
     BM = meta["BM"]
     out = new_empty(T, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
-    sel = torch.full((T, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
+    # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
     means = gate.block_means(k, lay, lt) if S and NB > 1 else None
     # partial outputs in the input's dtype for 16-bit inputs (their log-sum-exp stays fp32)
     p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     per_row = Hq * max(S, 1) * (DV * p_dtype.itemsize + 4)
-    budget = max(PARTIAL_BYTES, q.numel() * q.element_size() // 4)
-    chunk = max(BM, (budget // per_row) // BM * BM)
+    budget = max(PARTIAL_BYTES, q.numel() * q.element_size() // 8)
+    chunk = min(T, max(BM, (budget // per_row) // BM * BM))
+    sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
     sl2 = scale * LOG2E
     all_tiles, starts = _q_tiles(lay, BM, range(0, T, chunk), q.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         i0, i1 = _tile_range(starts, t0, t1)
         q0, q1, p0, kb, fb = (x[i0:i1] for x in all_tiles)
-        sel_c = sel[t0:t1]
+        sel_c = sel[t0:t1] if keep else sel[:t1 - t0]
+        if not keep and t0:
+            sel_c.fill_(-1)
         if S and NB > 1 and q0.numel():
             _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb, fb), meta, launch, means)
         Sx = sel_c.shape[2]
@@ -593,15 +613,8 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     # dK, dV: one program per key tile of a block (the table comes from the host-side layout: no sync)
-    kt_b, kt_n0 = [], []
-    for i in range(lay.n_seqs):
-        for j, b in enumerate(range(lay.blk_off[i], lay.blk_off[i + 1])):
-            st = lay.cu_k[i] + j * lay.block_size
-            en = min(st + lay.block_size, lay.cu_k[i + 1])
-            kt_n0.extend(range(st, en, BN))
-            kt_b.extend([b] * len(range(st, en, BN)))
-    n_kt = len(kt_b)
-    kt_b, kt_n0 = to_device(torch.tensor([kt_b, kt_n0], dtype=torch.int64).reshape(2, -1), q.device)
+    kt_b, kt_n0 = cached(("k_tiles", lay.key(), BN, str(q.device)), lambda: _k_tiles(lay, BN, q.device))
+    n_kt = kt_b.numel()
     blocks = torch.arange(NB, device=q.device)
     own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
     own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
@@ -633,7 +646,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
 class MobaTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lay, lt, topk, scale, deterministic):
-        out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale)
+        out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale, keep=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(q, k, v, out, lse, sel)
         ctx.lay, ctx.lt, ctx.topk, ctx.scale, ctx.deterministic = lay, lt, topk, scale, deterministic
         return out, lse

@@ -80,9 +80,29 @@ class Layout:
     def total_k(self) -> int:
         return self.cu_k[-1]
 
+    def key(self) -> tuple:
+        return (tuple(self.cu_q), tuple(self.cu_k), self.block_size)
+
     def tensors(self, device) -> "LayoutTensors":
-        """Per-row and per-block index tensors on ``device`` (int64)."""
-        return LayoutTensors.build(self, device)
+        """Per-row and per-block index tensors on ``device`` (int64), cached: every layer of a model
+        shares one layout, so the host work and copies happen once per distinct layout."""
+        return cached(("tensors", self.key(), str(device)), lambda: LayoutTensors.build(self, device))
+
+
+_CACHE: dict = {}
+_CACHE_SIZE = 16
+
+
+def cached(key, make):
+    """A small LRU cache for layout-derived tables (index tensors, tile lists)."""
+    if key in _CACHE:
+        _CACHE[key] = _CACHE.pop(key)
+        return _CACHE[key]
+    val = make()
+    _CACHE[key] = val
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    return val
 
 
 @dataclass
