@@ -87,3 +87,9 @@ def test_triton_inference_in_several_query_chunks(monkeypatch):
         out = moba.moba_attention(q, k, v, 16, 3, backend="triton", **extra)
     assert rel_err(out, ref) < 2e-4
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
+
+
+def test_triton_rejects_large_head_dim_clearly():
+    q, k, v, _ = make_inputs([20], [20], 2, 1, 160, dtype=torch.float32, device=DEV)
+    with pytest.raises(ValueError, match="head dims"):
+        moba.moba_attention(q, k, v, 8, 2, backend="triton")

@@ -20,11 +20,16 @@ def _triton_usable(q: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """Turn "auto" into a concrete backend and check that a requested one can run here."""
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None) -> str:
+    """Turn "auto" into a concrete backend and check that a requested one can run here.
+
+    "auto" takes the Triton kernels for CUDA tensors they support, else the exact "torch" backend
+    (never dense attention)."""
     if backend == "auto":
+        if not (q.is_cuda and _triton_usable(q)):
+            return "torch"
         from . import parallel
-        return "triton" if q.is_cuda and _triton_usable(q) and parallel.supports(q) else "torch"
+        return "triton" if parallel.supports(q, v) else "torch"
     if backend == "triton":
         if not _triton_usable(q):
             raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
@@ -73,7 +78,7 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         torch.Size([1, 1000, 4, 64])
     """
     lay, sc = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, v)
     if backend == "naive":
         return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,
                                     cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse)

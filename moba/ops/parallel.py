@@ -33,9 +33,13 @@ LN2 = 0.6931471805599453
 PARTIAL_BYTES = 1 << 28  # forward partial-output buffer per query chunk (at least; or q's size / 4)
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Inputs the kernels take: CUDA (or the interpreter), 16/32-bit floats, head dim up to 256."""
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+MAX_HEAD_DIM = 128
+
+
+def supports(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
+    """Inputs the kernels take: 16/32-bit floats, head dims up to 128 (larger ones go to "torch")."""
+    dv = q.shape[-1] if v is None else v.shape[-1]
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and max(q.shape[-1], dv) <= MAX_HEAD_DIM
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,8 +437,6 @@ def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
     if CONFIG[kind] is not None:
         BM, BN, warps, stages = CONFIG[kind]
-    elif max(BD, BDV) > 128:
-        BM, BN, warps, stages = 64, 32, 4, 1
     else:
         BM, BN, warps, stages = GPU_DEFAULT[kind]
     return (dict(BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if dtype == torch.float32 else "tf32"),
@@ -661,9 +663,10 @@ class MobaTriton(torch.autograd.Function):
 
 def moba_attention_triton(q, k, v, lay: Layout, topk: int, scale: float, deterministic: bool = False):
     """Packed q [T, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out [T, Hq, Dv], lse fp32 [T, Hq])."""
-    if not supports(q):
-        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dim <= 256; got "
-                         f"{q.dtype} with head dim {q.shape[-1]}")
+    if not supports(q, v):
+        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dims <= "
+                         f"{MAX_HEAD_DIM}; got {q.dtype} with head dims {q.shape[-1]} (q, k) and {v.shape[-1]} "
+                         f"(v); backend='torch' takes any")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     lt = lay.tensors(q.device)
     return MobaTriton.apply(q, k, v, lay, lt, topk, scale, deterministic)
