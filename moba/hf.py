@@ -1,0 +1,9 @@
+"""transformers integration: ``moba.hf.enable(model, block_size=..., topk=...)``, ``set_mode``, ``disable``.
+
+Importing this module registers ``attn_implementation="moba"`` (needs the ``hf`` extra).
+"""
+from .integrations.transformers import disable, enable, moba_attention_forward, register, set_mode
+
+register()
+
+__all__ = ["enable", "set_mode", "disable", "register", "moba_attention_forward"]

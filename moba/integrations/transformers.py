@@ -1,0 +1,211 @@
+"""MoBA as a transformers attention implementation (``attn_implementation="moba"``).
+
+Registration goes through ``AttentionInterface`` and ``AttentionMaskInterface`` (so padding masks
+reach us as a boolean [B, 1, Tq, Tk] mask); nothing in transformers is patched. The MoBA settings live in
+``model.config.moba`` (a plain dict, so ``save_pretrained``/``from_pretrained`` keep them):
+
+    {"block_size": 512, "topk": 3, "full_attention_layers": [...], "decode": "moba" | "full",
+     "mode": "moba" | "full", "layer_modes": {"<layer>": "moba" | "full"}, "previous": "<impl>"}
+
+A layer runs dense attention (transformers' own SDPA path, bit for bit) when its mode is "full"; the
+mode of layer i is ``layer_modes[i]`` if set, else "full" for the listed full-attention layers, else
+``mode``. With ``decode="full"`` the steps whose queries are fewer than the keys (generation with a
+cache) run dense attention, the paper's evaluation mode.
+
+Padding: each batch row's real keys and queries are read off the mask; blocks are counted from each
+row's first real token, padded keys are never attended or selected, padded query rows get zeros.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.attention import moba_attention
+
+NAME = "moba"
+_REGISTERED = False
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("moba.hf needs transformers: pip install 'moba[hf]'") from e
+
+
+def register() -> None:
+    """Register "moba" with transformers' attention and mask interfaces (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _require_transformers()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, moba_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+def _layer_mode(cfg: dict, layer_idx) -> str:
+    modes = cfg.get("layer_modes") or {}
+    if layer_idx is not None and str(layer_idx) in modes:
+        return modes[str(layer_idx)]
+    if layer_idx is not None and layer_idx in (cfg.get("full_attention_layers") or ()):
+        return "full"
+    return cfg.get("mode", "moba")
+
+
+def _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _real_ranges(mask: torch.Tensor, Tq: int, Tk: int):
+    """Per batch row: (first real key, end of real keys, first real query row, end of real query rows).
+
+    Checks that the mask is causal over one contiguous run of real keys with the real queries at its end
+    (what padding, static caches and chunked prefill produce); anything else gets a ValueError.
+    """
+    m = mask[:, 0] if mask.dim() == 4 else mask                              # [B, Tq, Tk]
+    if m.dtype != torch.bool:
+        m = m == 0 if m.is_floating_point() and (m <= 0).all() else m.bool()  # additive 0/-inf masks
+    m = m.expand(m.shape[0], Tq, Tk)
+    key_real = m.any(1)                                                      # [B, Tk]
+    q_real = m.any(2)                                                        # [B, Tq]
+    out = []
+    for b in range(m.shape[0]):
+        kr = key_real[b].nonzero().flatten()
+        qr = q_real[b].nonzero().flatten()
+        if kr.numel() == 0 or qr.numel() == 0:
+            out.append((0, 0, 0, 0))
+            continue
+        ks, ke, qs, qe = int(kr[0]), int(kr[-1]) + 1, int(qr[0]), int(qr[-1]) + 1
+        nq, nk = qe - qs, ke - ks
+        # the mask must be: real query i (of nq) sees real keys ks .. ke - nq + i
+        want = torch.arange(Tk, device=m.device)[None, :] <= (ke - nq + torch.arange(nq, device=m.device))[:, None]
+        want &= torch.arange(Tk, device=m.device)[None, :] >= ks
+        if kr.numel() != nk or qr.numel() != nq or nq > nk or not torch.equal(m[b, qs:qe], want):
+            raise ValueError("MoBA attention needs a causal mask over one contiguous run of real tokens per row "
+                             "(left/right padding, static caches); got another mask pattern")
+        out.append((ks, ke, qs, qe))
+    return out
+
+
+def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
+    cfg = getattr(module.config, "moba", None)
+    if not cfg:
+        raise ValueError("attn_implementation='moba' needs model.config.moba: call moba.hf.enable(model, ...)")
+    layer = getattr(module, "layer_idx", None)
+    if _layer_mode(cfg, layer) == "full":
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if dropout and dropout > 0:
+        raise ValueError(f"MoBA attention does not implement attention dropout (got {dropout}); set the model's "
+                         f"attention_dropout to 0 or use full attention for this layer")
+    bs, topk = int(cfg["block_size"]), int(cfg["topk"])
+    B, Hq, Tq, D = query.shape
+    Tk = key.shape[2]
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))              # [B, T, H, D] views, no copy
+    decode_full = cfg.get("decode", "moba") == "full"
+    if not getattr(module, "is_causal", True):
+        raise ValueError("MoBA is causal attention; this attention module is not causal")
+    if attention_mask is None:
+        # transformers skips the mask exactly where SDPA's is_causal is right: one query reads every key;
+        # several queries are aligned top-left (a static cache whose first Tq slots are the tokens)
+        if Tq > 1 and Tq < Tk:
+            k, v = k[:, :Tq], v[:, :Tq]
+        if decode_full and Tq < k.shape[1]:
+            return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return moba_attention(q, k, v, bs, topk, scale=scaling), None
+    ranges = _real_ranges(attention_mask, Tq, Tk)
+    if decode_full and any(qe - qs < ke - ks for ks, ke, qs, qe in ranges if qe > qs):
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if B == 1 and ranges[0] == (0, Tk, Tq - min(Tq, Tk), Tq) and Tq <= Tk:
+        return moba_attention(q, k, v, bs, topk, scale=scaling), None
+    out = query.new_zeros(B, Tq, Hq, value.shape[3])
+    if B == 1:   # one row: its real tokens are a slice (views, no copy); e.g. a static cache's used slots
+        ks, ke, qs, qe = ranges[0]
+        if qe > qs:
+            out[:, qs:qe] = moba_attention(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], bs, topk, scale=scaling)
+        return out, None
+    # pack each row's real tokens as one sequence (rows without a real query are left out)
+    rows = [(b, r) for b, r in enumerate(ranges) if r[3] > r[2]]
+    if not rows:
+        return out, None
+    qp = torch.cat([q[b, qs:qe] for b, (ks, ke, qs, qe) in rows])[None]
+    kp = torch.cat([k[b, ks:ke] for b, (ks, ke, qs, qe) in rows])[None]
+    vp = torch.cat([v[b, ks:ke] for b, (ks, ke, qs, qe) in rows])[None]
+    lq = [qe - qs for _, (ks, ke, qs, qe) in rows]
+    lk = [ke - ks for _, (ks, ke, qs, qe) in rows]
+    cu_q = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
+    cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
+    o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling)[0]
+    for i, (b, (ks, ke, qs, qe)) in enumerate(rows):
+        out[b, qs:qe] = o[int(cu_q[i]):int(cu_q[i + 1])]
+    return out, None
+
+
+# ------------------------------------------------------------------------------------------------------
+# public switches
+# ------------------------------------------------------------------------------------------------------
+def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decode="moba"):
+    """Turn MoBA on for a loaded transformers model (same parameters; nothing is added to the model).
+
+    ``full_attention_layers`` keep dense attention (the paper's hybrid: e.g. the last 3 of 32 layers).
+    ``decode="full"`` runs dense attention when generating from a cache (MoBA for prefill only).
+    Settings already in ``model.config.moba`` (a saved model) are the defaults.
+    """
+    register()
+    prev = dict(getattr(model.config, "moba", None) or {})
+    block_size = block_size if block_size is not None else prev.get("block_size")
+    topk = topk if topk is not None else prev.get("topk")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1 (it counts the own block), got {topk!r}")
+    if decode not in ("moba", "full"):
+        raise ValueError(f"decode must be 'moba' or 'full', got {decode!r}")
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    full = sorted({int(i) % n_layers if n_layers else int(i) for i in (full_attention_layers or
+                                                                      prev.get("full_attention_layers", ()))})
+    current = getattr(model.config, "_attn_implementation", None)
+    model.config.moba = {
+        "block_size": block_size, "topk": topk, "full_attention_layers": full, "decode": decode,
+        "mode": prev.get("mode", "moba"), "layer_modes": prev.get("layer_modes", {}),
+        "previous": prev.get("previous") or (current if current not in (None, NAME) else "sdpa"),
+    }
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def set_mode(model, mode: str, layers=None):
+    """Switch to "moba" or "full" attention for every layer (``layers=None``) or the listed ones, live.
+
+    ``set_mode(model, "full")`` after MoBA pre-training gives the paper's two-stage schedule;
+    ``set_mode(model, "moba")`` returns to MoBA (the listed full-attention layers stay full).
+    """
+    if mode not in ("moba", "full"):
+        raise ValueError(f"mode must be 'moba' or 'full', got {mode!r}")
+    cfg = getattr(model.config, "moba", None)
+    if not cfg:
+        raise ValueError("call moba.hf.enable(model, ...) before set_mode")
+    cfg = dict(cfg)
+    if layers is None:
+        cfg["mode"], cfg["layer_modes"] = mode, {}
+    else:
+        n = getattr(model.config, "num_hidden_layers", None)
+        modes = dict(cfg.get("layer_modes") or {})
+        for i in layers:
+            modes[str(int(i) % n if n else int(i))] = mode
+        cfg["layer_modes"] = modes
+    model.config.moba = cfg
+    return model
+
+
+def disable(model):
+    """Restore the attention implementation the model had before ``enable``."""
+    cfg = getattr(model.config, "moba", None) or {}
+    model.set_attn_implementation(cfg.get("previous") or "sdpa")
+    if hasattr(model.config, "moba"):
+        delattr(model.config, "moba")
+    return model

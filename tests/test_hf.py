@@ -1,0 +1,190 @@
+"""transformers integration on tiny random-weight models (no download), CPU."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import moba.hf  # noqa: E402
+from moba.integrations import transformers as mt  # noqa: E402
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": False}),
+}
+
+
+def tiny(family="llama", layers=3, **kw):
+    cfg_name, model_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, attn_implementation="sdpa",
+        **extra, **kw)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(cfg).eval()
+
+
+def ids(B=1, T=48, seed=1):
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_topk_covering_all_blocks_matches_sdpa_model(family):
+    m = tiny(family)
+    x = ids()
+    ref = m(x).logits
+    gen_ref = m.generate(x, max_new_tokens=6, do_sample=False)
+    moba.hf.enable(m, block_size=8, topk=64)
+    assert m.config._attn_implementation == "moba"
+    torch.testing.assert_close(m(x).logits, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(m.generate(x, max_new_tokens=6, do_sample=False), gen_ref)
+    # negative control: a small topk reads fewer keys and changes the logits
+    moba.hf.enable(m, block_size=8, topk=2)
+    assert (m(x).logits - ref).abs().max() > 1e-3
+    moba.hf.disable(m)
+    assert m.config._attn_implementation == "sdpa" and not hasattr(m.config, "moba")
+    assert torch.equal(m(x).logits, ref)
+
+
+def test_full_layers_and_runtime_switching_are_exact_sdpa():
+    m = tiny()
+    x = ids()
+    ref = m(x).logits
+    moba.hf.enable(m, block_size=8, topk=2, full_attention_layers=(0, 1, 2))
+    assert torch.equal(m(x).logits, ref)              # every layer listed as full: exactly SDPA
+    moba.hf.enable(m, block_size=8, topk=2, full_attention_layers=(-1,))
+    assert m.config.moba["full_attention_layers"] == [2]
+    hybrid = m(x).logits
+    assert (hybrid - ref).abs().max() > 1e-3
+    moba.hf.set_mode(m, "full")                       # stage two of two-stage training
+    assert torch.equal(m(x).logits, ref)
+    moba.hf.set_mode(m, "moba")                       # back: layer 2 stays full
+    assert torch.equal(m(x).logits, hybrid)
+    moba.hf.set_mode(m, "full", layers=[0, 1])        # per layer, live
+    assert torch.equal(m(x).logits, ref)
+    with pytest.raises(ValueError, match="mode"):
+        moba.hf.set_mode(m, "sparse")
+
+
+def test_padded_batch_matches_rows_run_alone():
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    a, b = ids(T=40, seed=2)[0], ids(T=27, seed=3)[0]
+    batch = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, 13:], mask[1, 13:] = b, 1                 # left padding
+    out = m(batch, attention_mask=mask).logits
+    alone_a = m(a[None]).logits[0]
+    alone_b = m(b[None]).logits[0]
+    torch.testing.assert_close(out[0], alone_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, 13:], alone_b, rtol=1e-4, atol=1e-4)
+    # generation with left padding: each row continues as it would alone
+    gen = m.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(gen[0, 40:], m.generate(a[None], max_new_tokens=5, do_sample=False)[0, 40:])
+    assert torch.equal(gen[1, 40:], m.generate(b[None], max_new_tokens=5, do_sample=False)[0, 27:])
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_step_by_step_equals_whole_sequence(cache):
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    x = ids(T=45)
+    whole = m(x).logits
+    n = 20
+    if cache == "static":
+        past = transformers.StaticCache(config=m.config, max_cache_len=64)
+    else:
+        past = transformers.DynamicCache(config=m.config)
+    out = m(x[:, :n], past_key_values=past, use_cache=True)
+    steps = [out.logits]
+    for t in range(n, x.shape[1]):
+        out = m(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_generate_with_padding():
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    a, b = ids(T=30, seed=4)[0], ids(T=21, seed=5)[0]
+    batch = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, 9:], mask[1, 9:] = b, 1
+    dyn = m.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    sta = m.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(dyn, sta)
+
+
+def test_decode_full_runs_dense_attention_when_generating(monkeypatch):
+    m = tiny(layers=1)
+    moba.hf.enable(m, block_size=8, topk=2, decode="full")
+    calls = []
+    real = mt._dense
+    monkeypatch.setattr(mt, "_dense", lambda *a, **k: (calls.append(a[1].shape[2]), real(*a, **k))[1])
+    m.generate(ids(T=30), max_new_tokens=3, do_sample=False)
+    assert calls == [1, 1]                            # the two decode steps after the prefill; prefill is MoBA
+
+
+def test_scaling_is_honoured():
+    ref_m, m = tiny(), tiny()
+    for mod in (ref_m, m):
+        for layer in mod.model.layers:
+            layer.self_attn.scaling = 0.37
+    x = ids()
+    moba.hf.enable(m, block_size=8, topk=64)
+    torch.testing.assert_close(m(x).logits, ref_m(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_training_backward_and_dropout_error():
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    m.train()
+    x = ids(B=2, T=32)
+    loss = m(x, labels=x).loss
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    for layer in m.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        m(x, labels=x)
+
+
+def test_save_and_load_keep_the_moba_settings(tmp_path):
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2, full_attention_layers=(2,), decode="full")
+    x = ids()
+    want = m(x).logits
+    m.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="moba").eval()
+    assert back.config.moba["block_size"] == 8 and back.config.moba["full_attention_layers"] == [2]
+    assert back.config.moba["decode"] == "full"
+    torch.testing.assert_close(back(x).logits, want, rtol=1e-5, atol=1e-5)
+    moba.hf.enable(back)                              # saved settings are the defaults
+    assert back.config.moba["topk"] == 2
+
+
+def test_enable_validates():
+    m = tiny(layers=1)
+    with pytest.raises(ValueError, match="block_size"):
+        moba.hf.enable(m, block_size=0, topk=2)
+    with pytest.raises(ValueError, match="decode"):
+        moba.hf.enable(m, block_size=8, topk=2, decode="sparse")
+
+
+def test_examples_run(capsys):
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    mods = {}
+    for name in ("generate", "train_hybrid"):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    out = mods["generate"].main(["tiny", "--block-size", "4", "--topk", "2", "--max-new-tokens", "4",
+                                 "--cache", "static"])
+    assert out.shape[1] == len(b"The quick brown fox") + 4
+    losses = mods["train_hybrid"].main(["--steps", "6", "--seq-len", "64", "--block-size", "8", "--switch-at", "4"])
+    assert len(losses) == 6 and losses[-1] < losses[0]
