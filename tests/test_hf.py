@@ -188,3 +188,21 @@ def test_examples_run(capsys):
     assert out.shape[1] == len(b"The quick brown fox") + 4
     losses = mods["train_hybrid"].main(["--steps", "6", "--seq-len", "64", "--block-size", "8", "--switch-at", "4"])
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_generation_uses_incremental_block_means(monkeypatch):
+    m = tiny(layers=2)
+    moba.hf.enable(m, block_size=8, topk=2)
+    x = ids(T=40)
+    pooled = []
+    from moba.ops import gate
+    real = gate.block_means
+    monkeypatch.setattr(gate, "block_means", lambda *a, **k: (pooled.append(1), real(*a, **k))[1])
+    with torch.no_grad():
+        cached = m.generate(x, max_new_tokens=12, do_sample=False)
+    assert pooled == []                               # no call re-pooled the cache
+    for layer in m.model.layers:                      # the same tokens as without the cache
+        layer.self_attn._moba_means_cache = None
+    monkeypatch.setattr(mt, "_means_cache", lambda *a: None)
+    assert torch.equal(m.generate(x, max_new_tokens=12, do_sample=False), cached)
+    assert pooled                                     # and that path does pool

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention import moba_attention
+from ..ops.gate import BlockMeansCache
 
 NAME = "moba"
 _REGISTERED = False
@@ -91,6 +92,21 @@ def _real_ranges(mask: torch.Tensor, Tq: int, Tk: int):
     return out
 
 
+def _means_cache(module, B: int, n_q: int, k: torch.Tensor):
+    """The layer's incremental block-means cache for single-sequence inference, else None.
+
+    It is trusted only when the keys are exactly the previous call's keys plus this call's queries
+    (generation and chunked prefill); anything else starts it afresh."""
+    if B != 1 or torch.is_grad_enabled():
+        return None
+    cache = getattr(module, "_moba_means_cache", None)
+    if cache is None:
+        cache = module._moba_means_cache = BlockMeansCache()
+    if cache.n_keys + n_q != k.shape[1]:
+        cache.reset()
+    return cache
+
+
 def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
     cfg = getattr(module.config, "moba", None)
@@ -116,7 +132,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
             k, v = k[:, :Tq], v[:, :Tq]
         if decode_full and Tq < k.shape[1]:
             return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        return moba_attention(q, k, v, bs, topk, scale=scaling), None
+        return moba_attention(q, k, v, bs, topk, scale=scaling, means_cache=_means_cache(module, B, Tq, k)), None
     ranges = _real_ranges(attention_mask, Tq, Tk)
     if decode_full and any(qe - qs < ke - ks for ks, ke, qs, qe in ranges if qe > qs):
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -126,7 +142,9 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if B == 1:   # one row: its real tokens are a slice (views, no copy); e.g. a static cache's used slots
         ks, ke, qs, qe = ranges[0]
         if qe > qs:
-            out[:, qs:qe] = moba_attention(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], bs, topk, scale=scaling)
+            kk = k[:, ks:ke]
+            out[:, qs:qe] = moba_attention(q[:, qs:qe], kk, v[:, ks:ke], bs, topk, scale=scaling,
+                                           means_cache=_means_cache(module, 1, qe - qs, kk))
         return out, None
     # pack each row's real tokens as one sequence (rows without a real query are left out)
     rows = [(b, r) for b, r in enumerate(ranges) if r[3] > r[2]]

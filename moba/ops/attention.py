@@ -38,7 +38,7 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None
 
 
 def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None, scale=None,
-                   return_lse=False, backend="auto", deterministic=False):
+                   return_lse=False, backend="auto", deterministic=False, means_cache=None):
     """Mixture of Block Attention.
 
     Keys are cut into blocks of ``block_size`` tokens from the start of each sequence. A query at
@@ -67,6 +67,9 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         backend: "auto" (Triton on CUDA, else "torch"), "torch", "naive" (fp32 reference) or "triton".
         deterministic: Triton backward without atomics (bitwise-repeatable dQ, more memory). The other
             backends are always deterministic on a given device.
+        means_cache: a :class:`moba.BlockMeansCache` for decoding from a growing KV cache (B == 1, no
+            cu_seqlens): the gate's block means are updated with the newly completed blocks only,
+            instead of re-pooling every cached key at every step.
 
     Returns:
         ``out`` [B, Tq, Hq, Dv] in q's dtype, or ``(out, lse)``. Gradients flow to q, k and v; the gate is
@@ -79,6 +82,13 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
     """
     lay, sc = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
     backend = resolve_backend(backend, q, v)
+    means = None
+    if means_cache is not None:
+        if q.shape[0] != 1 or cu_seqlens is not None:
+            raise ValueError("means_cache works for one sequence: B == 1 and no cu_seqlens")
+        if backend != "naive":
+            with torch.no_grad():
+                means = means_cache.means(pack(k).detach(), block_size)
     if backend == "naive":
         return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,
                                     cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse)
@@ -86,12 +96,13 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
     Dv = v.shape[3]
     if backend == "triton":
         from . import parallel
-        out, lse = parallel.moba_attention_triton(pack(q), pack(k), pack(v), lay, topk, sc, deterministic)
+        out, lse = parallel.moba_attention_triton(pack(q), pack(k), pack(v), lay, topk, sc, deterministic,
+                                                  means)
     else:
         qp, kp, vp = pack(q), pack(k), pack(v)
         lt = lay.tensors(q.device)
         with torch.no_grad():
-            sel = gate.select_past_blocks(qp.detach(), kp.detach(), lay, lt, topk)
+            sel = gate.select_past_blocks(qp.detach(), kp.detach(), lay, lt, topk, means)
         plan = grouped.make_plan(sel, lay, lt, k.shape[2])
         out, lse = grouped.MobaGrouped.apply(qp, kp, vp, plan, sc)
     out = out.view(B, Tq, Hq, Dv)

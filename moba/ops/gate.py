@@ -101,3 +101,47 @@ def to_local(sel: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor:
     own = (lt.own_block[:, None, None] - first).expand(sel.shape[0], sel.shape[1], 1)
     loc = torch.where(sel >= 0, sel - first, torch.full_like(sel, -1, dtype=torch.int64))
     return torch.cat([own, loc], dim=-1).to(torch.int32)
+
+
+class BlockMeansCache:
+    """Mean keys of the complete blocks of one growing KV cache, updated incrementally.
+
+    The gate only ever scores *complete* blocks (a query's earlier blocks), so when a cache grows by a
+    few tokens at most one new block completes: ``means`` pools just the blocks completed since the
+    last call instead of re-reading the whole cache. Contract: the keys passed are the same sequence,
+    grown by appending (a shorter or differently shaped key tensor resets the cache); call ``reset``
+    when a new sequence starts.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._means = None    # [capacity, Hkv, D] fp32 (fp64 for fp64 keys), rows < n_keys // block
+        self.n_keys = 0
+        self._key = None
+
+    def means(self, k: torch.Tensor, block_size: int) -> torch.Tensor:
+        """k [Tk, Hkv, D] -> [ceil(Tk / block), Hkv, D]; the last, partial block's row is zero (unused)."""
+        Tk, Hkv, D = k.shape
+        key = (block_size, Hkv, D, k.dtype, k.device)
+        if self._key != key or Tk < self.n_keys:
+            self.reset()
+            self._key = key
+        acc = _acc_dtype(k.dtype)
+        done, full = self.n_keys // block_size, Tk // block_size
+        if self._means is None or self._means.shape[0] < full:
+            cap = max(full, 2 * (0 if self._means is None else self._means.shape[0]), 16)
+            grown = torch.zeros(cap, Hkv, D, dtype=acc, device=k.device)
+            if self._means is not None:
+                grown[:done] = self._means[:done]
+            self._means = grown
+        if full > done:
+            new = k[done * block_size:full * block_size].reshape(full - done, block_size, Hkv, D)
+            self._means[done:full] = new.sum(1, dtype=acc) / block_size
+        self.n_keys = Tk
+        nb = -(-Tk // block_size)
+        out = self._means[:nb]
+        if nb > full:
+            out = torch.cat([self._means[:full], torch.zeros(1, Hkv, D, dtype=acc, device=k.device)])
+        return out

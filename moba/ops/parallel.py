@@ -543,7 +543,7 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
         PREC=meta["PREC"], **launch)
 
 
-def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True):
+def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None):
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     G, S, NB = Hq // Hkv, topk - 1, lay.n_blocks
@@ -552,7 +552,8 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     out = new_empty(T, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
-    means = gate.block_means(k, lay, lt) if S and NB > 1 else None
+    if means is None and S and NB > 1:
+        means = gate.block_means(k, lay, lt)
     # partial outputs in the input's dtype for 16-bit inputs (their log-sum-exp stays fp32)
     p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     per_row = Hq * max(S, 1) * (DV * p_dtype.itemsize + 4)
@@ -647,8 +648,8 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
 
 class MobaTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lay, lt, topk, scale, deterministic):
-        out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale, keep=any(ctx.needs_input_grad[:3]))
+    def forward(ctx, q, k, v, lay, lt, topk, scale, deterministic, means):
+        out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale, keep=any(ctx.needs_input_grad[:3]), means=means)
         ctx.save_for_backward(q, k, v, out, lse, sel)
         ctx.lay, ctx.lt, ctx.topk, ctx.scale, ctx.deterministic = lay, lt, topk, scale, deterministic
         return out, lse
@@ -658,10 +659,11 @@ class MobaTriton(torch.autograd.Function):
         q, k, v, out, lse, sel = ctx.saved_tensors
         dq, dk, dv = _bwd(q, k, v, out, lse, dout, dlse, sel, ctx.lay, ctx.lt, ctx.topk, ctx.scale,
                           ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def moba_attention_triton(q, k, v, lay: Layout, topk: int, scale: float, deterministic: bool = False):
+def moba_attention_triton(q, k, v, lay: Layout, topk: int, scale: float, deterministic: bool = False,
+                          means: torch.Tensor | None = None):
     """Packed q [T, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out [T, Hq, Dv], lse fp32 [T, Hq])."""
     if not supports(q, v):
         raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dims <= "
@@ -669,4 +671,4 @@ def moba_attention_triton(q, k, v, lay: Layout, topk: int, scale: float, determi
                          f"(v); backend='torch' takes any")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     lt = lay.tensors(q.device)
-    return MobaTriton.apply(q, k, v, lay, lt, topk, scale, deterministic)
+    return MobaTriton.apply(q, k, v, lay, lt, topk, scale, deterministic, means)

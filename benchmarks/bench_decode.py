@@ -1,0 +1,130 @@
+"""One decode step's attention: MoBA over a KV cache vs SDPA over the same cache.
+
+    python benchmarks/bench_decode.py --lengths 131072,1048576 --json out.json     # on a GPU
+    python benchmarks/bench_decode.py --device cpu --lengths 8192 --heads 4 --kv-heads 2 --head-dim 64
+
+B=1 rows time a single query against T cached keys (block means kept by a BlockMeansCache, as during
+generation: the steady-state step pools nothing). The batch row packs 16 sequences of mixed cache
+lengths (cu_seqlens / cu_seqlens_k), one query each, against SDPA on the same padded batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+import moba  # noqa: E402
+
+
+def bench(fn, device):
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return sorted(ts)[2]
+
+
+def peak(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def sdpa(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask, enable_gqa=True).transpose(1, 2)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="131072,1048576")
+    p.add_argument("--batch-lengths", default="1024,4096,16384,65536,131072,2048,8192,32768,"
+                                              "100000,3000,50000,7000,250000,12000,600,70000")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=4096)
+    p.add_argument("--topk", type=int, default=12)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    dev = torch.device(a.device)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    H, Hkv, D, bs, topk = a.heads, a.kv_heads, a.head_dim, a.block_size, a.topk
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d"), commit=commit or "unknown", dtype=str(dt), heads=H, kv_heads=Hkv,
+               head_dim=D, block=bs, topk=topk)
+    print(env, flush=True)
+    rows = []
+    with torch.no_grad():
+        for T in [int(x) for x in a.lengths.split(",") if x]:
+            torch.manual_seed(0)
+            q = torch.randn(1, 1, H, D, device=dev, dtype=dt)
+            k = torch.randn(1, T, Hkv, D, device=dev, dtype=dt)
+            v = torch.randn(1, T, Hkv, D, device=dev, dtype=dt)
+            cache = moba.BlockMeansCache()
+            cache.means(k[0, :T - 1], bs)            # the cache as generation leaves it
+            step = lambda: moba.moba_attention(q, k, v, bs, topk, means_cache=cache)  # noqa: E731
+            dense = lambda: sdpa(q, k, v)  # noqa: E731
+            r = dict(case="B=1", T=T, sdpa_ms=bench(dense, dev), moba_ms=bench(step, dev),
+                     sdpa_peak_mib=peak(dense, dev), moba_peak_mib=peak(step, dev))
+            ref = sdpa(q, k, v) if T <= bs * topk else None
+            if ref is not None:   # every block selected: MoBA must equal dense attention
+                r["max_abs_diff_vs_sdpa"] = (step().float() - ref.float()).abs().max().item()
+            r["speedup"] = r["sdpa_ms"] / r["moba_ms"]
+            rows.append(r)
+            print(r, flush=True)
+            del k, v
+        lens = [int(x) for x in a.batch_lengths.split(",") if x]
+        torch.manual_seed(0)
+        Tk = sum(lens)
+        q = torch.randn(1, len(lens), H, D, device=dev, dtype=dt)
+        k = torch.randn(1, Tk, Hkv, D, device=dev, dtype=dt)
+        v = torch.randn(1, Tk, Hkv, D, device=dev, dtype=dt)
+        cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        step = lambda: moba.moba_attention(q, k, v, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
+        # SDPA on the padded batch [B, max_len] with a key padding mask
+        L = max(lens)
+        kb = torch.zeros(len(lens), L, Hkv, D, device=dev, dtype=dt)
+        vb = torch.zeros_like(kb)
+        mask = torch.zeros(len(lens), 1, 1, L, dtype=torch.bool, device=dev)
+        for i, n in enumerate(lens):
+            kb[i, L - n:] = k[0, int(cu_k[i]):int(cu_k[i + 1])]
+            vb[i, L - n:] = v[0, int(cu_k[i]):int(cu_k[i + 1])]
+            mask[i, ..., L - n:] = True
+        qb = q[0][:, None]
+        dense = lambda: sdpa(qb, kb, vb, mask)  # noqa: E731
+        r = dict(case=f"B={len(lens)} mixed", T=Tk, sdpa_ms=bench(dense, dev), moba_ms=bench(step, dev),
+                 sdpa_peak_mib=peak(dense, dev), moba_peak_mib=peak(step, dev), lengths=lens)
+        r["speedup"] = r["sdpa_ms"] / r["moba_ms"]
+        rows.append(r)
+        print(r, flush=True)
+    print("\n| case | cached tokens | SDPA ms | MoBA ms | speedup | peak MiB SDPA / MoBA |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['T']} | {r['sdpa_ms']:.3f} | {r['moba_ms']:.3f} | {r['speedup']:.2f}x | "
+              f"{r['sdpa_peak_mib']:.0f} / {r['moba_peak_mib']:.0f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Decoding (queries fewer than keys) with the incremental block-means cache."""
+import pytest
+import torch
+
+import moba
+from helpers import make_inputs, rel_err
+from moba.ops import gate
+from moba.ops.utils import pack, validate
+
+
+def test_block_means_cache_matches_pooling():
+    torch.manual_seed(0)
+    k = torch.randn(1, 100, 2, 16)
+    cache = moba.BlockMeansCache()
+    for T in (1, 7, 8, 9, 33, 64, 65, 100):
+        got = cache.means(pack(k[:, :T]), 8)
+        lay, _ = validate(k[:, :T], k[:, :T], k[:, :T], 8, 2)
+        want = gate.block_means(pack(k[:, :T]), lay, lay.tensors("cpu"))
+        full = T // 8
+        assert got.shape == want.shape
+        torch.testing.assert_close(got[:full], want[:full])
+    assert cache.n_keys == 100
+    cache.means(pack(k[:, :20]), 8)          # a shorter cache is a new sequence: reset
+    assert cache.n_keys == 20
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_by_token_decoding_equals_whole_sequence(backend):
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, _ = make_inputs([75], [75], 4, 2, 16, dtype=torch.float32, device=dev)
+    whole = moba.moba_attention(q, k, v, 8, 3, backend=backend)
+    cache = moba.BlockMeansCache()
+    n = 30
+    outs = [moba.moba_attention(q[:, :n], k[:, :n], v[:, :n], 8, 3, backend=backend, means_cache=cache)]
+    for t in range(n, 75):
+        outs.append(moba.moba_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], 8, 3, backend=backend,
+                                        means_cache=cache))
+    assert rel_err(torch.cat(outs, 1), whole) < 1e-5
+
+
+def test_chunked_prefill_with_cache_matches_reference():
+    q, k, v, _ = make_inputs([100], [100], 2, 1, 16)
+    ref = moba.naive_moba_attention(q, k, v, 16, 3)
+    cache = moba.BlockMeansCache()
+    outs = [moba.moba_attention(q[:, a:a + 25], k[:, :a + 25], v[:, :a + 25], 16, 3, means_cache=cache)
+            for a in range(0, 100, 25)]
+    assert rel_err(torch.cat(outs, 1), ref) < 1e-10
+
+
+def test_means_cache_needs_one_sequence():
+    q, k, v, _ = make_inputs([10, 10], [10, 10], 2, 1, 16)
+    with pytest.raises(ValueError, match="means_cache"):
+        moba.moba_attention(q, k, v, 4, 2, means_cache=moba.BlockMeansCache())
