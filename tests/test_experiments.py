@@ -1,0 +1,49 @@
+"""Smoke test of experiments/train.py: a few CPU steps, hybrids, and resuming from a checkpoint."""
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("tokenizers")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("moba_experiments_train", ROOT / "experiments" / "train.py")
+train = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = train   # dataclasses look their module up here
+spec.loader.exec_module(train)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(vocab=512, dim=64, layers=2, heads=4, kv_heads=2, seq_len=128, batch=2, steps=8, block_size=16,
+                topk=2, eval_every=4, eval_batches=2, max_corpus_mb=0.5, warmup=2,
+                data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"))
+    base.update(kw)
+    return train.Config(**base)
+
+
+def test_train_and_resume(tmp_path):
+    full = train.train(cfg(tmp_path, out=str(tmp_path / "a")), log=lambda *_: None)
+    assert len(full) == 2 and all(h["val_loss"] == h["val_loss"] for h in full)
+    train.train(cfg(tmp_path, out=str(tmp_path / "b")), log=lambda *_: None, stop_at=3)
+    resumed = train.train(cfg(tmp_path, out=str(tmp_path / "b")), resume=True, log=lambda *_: None)
+    assert resumed[-1]["step"] == 8
+    assert abs(resumed[-1]["val_loss"] - full[-1]["val_loss"]) < 1e-4
+
+
+def test_hybrids_and_presets(tmp_path):
+    h = train.train(cfg(tmp_path, full_last=1, moba_until=0.5), log=lambda *_: None)
+    assert h[-1]["step"] == 8
+    c, resume, stop = train.parse(["--preset", "tiny-cpu", "--attn", "full", "--steps", "3"])
+    assert c.steps == 3 and c.attn == "full" and c.dim == train.PRESETS["tiny-cpu"]["dim"] and not resume
+    model = train.GPT(cfg(tmp_path, full_last=1))
+    assert [b.attn.mode for b in model.blocks] == ["moba", "full"]
+    model.set_attention("full")
+    assert [b.attn.mode for b in model.blocks] == ["full", "full"]
+
+
+def test_validation_split_is_by_document():
+    docs = train.documents("stdlib", 1)
+    names = [n for n, _ in docs]
+    assert len(names) == len(set(names)) and len(docs) > 3
+    val = [n for n in names if train.is_val(n)]
+    assert set(val).isdisjoint(n for n in names if not train.is_val(n))
