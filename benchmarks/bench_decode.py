@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import moba  # noqa: E402
 
 
@@ -38,12 +39,8 @@ def bench(fn, device):
 def peak(fn, device):
     if device.type != "cuda":
         return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from bench_kernels import peak as peak_gib
+    return peak_gib(fn) * 1024
 
 
 def sdpa(q, k, v, mask=None):

@@ -28,6 +28,16 @@ def ids(B=1, T=48, seed=1):
     return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+def left_padded(a, b):
+    """A batch of two rows, the shorter one left-padded, and its attention mask."""
+    L = max(len(a), len(b))
+    batch = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros(2, L, dtype=torch.long)
+    for i, r in enumerate((a, b)):
+        batch[i, L - len(r):], mask[i, L - len(r):] = r, 1
+    return batch, mask
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_topk_covering_all_blocks_matches_sdpa_model(family):
     m = tiny(family)
@@ -70,10 +80,7 @@ def test_padded_batch_matches_rows_run_alone():
     m = tiny()
     moba.hf.enable(m, block_size=8, topk=2)
     a, b = ids(T=40, seed=2)[0], ids(T=27, seed=3)[0]
-    batch = torch.zeros(2, 40, dtype=torch.long)
-    mask = torch.zeros(2, 40, dtype=torch.long)
-    batch[0], mask[0] = a, 1
-    batch[1, 13:], mask[1, 13:] = b, 1                 # left padding
+    batch, mask = left_padded(a, b)                    # row 1: 13 pad tokens first
     out = m(batch, attention_mask=mask).logits
     alone_a = m(a[None]).logits[0]
     alone_b = m(b[None]).logits[0]
@@ -107,11 +114,7 @@ def test_decoding_step_by_step_equals_whole_sequence(cache):
 def test_static_cache_generate_with_padding():
     m = tiny()
     moba.hf.enable(m, block_size=8, topk=2)
-    a, b = ids(T=30, seed=4)[0], ids(T=21, seed=5)[0]
-    batch = torch.zeros(2, 30, dtype=torch.long)
-    mask = torch.zeros(2, 30, dtype=torch.long)
-    batch[0], mask[0] = a, 1
-    batch[1, 9:], mask[1, 9:] = b, 1
+    batch, mask = left_padded(ids(T=30, seed=4)[0], ids(T=21, seed=5)[0])
     dyn = m.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
     sta = m.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(dyn, sta)

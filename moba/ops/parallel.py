@@ -46,6 +46,30 @@ def supports(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM: tl.constexpr):
+    """A tile of <= BM consecutive queries of one sequence: rows, row mask, key position of each row,
+    start of each row's own block, and the tile's first/end row, first position and sequence key start."""
+    q0 = tl.load(TILE_Q0 + i_t)          # first query row of the tile (packed)
+    q1 = tl.load(TILE_Q1 + i_t)          # one past the last
+    p0 = tl.load(TILE_P0 + i_t)          # key row of the first query's position
+    kb = tl.load(TILE_KB + i_t)          # first key row of the sequence
+    o_m = q0 + tl.arange(0, BM)
+    pos = p0 + tl.arange(0, BM)                                         # [BM] own key row
+    lo = kb + ((pos - kb) // block_size) * block_size                   # [BM] own block start
+    return o_m, o_m < q1, pos, lo, q0, q1, p0, kb
+
+
+@triton.jit
+def _gathered_rows(ENT, e0, e1, S: tl.constexpr, Hq: tl.constexpr, BM: tl.constexpr):
+    """Up to BM gathered (row, slot) entries e0..e1-1: their ids, mask, flat row (t * Hq + h), t and h."""
+    o_e = e0 + tl.arange(0, BM)
+    m_e = o_e < e1
+    f = tl.load(ENT + o_e, mask=m_e, other=0)
+    row = f // S
+    return f, m_e, row, row // Hq, row % Hq
+
+
+@triton.jit
 def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                sq_t, sq_h, sm_b, sm_h, t0, block_size,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
@@ -58,14 +82,9 @@ def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
     i_g = i_h // G
-    q0 = tl.load(TILE_Q0 + i_t)
-    q1 = tl.load(TILE_Q1 + i_t)
-    p0 = tl.load(TILE_P0 + i_t)
-    kb = tl.load(TILE_KB + i_t)
+    o_m, m_m, pos, lo, q0, q1, p0, kb = _query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM)
     fb = tl.load(TILE_FB + i_t)
-    o_m = q0 + tl.arange(0, BM)
-    m_m = o_m < q1
-    own = fb + (p0 + tl.arange(0, BM) - kb) // block_size               # [BM] global own block
+    own = fb + (pos - kb) // block_size                                 # [BM] global own block
     o_d = tl.arange(0, BD)
     o_s = tl.arange(0, SP)
     b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
@@ -118,12 +137,8 @@ def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, 
         return
     i_g = i_gid // NB
     i_b = i_gid % NB
-    o_e = e0 + tl.arange(0, BM)
-    m_e = o_e < e1
-    f = tl.load(ENT + o_e, mask=m_e, other=0)                     # [BM] local (row, slot) ids
-    row = f // S
-    t = t0 + row // Hq
-    h = row % Hq
+    f, m_e, row, t, h = _gathered_rows(ENT, e0, e1, S, Hq, BM)   # f: [BM] (row, slot) ids in this chunk
+    t = t0 + t
     o_d = tl.arange(0, BD)
     o_dv = tl.arange(0, BDV)
     b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
@@ -167,14 +182,7 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
     i_g = i_h // G
-    q0 = tl.load(TILE_Q0 + i_t)          # first query row of the tile (packed)
-    q1 = tl.load(TILE_Q1 + i_t)          # one past the last
-    p0 = tl.load(TILE_P0 + i_t)          # key row of the first query's position
-    kb = tl.load(TILE_KB + i_t)          # first key row of the sequence
-    o_m = q0 + tl.arange(0, BM)
-    m_m = o_m < q1
-    pos = p0 + tl.arange(0, BM)                                         # [BM] own key row
-    lo = kb + ((pos - kb) // block_size) * block_size                   # [BM] own block start
+    o_m, m_m, pos, lo, q0, q1, p0, kb = _query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM)
     o_d = tl.arange(0, BD)
     o_dv = tl.arange(0, BDV)
     b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
@@ -291,12 +299,7 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK_START
     e_lo = tl.load(GRP_OFF + i_gid)
     e_hi = tl.load(GRP_OFF + i_gid + 1)
     for e0 in range(e_lo, e_hi, BM):
-        o_e = e0 + tl.arange(0, BM)
-        m_e = o_e < e_hi
-        f = tl.load(ENT + o_e, mask=m_e, other=0)
-        row = f // S
-        t = row // Hq
-        h = row % Hq
+        f, m_e, row, t, h = _gathered_rows(ENT, e0, e_hi, S, Hq, BM)
         b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
                       mask=m_e[:, None] & (o_d[None, :] < D), other=0.)
         b_do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + o_dv[None, :],
@@ -329,12 +332,7 @@ def _sparse_dq(Q, K, V, DO, LSE, DELTA, DQ, ENT, TILE_G, TILE_E0, GRP_END, BLK_S
         return
     i_g = i_gid // NB
     i_b = i_gid % NB
-    o_e = e0 + tl.arange(0, BM)
-    m_e = o_e < e1
-    f = tl.load(ENT + o_e, mask=m_e, other=0)
-    row = f // S
-    t = row // Hq
-    h = row % Hq
+    f, m_e, row, t, h = _gathered_rows(ENT, e0, e1, S, Hq, BM)
     o_d = tl.arange(0, BD)
     o_dv = tl.arange(0, BDV)
     b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
@@ -378,14 +376,7 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
     i_g = i_h // G
-    q0 = tl.load(TILE_Q0 + i_t)
-    q1 = tl.load(TILE_Q1 + i_t)
-    p0 = tl.load(TILE_P0 + i_t)
-    kb = tl.load(TILE_KB + i_t)
-    o_m = q0 + tl.arange(0, BM)
-    m_m = o_m < q1
-    pos = p0 + tl.arange(0, BM)
-    lo = kb + ((pos - kb) // block_size) * block_size
+    o_m, m_m, pos, lo, q0, q1, p0, kb = _query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM)
     o_d = tl.arange(0, BD)
     o_dv = tl.arange(0, BDV)
     b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
