@@ -47,3 +47,23 @@ def test_validation_split_is_by_document():
     assert len(names) == len(set(names)) and len(docs) > 3
     val = [n for n in names if train.is_val(n)]
     assert set(val).isdisjoint(n for n in names if not train.is_val(n))
+
+
+def test_retrieval_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("moba_experiments_retrieval",
+                                                  ROOT / "experiments" / "retrieval.py")
+    ret = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ret
+    spec.loader.exec_module(ret)
+    c = cfg(tmp_path, steps=3)
+    args = ["--pairs", "3"] + [f"--{k.replace('_', '-')}={v}" for k, v in
+                               dict(vocab=c.vocab, dim=c.dim, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
+                                    seq_len=c.seq_len, batch=c.batch, steps=c.steps, block_size=c.block_size,
+                                    topk=c.topk, eval_batches=2, max_corpus_mb=c.max_corpus_mb,
+                                    data_dir=c.data_dir, out=c.out).items()]
+    res = ret.main(args)
+    assert len(res["accuracy_by_depth"]) == 10 and all(0 <= a <= 1 for a in res["accuracy_by_depth"])
+    assert set(res["gate_picks"]) == {"0", "1"}
+    g = __import__("torch").Generator().manual_seed(0)
+    x, y, a, d = ret.make_batch(__import__("torch").arange(5000) % 500, c, g, 3, depth=0.5)
+    assert (x[:, -4] == c.vocab - 3).all() and (y[:, -1] == a).all() and (d - 0.5).abs().max() < 0.1
