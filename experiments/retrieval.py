@@ -159,7 +159,7 @@ def main(argv=None):
                     for b in sel[h].tolist():
                         if b >= 0:
                             grid[r * cfg.heads + h, b] = 1
-            ax.imshow(grid, cmap="Greys", aspect="auto")
+            ax.imshow(grid.numpy(), cmap="Greys", aspect="auto")
             ax.axvline(needle_block, color="red")
             ax.set_xlabel("key block (red: the queried needle)")
             ax.set_ylabel("layer x head")

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from . import gate, grouped
+from . import custom, gate
 from .naive import naive_moba_attention
-from .utils import pack, validate
+from .utils import check_args, pack, validate
 
 
 def _triton_usable(q: torch.Tensor) -> bool:
@@ -80,34 +80,28 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         >>> moba_attention(q, k, v, block_size=128, topk=3).shape
         torch.Size([1, 1000, 4, 64])
     """
-    lay, sc = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
+    sc = check_args(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
     backend = resolve_backend(backend, q, v)
+    if backend == "naive":
+        return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,
+                                    cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse)
+    if backend == "triton":
+        from . import parallel
+        if not parallel.supports(q, v):
+            raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dims <= "
+                             f"{parallel.MAX_HEAD_DIM}; got {q.dtype} with head dims {q.shape[-1]} (q, k) and "
+                             f"{v.shape[-1]} (v); backend='torch' takes any")
     means = None
     if means_cache is not None:
         if q.shape[0] != 1 or cu_seqlens is not None:
             raise ValueError("means_cache works for one sequence: B == 1 and no cu_seqlens")
-        if backend != "naive":
-            with torch.no_grad():
-                means = means_cache.means(pack(k).detach(), block_size)
-    if backend == "naive":
-        return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,
-                                    cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse)
-    B, Tq, Hq, _ = q.shape
-    Dv = v.shape[3]
-    if backend == "triton":
-        from . import parallel
-        out, lse = parallel.moba_attention_triton(pack(q), pack(k), pack(v), lay, topk, sc, deterministic,
-                                                  means)
-    else:
-        qp, kp, vp = pack(q), pack(k), pack(v)
-        lt = lay.tensors(q.device)
         with torch.no_grad():
-            sel = gate.select_past_blocks(qp.detach(), kp.detach(), lay, lt, topk, means)
-        plan = grouped.make_plan(sel, lay, lt, k.shape[2])
-        out, lse = grouped.MobaGrouped.apply(qp, kp, vp, plan, sc)
-    out = out.view(B, Tq, Hq, Dv)
+            means = means_cache.means(pack(k).detach(), block_size)
+    keep_sel = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, lse, _ = custom.moba_fwd(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend,
+                                  deterministic, keep_sel, means)
     if return_lse:
-        return out, lse.view(B, Tq, Hq)
+        return out, lse.float()
     return out
 
 

@@ -176,18 +176,3 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
             dqf.index_add_(0, r, ds @ kb)
             dk[ks:ke, g] += ds.T @ qr
     return dq, dk, dv
-
-
-class MobaGrouped(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
-        out, lse = forward(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
-        return out.to(q.dtype), lse.float()
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, out, lse, dout, dlse, ctx.plan, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

@@ -635,31 +635,3 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
                                   dq.stride(0), dq.stride(1), scale, sl2, lay.block_size,
                                   Hq=Hq, G=G, S=Sx, D=D, DV=DV, ATOMIC=dq_acc is not None, **meta, **launch)
     return dq, dk, dv
-
-
-class MobaTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lay, lt, topk, scale, deterministic, means):
-        out, lse, sel = _fwd(q, k, v, lay, lt, topk, scale, keep=any(ctx.needs_input_grad[:3]), means=means)
-        ctx.save_for_backward(q, k, v, out, lse, sel)
-        ctx.lay, ctx.lt, ctx.topk, ctx.scale, ctx.deterministic = lay, lt, topk, scale, deterministic
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sel = ctx.saved_tensors
-        dq, dk, dv = _bwd(q, k, v, out, lse, dout, dlse, sel, ctx.lay, ctx.lt, ctx.topk, ctx.scale,
-                          ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def moba_attention_triton(q, k, v, lay: Layout, topk: int, scale: float, deterministic: bool = False,
-                          means: torch.Tensor | None = None):
-    """Packed q [T, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out [T, Hq, Dv], lse fp32 [T, Hq])."""
-    if not supports(q, v):
-        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dims <= "
-                         f"{MAX_HEAD_DIM}; got {q.dtype} with head dims {q.shape[-1]} (q, k) and {v.shape[-1]} "
-                         f"(v); backend='torch' takes any")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    lt = lay.tensors(q.device)
-    return MobaTriton.apply(q, k, v, lay, lt, topk, scale, deterministic, means)

@@ -32,7 +32,8 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_cu(name: str, cu, total: int, device: torch.device) -> list[int]:
+def _check_cu_meta(name: str, cu, device: torch.device) -> None:
+    """What can be checked of an offsets tensor without reading its values (no device sync)."""
     if not isinstance(cu, torch.Tensor):
         raise ValueError(f"{name} must be a 1-D integer torch.Tensor, got {type(cu).__name__}")
     if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
@@ -42,6 +43,10 @@ def _check_cu(name: str, cu, total: int, device: torch.device) -> list[int]:
         raise ValueError(f"{name} must hold at least 2 offsets ([0, ..., T]), got {cu.numel()}")
     if cu.device != device:
         raise ValueError(f"{name} must be on the same device as q ({device}), got {cu.device}")
+
+
+def _check_cu(name: str, cu, total: int, device: torch.device) -> list[int]:
+    _check_cu_meta(name, cu, device)
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
@@ -146,12 +151,11 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scale=None,
-             backend="auto") -> tuple[Layout, float]:
-    """Check every argument of ``moba_attention``; return the packed layout and the softmax scale.
-
-    Raises ``ValueError`` naming the argument and what was expected.
-    """
+def check_args(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scale=None,
+               backend="auto") -> float:
+    """Every check of ``moba_attention``'s arguments that needs no tensor values (so no device sync,
+    and nothing that stops torch.compile); returns the softmax scale. Raises ValueError naming the
+    argument and what was expected."""
     if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if not _is_int(topk) or topk < 1:
@@ -191,22 +195,33 @@ def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scal
         if Tq > Tk:
             raise ValueError(f"queries must not outnumber keys (Tq={Tq} > Tk={Tk}); queries are aligned "
                              f"to the end of the keys")
-        cu_q = [i * Tq for i in range(B + 1)]
-        cu_k = [i * Tk for i in range(B + 1)]
     else:
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got {B}")
-        cu_q = _check_cu("cu_seqlens", cu_seqlens, Tq, q.device)
+        _check_cu_meta("cu_seqlens", cu_seqlens, q.device)
         if cu_seqlens_k is None:
             if Tq != Tk:
                 raise ValueError(f"cu_seqlens_k is required when queries and keys differ in length "
                                  f"(Tq={Tq}, Tk={Tk})")
-            cu_k = cu_q
         else:
-            cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, Tk, q.device)
-            if len(cu_k) != len(cu_q):
+            _check_cu_meta("cu_seqlens_k", cu_seqlens_k, q.device)
+            if cu_seqlens_k.numel() != cu_seqlens.numel():
                 raise ValueError(f"cu_seqlens_k must describe as many sequences as cu_seqlens "
-                                 f"({len(cu_q) - 1}), got {len(cu_k) - 1}")
+                                 f"({cu_seqlens.numel() - 1}), got {cu_seqlens_k.numel() - 1}")
+    return float(scale) if scale is not None else D ** -0.5
+
+
+def make_layout(q, k, block_size, cu_seqlens=None, cu_seqlens_k=None) -> Layout:
+    """The packed layout; reads the offsets' values (checked here: start at 0, non-decreasing, end at
+    T, no sequence with more queries than keys). Call after ``check_args``."""
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    if cu_seqlens is None:
+        cu_q = [i * Tq for i in range(B + 1)]
+        cu_k = [i * Tk for i in range(B + 1)]
+    else:
+        cu_q = _check_cu("cu_seqlens", cu_seqlens, Tq, q.device)
+        cu_k = cu_q if cu_seqlens_k is None else _check_cu("cu_seqlens_k", cu_seqlens_k, Tk, q.device)
         for i in range(len(cu_q) - 1):
             lq, lk = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
             if lq > lk:
@@ -216,8 +231,14 @@ def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scal
     blk_off = [0]
     for n in nblk:
         blk_off.append(blk_off[-1] + n)
-    lay = Layout(B=B, Tq=Tq, Tk=Tk, cu_q=cu_q, cu_k=cu_k, block_size=block_size, blk_off=blk_off)
-    return lay, (float(scale) if scale is not None else D ** -0.5)
+    return Layout(B=B, Tq=Tq, Tk=Tk, cu_q=cu_q, cu_k=cu_k, block_size=block_size, blk_off=blk_off)
+
+
+def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scale=None,
+             backend="auto") -> tuple[Layout, float]:
+    """``check_args`` and ``make_layout`` together: the layout and the softmax scale."""
+    sc = check_args(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
+    return make_layout(q, k, block_size, cu_seqlens, cu_seqlens_k), sc
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
