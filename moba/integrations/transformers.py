@@ -61,7 +61,23 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs
                                   **kwargs)
 
 
+_RANGES: dict = {}
+
+
 def _real_ranges(mask: torch.Tensor, Tq: int, Tk: int):
+    """``_read_ranges``, once per mask tensor: every layer of a forward pass gets the same mask object,
+    and reading it costs device syncs."""
+    import weakref
+    hit = _RANGES.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == (mask._version, Tq, Tk):
+        return hit[2]
+    ranges = _read_ranges(mask, Tq, Tk)
+    _RANGES.clear()                     # keep only the current pass's mask
+    _RANGES[id(mask)] = (weakref.ref(mask), (mask._version, Tq, Tk), ranges)
+    return ranges
+
+
+def _read_ranges(mask: torch.Tensor, Tq: int, Tk: int):
     """Per batch row: (first real key, end of real keys, first real query row, end of real query rows).
 
     Checks that the mask is causal over one contiguous run of real keys with the real queries at its end
