@@ -154,7 +154,7 @@ def main(argv=None):
             nb = -(-cfg.seq_len // cfg.block_size)
             fig, ax = plt.subplots(figsize=(6, 0.4 + 0.3 * len(picks) * cfg.heads))
             grid = torch.zeros(len(picks) * cfg.heads, nb)
-            for r, (layer, sel) in enumerate(sorted(picks.items())):
+            for r, (_, sel) in enumerate(sorted(picks.items())):
                 for h in range(cfg.heads):
                     for b in sel[h].tolist():
                         if b >= 0:

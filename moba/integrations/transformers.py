@@ -169,13 +169,15 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     qp = torch.cat([q[b, qs:qe] for b, (ks, ke, qs, qe) in rows])[None]
     kp = torch.cat([k[b, ks:ke] for b, (ks, ke, qs, qe) in rows])[None]
     vp = torch.cat([v[b, ks:ke] for b, (ks, ke, qs, qe) in rows])[None]
-    lq = [qe - qs for _, (ks, ke, qs, qe) in rows]
-    lk = [ke - ks for _, (ks, ke, qs, qe) in rows]
-    cu_q = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
-    cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
+    off_q, off_k = [0], [0]
+    for _, (ks, ke, qs, qe) in rows:
+        off_q.append(off_q[-1] + qe - qs)
+        off_k.append(off_k[-1] + ke - ks)
+    cu_q = torch.tensor(off_q, dtype=torch.int32, device=query.device)
+    cu_k = torch.tensor(off_k, dtype=torch.int32, device=query.device)
     o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling)[0]
-    for i, (b, (ks, ke, qs, qe)) in enumerate(rows):
-        out[b, qs:qe] = o[int(cu_q[i]):int(cu_q[i + 1])]
+    for i, (b, (_, _, qs, qe)) in enumerate(rows):
+        out[b, qs:qe] = o[off_q[i]:off_q[i + 1]]
     return out, None
 
 

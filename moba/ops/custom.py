@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import gate, grouped
-from .utils import make_layout, new_empty, pack
+from .utils import make_layout, pack
 
 
 def _lse_dtype(q):

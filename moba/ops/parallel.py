@@ -19,7 +19,6 @@ The forward runs in query chunks so that the partial buffer stays under ``PARTIA
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
