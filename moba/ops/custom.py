@@ -25,9 +25,15 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
     qp, kp, vp = pack(q), pack(k), pack(v)
     lt = lay.tensors(q.device)
     if backend == "triton":
-        from . import parallel
+        from . import decode, parallel
         qp, kp, vp = (x if x.stride(-1) == 1 else x.contiguous() for x in (qp, kp, vp))
-        out, lse, sel = parallel._fwd(qp, kp, vp, lay, lt, topk, scale, keep=keep_sel, means=means)
+        if decode.usable(q, lay, topk, keep_sel):   # one query per sequence: one launch
+            if means is None:
+                means = gate.block_means(kp, lay, lt)
+            out, lse = decode.decode(qp, kp, vp, lay, lt, topk, scale, means)
+            sel = None
+        else:
+            out, lse, sel = parallel._fwd(qp, kp, vp, lay, lt, topk, scale, keep=keep_sel, means=means)
     else:
         sel = gate.select_past_blocks(qp, kp, lay, lt, topk, means)
         if sel.shape[2] == 0:

@@ -120,6 +120,7 @@ class LayoutTensors:
     blk_end: torch.Tensor     # [n_blocks] one past the last key row of each block
     cu_q: torch.Tensor        # [N+1] query offsets
     cu_k: torch.Tensor        # [N+1] key offsets
+    blk_off: torch.Tensor     # [N+1] offsets of each sequence's blocks in the global block list
 
     @staticmethod
     def build(lay: Layout, device) -> "LayoutTensors":
@@ -140,7 +141,7 @@ class LayoutTensors:
         blk_start = cu_k[b_seq] + b_local * bs
         blk_end = torch.minimum(blk_start + bs, cu_k[b_seq + 1])
         return LayoutTensors(*(to_device(t, device) for t in (q_pos, q_seq, own_block, blk_off[q_seq],
-                                                               blk_start, blk_end, cu_q, cu_k)))
+                                                               blk_start, blk_end, cu_q, cu_k, blk_off)))
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

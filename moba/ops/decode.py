@@ -1,0 +1,156 @@
+"""Triton decode kernel: one query per sequence against its KV cache, gate and attention in one launch.
+
+Grid (sequence, kv head, split). A program loads the query rows of the kv head's G query heads, runs the
+gate for them (running top-(topk-1) over the block means, as ``parallel._gate_topk``), then walks the
+candidate blocks assigned to its split and reads a block's K/V only if some head of the group chose it
+(or it is the own block): the union of the group's choices is read once per kv head. Partial results
+(max, sum, acc) per split are merged by a second small kernel. Inference only (no backward).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import Layout, LayoutTensors, new_empty
+
+NSPLIT = 8
+# Verified under TRITON_INTERPRET=1 only so far; on CUDA the general kernels serve decoding until this
+# kernel has passed tests/test_decode.py on a GPU and been timed (benchmarks/bench_decode.py).
+ENABLED_ON_CUDA = False
+
+
+@triton.jit
+def _decode_split(Q, K, V, MHI, MLO, CU_K, BLK_OFF, PM, PL, PACC,
+                  sq_n, sq_h, sk_t, sk_h, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
+                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                  BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    i_s = tl.program_id(2)
+    k0 = tl.load(CU_K + i_n)
+    k1 = tl.load(CU_K + i_n + 1)
+    fb = tl.load(BLK_OFF + i_n)
+    own = (k1 - k0 - 1) // block_size                                  # local id of the own block
+    o_r = tl.arange(0, GP)
+    m_r = o_r < G
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
+                  mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
+    # gate: the S best earlier blocks of every head row
+    BIG: tl.constexpr = 2147483647
+    o_s = tl.arange(0, SP)
+    b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
+    b_bi = tl.full([GP, SP], BIG, tl.int32)
+    for c0 in range(0, own, BNB):
+        o_b = c0 + tl.arange(0, BNB)
+        m_b = o_b < own
+        p_m = (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None]
+        b_sc = tl.dot(b_q, tl.load(MHI + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.), input_precision=PREC)
+        if SPLIT_M:
+            b_sc += tl.dot(b_q, tl.load(MLO + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.),
+                           input_precision=PREC)
+        b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
+        o_bi = o_b.to(tl.int32)
+        b_nv = tl.full([GP, SP], float("-inf"), tl.float32)
+        b_ni = tl.full([GP, SP], BIG, tl.int32)
+        for r in range(S):
+            b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
+            i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
+            i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
+            idx = tl.minimum(i1, i2)
+            b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
+            b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
+            b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
+            b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
+        b_bv = b_nv
+        b_bi = b_ni
+    b_bi = tl.where(b_bv > float("-inf"), b_bi, -1)                    # [GP, S*] chosen local block ids
+    # attention over this split's share of the union of chosen blocks, plus the own block
+    b_m = tl.full([GP], float("-inf"), tl.float32)
+    b_l = tl.zeros([GP], tl.float32)
+    b_acc = tl.zeros([GP, BDV], tl.float32)
+    for b in range(i_s, own + 1, NSPLIT):
+        rows = (tl.max(tl.where(b_bi == b, 1, 0), 1) > 0) | (b == own)   # [GP] heads that read block b
+        rows = rows & m_r
+        if tl.max(rows.to(tl.int32), 0) > 0:
+            kb0 = k0 + b * block_size
+            kb1 = tl.minimum(kb0 + block_size, k1)
+            for n0 in range(kb0, kb1, BN):
+                o_n = n0 + tl.arange(0, BN)
+                m_n = o_n < kb1
+                b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
+                              mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
+                b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2             # [GP, BN]
+                b_s = tl.where(rows[:, None] & m_n[None, :], b_s, float("-inf"))
+                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)
+                b_p = tl.exp2(b_s - b_mz[:, None])
+                b_a = tl.exp2(b_m - b_mz)
+                b_l = b_l * b_a + tl.sum(b_p, 1)
+                b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                              mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
+                b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+                b_m = b_mn
+    base = (i_n * tl.num_programs(1) + i_g) * NSPLIT + i_s
+    tl.store(PM + base * GP + o_r, b_m)
+    tl.store(PL + base * GP + o_r, b_l)
+    tl.store(PACC + (base * GP + o_r)[:, None] * BDV + o_dv[None, :], b_acc)
+
+
+@triton.jit
+def _decode_merge(PM, PL, PACC, O, LSE, so_n, so_h, Hq, G: tl.constexpr, GP: tl.constexpr,
+                  NSPLIT: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_g = i_h // G
+    r = i_h % G
+    o_sp = tl.arange(0, NSPLIT)
+    o_dv = tl.arange(0, BDV)
+    base = ((i_n * (Hq // G) + i_g) * NSPLIT + o_sp) * GP + r            # [NSPLIT]
+    b_m = tl.load(PM + base)
+    b_l = tl.load(PL + base)
+    b_acc = tl.load(PACC + base[:, None] * BDV + o_dv[None, :])         # [NSPLIT, BDV]
+    m = tl.max(b_m, 0)
+    w = tl.where(b_m == float("-inf"), 0., tl.exp2(b_m - m))
+    l_tot = tl.sum(b_l * w, 0)
+    o = tl.sum(b_acc * w[:, None], 0) / l_tot
+    tl.store(O + i_n * so_n + i_h * so_h + o_dv, o.to(O.dtype.element_ty), mask=o_dv < DV)
+    tl.store(LSE + i_n * Hq + i_h, (m + tl.log2(l_tot)) * 0.6931471805599453)
+
+
+def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
+    """The decode kernel serves inference calls where every sequence has exactly one query."""
+    if q.is_cuda and not ENABLED_ON_CUDA:
+        return False
+    return (not keep_sel and topk > 1 and lay.n_seqs > 0 and lay.n_blocks > 1
+            and all(lay.cu_q[i + 1] - lay.cu_q[i] == 1 for i in range(lay.n_seqs)))
+
+
+def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, means: torch.Tensor):
+    """q [N, Hq, D] (one query per sequence), k/v packed [Tk, Hkv, D] -> out [N, Hq, Dv], lse fp32 [N, Hq]."""
+    N, Hq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[2]
+    G = Hq // Hkv
+    GP = max(16, triton.next_power_of_2(G))
+    S = topk - 1
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    split = q.dtype != torch.float32
+    m_hi = means.to(q.dtype)
+    m_lo = (means - m_hi.float()).to(q.dtype) if split else m_hi
+    pm = torch.empty(N * Hkv * NSPLIT * GP, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(N * Hkv * NSPLIT * GP, BDV, dtype=torch.float32, device=q.device)
+    out = new_empty(N, Hq, DV, dtype=q.dtype, device=q.device)
+    lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_split[(N, Hkv, NSPLIT)](
+        q, k, v, m_hi, m_lo, lt.cu_k, lt.blk_off, pm, pl, pacc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), m_hi.stride(0), m_hi.stride(1), scale * 1.4426950408889634, lay.block_size,
+        G=G, GP=GP, S=S, SP=triton.next_power_of_2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32,
+        SPLIT_M=split, PREC=prec, num_warps=4, num_stages=2)
+    _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
+                           DV=DV, BDV=BDV)
+    return out, lse
