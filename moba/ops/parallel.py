@@ -562,8 +562,10 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         if S and NB > 1 and q0.numel():
             _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb, fb), meta, launch, means)
         Sx = sel_c.shape[2]
-        op = torch.empty((t1 - t0) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
-        lsep = torch.empty((t1 - t0) * Hq * Sx, dtype=torch.float32, device=q.device)
+        if t0 == 0:   # one partial buffer for every chunk: a new one per chunk would double the peak
+            op_all = torch.empty(min(T, chunk) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
+            lsep_all = torch.empty(min(T, chunk) * Hq * Sx, dtype=torch.float32, device=q.device)
+        op, lsep = op_all[:(t1 - t0) * Hq * Sx], lsep_all[:(t1 - t0) * Hq * Sx]
         if S and NB > 1:
             ent, grp_off, tile_g, tile_e0 = _group(sel_c, Hkv, NB, BM)
             _sparse_fwd[(tile_g.numel(),)](
