@@ -130,8 +130,9 @@ class BlockMeansCache:
             self._key = key
         acc = _acc_dtype(k.dtype)
         done, full = self.n_keys // block_size, Tk // block_size
-        if self._means is None or self._means.shape[0] < full:
-            cap = max(full, 2 * (0 if self._means is None else self._means.shape[0]), 16)
+        nb = -(-Tk // block_size)
+        if self._means is None or self._means.shape[0] < nb:   # rows past the complete blocks stay zero
+            cap = max(nb, 2 * (0 if self._means is None else self._means.shape[0]), 16)
             grown = torch.zeros(cap, Hkv, D, dtype=acc, device=k.device)
             if self._means is not None:
                 grown[:done] = self._means[:done]
@@ -140,8 +141,4 @@ class BlockMeansCache:
             new = k[done * block_size:full * block_size].reshape(full - done, block_size, Hkv, D)
             self._means[done:full] = new.sum(1, dtype=acc) / block_size
         self.n_keys = Tk
-        nb = -(-Tk // block_size)
-        out = self._means[:nb]
-        if nb > full:
-            out = torch.cat([self._means[:full], torch.zeros(1, Hkv, D, dtype=acc, device=k.device)])
-        return out
+        return self._means[:nb]

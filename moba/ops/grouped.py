@@ -1,4 +1,5 @@
-"""The "torch" backend: MoBA in plain PyTorch, grouped by key block, memory-lean, with autograd.
+"""The "torch" backend: MoBA in plain PyTorch, grouped by key block, memory-lean (forward and backward;
+autograd is wired in ``custom.py``).
 
 Shape of the computation (no Tq x Tk tensor, no fp32 blocks x heads x tokens tensor):
 1. the gate (``gate.py``) picks ``topk - 1`` earlier blocks per (query, head) -> int32 [T, Hq, topk-1];
