@@ -209,3 +209,20 @@ def test_generation_uses_incremental_block_means(monkeypatch):
     monkeypatch.setattr(mt, "_means_cache", lambda *a: None)
     assert torch.equal(m.generate(x, max_new_tokens=12, do_sample=False), cached)
     assert pooled                                     # and that path does pool
+
+
+def test_right_padded_training_batch_matches_rows_alone():
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    a, b = ids(T=40, seed=2)[0], ids(T=27, seed=3)[0]
+    batch = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, :27], mask[1, :27] = b, 1                # right padding, as in training batches
+    out = m(batch, attention_mask=mask).logits
+    torch.testing.assert_close(out[0], m(a[None]).logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, :27], m(b[None]).logits[0], rtol=1e-4, atol=1e-4)
+    labels = batch.masked_fill(mask == 0, -100)
+    m.train()
+    m(batch, attention_mask=mask, labels=labels).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

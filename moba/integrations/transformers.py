@@ -80,15 +80,20 @@ def _real_ranges(mask: torch.Tensor, Tq: int, Tk: int):
 def _read_ranges(mask: torch.Tensor, Tq: int, Tk: int):
     """Per batch row: (first real key, end of real keys, first real query row, end of real query rows).
 
-    Checks that the mask is causal over one contiguous run of real keys with the real queries at its end
-    (what padding, static caches and chunked prefill produce); anything else gets a ValueError.
+    A real query sees one more key than the real query before it; padded query rows see nothing (left
+    padding) or the same keys as the last real row (right padding) and get zeros. Checks that the real
+    rows' mask is causal over one contiguous run of real keys with the real queries at its end (what
+    padding, static caches and chunked prefill produce); anything else gets a ValueError.
     """
     m = mask[:, 0] if mask.dim() == 4 else mask                              # [B, Tq, Tk]
     if m.dtype != torch.bool:
         m = m == 0 if m.is_floating_point() and (m <= 0).all() else m.bool()  # additive 0/-inf masks
     m = m.expand(m.shape[0], Tq, Tk)
+    ar_k = torch.arange(Tk, device=m.device)
+    last = torch.where(m, ar_k, -1).amax(-1)                                 # [B, Tq] last visible key
+    prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)
+    q_real = (last >= 0) & (last > prev)
     key_real = m.any(1)                                                      # [B, Tk]
-    q_real = m.any(2)                                                        # [B, Tq]
     out = []
     for b in range(m.shape[0]):
         kr = key_real[b].nonzero().flatten()
@@ -98,9 +103,8 @@ def _read_ranges(mask: torch.Tensor, Tq: int, Tk: int):
             continue
         ks, ke, qs, qe = int(kr[0]), int(kr[-1]) + 1, int(qr[0]), int(qr[-1]) + 1
         nq, nk = qe - qs, ke - ks
-        # the mask must be: real query i (of nq) sees real keys ks .. ke - nq + i
-        want = torch.arange(Tk, device=m.device)[None, :] <= (ke - nq + torch.arange(nq, device=m.device))[:, None]
-        want &= torch.arange(Tk, device=m.device)[None, :] >= ks
+        # real query i (of nq) must see exactly the real keys ks .. ke - nq + i
+        want = (ar_k[None, :] <= (ke - nq + torch.arange(nq, device=m.device))[:, None]) & (ar_k[None, :] >= ks)
         if kr.numel() != nk or qr.numel() != nq or nq > nk or not torch.equal(m[b, qs:qe], want):
             raise ValueError("MoBA attention needs a causal mask over one contiguous run of real tokens per row "
                              "(left/right padding, static caches); got another mask pattern")
