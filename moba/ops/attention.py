@@ -66,7 +66,7 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         return_lse: also return the log-sum-exp, float32 [B, Tq, Hq], natural log.
         backend: "auto" (Triton on CUDA, else "torch"), "torch", "naive" (fp32 reference) or "triton".
         deterministic: Triton backward without atomics (bitwise-repeatable dQ). It keeps one fp32 dQ row
-            per (query, head, chosen block): T * Hq * (topk - 1) * D * 4 bytes, 1.5 GB at 32K tokens with
+            per (query, head, chosen block): T * Hq * (topk - 1) * D * 4 bytes, 1.1 GB at 32K tokens with
             32 heads, topk 3, D 128 — meant for debugging and short sequences. The other backends are
             always deterministic on a given device.
         means_cache: a :class:`moba.BlockMeansCache` for decoding from a growing KV cache (B == 1, no
