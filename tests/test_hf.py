@@ -226,3 +226,21 @@ def test_right_padded_training_batch_matches_rows_alone():
     m.train()
     m(batch, attention_mask=mask, labels=labels).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_triton_backend_in_a_model():
+    """The Triton kernels (interpreted on the CPU) behind a model: strided [B, H, T, D] views, the
+    one-query-per-sequence decode kernel during generation, padding."""
+    pytest.importorskip("triton")
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    ref_m, m = tiny(layers=2), tiny(layers=2)
+    moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
+    moba.hf.enable(m, block_size=8, topk=2, backend="triton")
+    batch, mask = left_padded(ids(T=30, seed=6)[0], ids(T=19, seed=7)[0])
+    torch.testing.assert_close(m(batch, attention_mask=mask).logits, ref_m(batch, attention_mask=mask).logits,
+                               rtol=1e-4, atol=1e-4)
+    x = ids(T=26, seed=8)
+    assert torch.equal(m.generate(x, max_new_tokens=4, do_sample=False),
+                       ref_m.generate(x, max_new_tokens=4, do_sample=False))

@@ -138,7 +138,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if dropout and dropout > 0:
         raise ValueError(f"MoBA attention does not implement attention dropout (got {dropout}); set the model's "
                          f"attention_dropout to 0 or use full attention for this layer")
-    bs, topk = int(cfg["block_size"]), int(cfg["topk"])
+    bs, topk, be = int(cfg["block_size"]), int(cfg["topk"]), cfg.get("backend", "auto")
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))              # [B, T, H, D] views, no copy
@@ -152,18 +152,19 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
             k, v = k[:, :Tq], v[:, :Tq]
         if decode_full and Tq < k.shape[1]:
             return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        return moba_attention(q, k, v, bs, topk, scale=scaling, means_cache=_means_cache(module, B, Tq, k)), None
+        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be,
+                              means_cache=_means_cache(module, B, Tq, k)), None
     ranges = _real_ranges(attention_mask, Tq, Tk)
     if decode_full and any(qe - qs < ke - ks for ks, ke, qs, qe in ranges if qe > qs):
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if B == 1 and ranges[0] == (0, Tk, Tq - min(Tq, Tk), Tq) and Tq <= Tk:
-        return moba_attention(q, k, v, bs, topk, scale=scaling), None
+        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be), None
     out = query.new_zeros(B, Tq, Hq, value.shape[3])
     if B == 1:   # one row: its real tokens are a slice (views, no copy); e.g. a static cache's used slots
         ks, ke, qs, qe = ranges[0]
         if qe > qs:
             kk = k[:, ks:ke]
-            out[:, qs:qe] = moba_attention(q[:, qs:qe], kk, v[:, ks:ke], bs, topk, scale=scaling,
+            out[:, qs:qe] = moba_attention(q[:, qs:qe], kk, v[:, ks:ke], bs, topk, scale=scaling, backend=be,
                                            means_cache=_means_cache(module, 1, qe - qs, kk))
         return out, None
     # pack each row's real tokens as one sequence (rows without a real query are left out)
@@ -179,7 +180,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         off_k.append(off_k[-1] + ke - ks)
     cu_q = torch.tensor(off_q, dtype=torch.int32, device=query.device)
     cu_k = torch.tensor(off_k, dtype=torch.int32, device=query.device)
-    o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling)[0]
+    o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling, backend=be)[0]
     for i, (b, (_, _, qs, qe)) in enumerate(rows):
         out[b, qs:qe] = o[off_q[i]:off_q[i + 1]]
     return out, None
@@ -188,11 +189,12 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
 # ------------------------------------------------------------------------------------------------------
 # public switches
 # ------------------------------------------------------------------------------------------------------
-def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decode="moba"):
+def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decode="moba", backend="auto"):
     """Turn MoBA on for a loaded transformers model (same parameters; nothing is added to the model).
 
     ``full_attention_layers`` keep dense attention (the paper's hybrid: e.g. the last 3 of 32 layers).
     ``decode="full"`` runs dense attention when generating from a cache (MoBA for prefill only).
+    ``backend`` is passed to :func:`moba.moba_attention` ("auto": Triton kernels on CUDA).
     Settings already in ``model.config.moba`` (a saved model) are the defaults.
     """
     register()
@@ -205,12 +207,15 @@ def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decod
         raise ValueError(f"topk must be an int >= 1 (it counts the own block), got {topk!r}")
     if decode not in ("moba", "full"):
         raise ValueError(f"decode must be 'moba' or 'full', got {decode!r}")
+    if backend not in ("auto", "torch", "triton", "naive"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'naive', got {backend!r}")
     n_layers = getattr(model.config, "num_hidden_layers", None)
     full = sorted({int(i) % n_layers if n_layers else int(i) for i in (full_attention_layers or
                                                                       prev.get("full_attention_layers", ()))})
     current = getattr(model.config, "_attn_implementation", None)
     model.config.moba = {
         "block_size": block_size, "topk": topk, "full_attention_layers": full, "decode": decode,
+        "backend": backend,
         "mode": prev.get("mode", "moba"), "layer_modes": prev.get("layer_modes", {}),
         "previous": prev.get("previous") or (current if current not in (None, NAME) else "sdpa"),
     }
