@@ -23,6 +23,7 @@ CASES = [
     ([90, 90], [90, 90], 2, 2, 16, 16, 20),     # topk covers everything
     ([1, 17], [130, 200], 2, 1, 16, 64, 3),     # a query tile straddling two own blocks
     ([0, 30], [12, 30], 2, 1, 16, 4, 3),        # an empty query sequence
+    ([300], [300], 2, 1, 16, 4, 64),            # topk 64 (63 chosen blocks per row) over 75 blocks
 ]
 
 
