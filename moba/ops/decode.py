@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .parallel import _mean_scores, _topk_merge, split_means
 from .utils import Layout, LayoutTensors, new_empty
 
 NSPLIT = 8
@@ -41,32 +42,15 @@ def _decode_split(Q, K, V, MHI, MLO, CU_K, BLK_OFF, PM, PL, PACC,
                   mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
     # gate: the S best earlier blocks of every head row
     BIG: tl.constexpr = 2147483647
-    o_s = tl.arange(0, SP)
     b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
     b_bi = tl.full([GP, SP], BIG, tl.int32)
     for c0 in range(0, own, BNB):
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < own
         p_m = (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None]
-        b_sc = tl.dot(b_q, tl.load(MHI + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.), input_precision=PREC)
-        if SPLIT_M:
-            b_sc += tl.dot(b_q, tl.load(MLO + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.),
-                           input_precision=PREC)
+        b_sc = _mean_scores(b_q, MHI, MLO, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT_M, PREC)
         b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
-        o_bi = o_b.to(tl.int32)
-        b_nv = tl.full([GP, SP], float("-inf"), tl.float32)
-        b_ni = tl.full([GP, SP], BIG, tl.int32)
-        for r in range(S):
-            b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
-            i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
-            i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
-            idx = tl.minimum(i1, i2)
-            b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
-            b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
-            b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
-            b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
-        b_bv = b_nv
-        b_bi = b_ni
+        b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
     b_bi = tl.where(b_bv > float("-inf"), b_bi, -1)                    # [GP, S*] chosen local block ids
     # attention over this split's share of the union of chosen blocks, plus the own block
     b_m = tl.full([GP], float("-inf"), tl.float32)
@@ -137,9 +121,7 @@ def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, mea
     GP = max(16, triton.next_power_of_2(G))
     S = topk - 1
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    split = q.dtype != torch.float32
-    m_hi = means.to(q.dtype)
-    m_lo = (means - m_hi.float()).to(q.dtype) if split else m_hi
+    m_hi, m_lo, split = split_means(means, q.dtype)
     pm = torch.empty(N * Hkv * NSPLIT * GP, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     pacc = torch.empty(N * Hkv * NSPLIT * GP, BDV, dtype=torch.float32, device=q.device)

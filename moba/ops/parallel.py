@@ -69,6 +69,37 @@ def _gathered_rows(ENT, e0, e1, S: tl.constexpr, Hq: tl.constexpr, BM: tl.conste
 
 
 @triton.jit
+def _mean_scores(b_q, MHI, MLO, p_m, m_load, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """fp32 scores of query rows [R, BD] against block means at pointers ``p_m`` [BD, BNB]; with SPLIT the
+    fp32 means come as 16-bit hi + lo halves (two tensor-core dots, nearly fp32-exact)."""
+    b_sc = tl.dot(b_q, tl.load(MHI + p_m, mask=m_load, other=0.), input_precision=PREC)
+    if SPLIT:
+        b_sc += tl.dot(b_q, tl.load(MLO + p_m, mask=m_load, other=0.), input_precision=PREC)
+    return b_sc
+
+
+@triton.jit
+def _topk_merge(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr, R: tl.constexpr):
+    """The S best of (kept scores/ids [R, SP], chunk scores [R, BNB] of blocks ``o_b``), by decreasing
+    score, ties to the lower block id: S rounds of max extraction, all in registers."""
+    BIG: tl.constexpr = 2147483647
+    o_s = tl.arange(0, SP)
+    o_bi = o_b.to(tl.int32)
+    b_nv = tl.full([R, SP], float("-inf"), tl.float32)
+    b_ni = tl.full([R, SP], BIG, tl.int32)
+    for r in range(S):
+        b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
+        i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
+        i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
+        idx = tl.minimum(i1, i2)
+        b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
+        b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
+        b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
+        b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
+    return b_nv, b_ni
+
+
+@triton.jit
 def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                sq_t, sq_h, sm_b, sm_h, t0, block_size,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
@@ -96,27 +127,10 @@ def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < b_end
         p_m = o_b[None, :] * sm_b + i_g * sm_h + o_d[:, None]
-        b_mh = tl.load(MHI + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BNB]
-        b_sc = tl.dot(b_q, b_mh, input_precision=PREC)
-        if SPLIT:
-            b_ml = tl.load(MLO + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.)
-            b_sc += tl.dot(b_q, b_ml, input_precision=PREC)
+        b_sc = _mean_scores(b_q, MHI, MLO, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT, PREC)   # [BM, BNB]
         ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
         b_sc = tl.where(ok, b_sc, float("-inf"))
-        o_bi = o_b.to(tl.int32)
-        b_nv = tl.full([BM, SP], float("-inf"), tl.float32)
-        b_ni = tl.full([BM, SP], BIG, tl.int32)
-        for r in range(S):   # take the best of (kept, chunk) S times
-            b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
-            i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
-            i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
-            idx = tl.minimum(i1, i2)
-            b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
-            b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
-            b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
-            b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
-        b_bv = b_nv
-        b_bi = b_ni
+        b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, BM)
     b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
     tl.store(SEL + (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :], b_out,
              mask=m_m[:, None] & (o_s[None, :] < S))
@@ -518,13 +532,17 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
     return sel
 
 
-def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
+def split_means(means: torch.Tensor, dtype):
+    """fp32 block means -> (hi, lo, split): for 16-bit queries two halves in ``dtype`` whose sum is the
+    mean to ~2^-16 (the gate's two tensor-core dots); for fp32 queries the means themselves."""
+    split = dtype != torch.float32
+    m_hi = means.to(dtype)
+    return m_hi, ((means - m_hi.float()).to(dtype) if split else m_hi), split
+
+
+def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, parts=None):
     q0, q1, p0, kb, fb = tiles
-    if means is None:
-        means = gate.block_means(k, lay, lt)                                  # [NB, Hkv, D] fp32
-    split = q.dtype != torch.float32
-    m_hi = means.to(q.dtype)
-    m_lo = (means - m_hi.float()).to(q.dtype) if split else m_hi
+    m_hi, m_lo, split = parts if parts is not None else split_means(gate.block_means(k, lay, lt), q.dtype)
     Hq, Hkv = q.shape[1], k.shape[1]
     _gate_topk[(q0.numel(), Hq)](
         q, m_hi, m_lo, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
@@ -542,8 +560,9 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     out = new_empty(T, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
-    if means is None and S and NB > 1:
-        means = gate.block_means(k, lay, lt)
+    parts = None
+    if S and NB > 1:   # block means and their hi/lo halves: once per call, not per query chunk
+        parts = split_means(means if means is not None else gate.block_means(k, lay, lt), q.dtype)
     # partial outputs in the input's dtype for 16-bit inputs (their log-sum-exp stays fp32)
     p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     per_row = Hq * max(S, 1) * (DV * p_dtype.itemsize + 4)
@@ -560,7 +579,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         if not keep and t0:
             sel_c.fill_(-1)
         if S and NB > 1 and q0.numel():
-            _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb, fb), meta, launch, means)
+            _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb, fb), meta, launch, parts)
         Sx = sel_c.shape[2]
         if t0 == 0:   # one partial buffer for every chunk: a new one per chunk would double the peak
             op_all = torch.empty(min(T, chunk) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
