@@ -16,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,7 @@ def main(argv=None):
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    t0 = time.perf_counter()
     for step in range(cfg.steps):
         switched = cfg.moba_until < 1.0 and step >= int(cfg.moba_until * cfg.steps)
         model.set_attention("full" if switched else None)
@@ -135,7 +137,8 @@ def main(argv=None):
     acc = accuracy_by_depth(model, val_data, cfg, device, args.pairs)
     picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs)
     print("accuracy by depth bucket:", " ".join(f"{x:.2f}" for x in acc))
-    res = dict(cfg=dataclasses.asdict(cfg), pairs=args.pairs, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
+    res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
+               pairs=args.pairs, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
     try:

@@ -63,6 +63,7 @@ class Config:
     eval_every: int = 50
     eval_batches: int = 8
     seed: int = 0
+    max_minutes: float = 0.0      # >0: stop early (final evaluation, history marked) after this much training
     # data
     corpus: str = "stdlib"        # "stdlib" or "stdlib+site"
     max_corpus_mb: float = 0.0    # 0: all of it
@@ -268,6 +269,14 @@ def evaluate(model, data, cfg, device, buckets=8):
     return per_pos.mean().item(), [c.mean().item() for c in per_pos.chunk(buckets)]
 
 
+def run_info(device) -> dict:
+    """Card and commit, recorded with every result."""
+    import subprocess
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip()
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", commit=commit or "unknown")
+
+
 def lr_at(step, cfg):
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -299,7 +308,8 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
         f"{val_data.numel() / 1e6:.2f}M val tokens, device {device}, attention {cfg.attn} "
         f"(block {cfg.block_size}, topk {cfg.topk}, last {cfg.full_last} full, moba until {cfg.moba_until})")
     t_last, tokens = time.perf_counter(), 0
-    while step < min(cfg.steps, stop_at or cfg.steps):
+    t_start, out_of_time = time.perf_counter(), False
+    while step < min(cfg.steps, stop_at or cfg.steps) and not out_of_time:
         switched = cfg.moba_until < 1.0 and step >= int(cfg.moba_until * cfg.steps)
         model.set_attention("full" if switched else None)
         for gr in opt.param_groups:
@@ -314,13 +324,14 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += x.numel()
+        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
         if step % 10 == 0 or step == cfg.steps:
             now = time.perf_counter()
             wall += now - t_last
             log(f"step {step:5d}/{cfg.steps}  loss {loss.item():.4f}  lr {lr_at(step - 1, cfg):.2e}  "
                 f"{tokens / (now - t_last):.0f} tok/s{'  [full]' if switched else ''}")
             t_last, tokens = now, 0
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             vl, buckets = evaluate(model, val_data, cfg, device)
             history.append(dict(step=step, val_loss=vl, buckets=buckets, tokens_seen=step * cfg.batch * cfg.seq_len,
                                 wall_s=wall))
@@ -328,12 +339,14 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
                 + " ".join(f"{b:.3f}" for b in buckets))
             torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, history=history,
                             wall=wall, cfg=dataclasses.asdict(cfg)), ck)
-    if step < cfg.steps:
+    if out_of_time:
+        log(f"stopped by --max-minutes at step {step} of {cfg.steps}")
+    elif step < cfg.steps:
         torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, history=history,
                         wall=wall, cfg=dataclasses.asdict(cfg)), ck)
         return history
-    (out / "history.json").write_text(json.dumps(dict(cfg=dataclasses.asdict(cfg), history=history,
-                                                      device=str(device)), indent=1))
+    (out / "history.json").write_text(json.dumps(dict(cfg=dataclasses.asdict(cfg), history=history, **run_info(device),
+                                                      steps_done=step, stopped_early=out_of_time), indent=1))
     return history
 
 
