@@ -16,12 +16,11 @@ A)  # 1. loss parity at 8K (block 512, topk 3), then 5. retrieval fine-tuned at 
     python3 experiments/retrieval.py $R --attn moba --full-last 2 --init runs/s8k_moba/ckpt.pt --out runs/ret_hybrid \
       > runs/ret_hybrid.log 2>&1
     grep -h "accuracy by depth" runs/ret_*.log ;;
-B)  # 4. MoBA for 90% of the steps then full (8K); 2. position-wise loss at 32K: full, MoBA, MoBA + last 2 full
-    tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 3
-    tr s32k_full --preset s32k --attn full --steps 800 --eval-every 200 --eval-batches 16 --max-minutes 2
-    tr s32k_moba --preset s32k --attn moba --steps 800 --eval-every 200 --eval-batches 16 --max-minutes 2
-    tr s32k_moba_last2 --preset s32k --attn moba --full-last 2 --steps 800 --eval-every 200 --eval-batches 16 \
-      --max-minutes 2 ;;
+B)  # 2. position-wise loss at 32K: full, MoBA, MoBA + last 2 full
+    E="--preset s32k --steps 800 --eval-every 200 --eval-batches 16 --max-minutes 2.3"
+    tr s32k_full $E --attn full
+    tr s32k_moba $E --attn moba
+    tr s32k_moba_last2 $E --attn moba --full-last 2 ;;
 C)  # 3. block granularity at 75% sparsity, 32K: topk/blocks 2/8, 4/16, 8/32, 16/64
     for bt in 4096:2 2048:4 1024:8 512:16; do
       tr g32k_${bt%:*}_${bt#*:} --preset s32k --attn moba --block-size ${bt%:*} --topk ${bt#*:} --steps 800 \
