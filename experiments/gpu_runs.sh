@@ -17,7 +17,7 @@ A)  # 1. loss parity at 8K (block 512, topk 3), then 5. retrieval fine-tuned at 
       > runs/ret_hybrid.log 2>&1
     grep -h "accuracy by depth" runs/ret_*.log ;;
 B)  # 2. position-wise loss at 32K: full, MoBA, MoBA + last 2 full
-    E="--preset s32k --steps 800 --eval-every 200 --eval-batches 16 --max-minutes 2.3"
+    E="--preset s32k --steps 1800 --eval-every 300 --eval-batches 16 --max-minutes 3.8"
     tr s32k_full $E --attn full
     tr s32k_moba $E --attn moba
     tr s32k_moba_last2 $E --attn moba --full-last 2 ;;
