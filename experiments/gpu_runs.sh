@@ -7,15 +7,9 @@ OUT=${OUT:-out}; mkdir -p "$OUT" runs
 D="--corpus stdlib+site --max-corpus-mb 150 --data-dir runs/data"
 tr() { name=$1; shift; python3 experiments/train.py $D --out runs/$name "$@" > runs/$name.log 2>&1; tail -2 runs/$name.log; }
 case ${1:-A} in
-A)  # 1. loss parity at 8K (block 512, topk 3), then 5. retrieval fine-tuned at 16K from those checkpoints
+A)  # 1. loss parity at 8K (block 512, topk 3)
     tr s8k_full --preset s8k --attn full --max-minutes 3
-    tr s8k_moba --preset s8k --attn moba --max-minutes 3
-    R="--preset s8k $D --seq-len 16384 --batch 2 --steps 300 --lr 1e-3 --eval-batches 16"
-    python3 experiments/retrieval.py $R --attn full --init runs/s8k_full/ckpt.pt --out runs/ret_full > runs/ret_full.log 2>&1
-    python3 experiments/retrieval.py $R --attn moba --init runs/s8k_moba/ckpt.pt --out runs/ret_moba > runs/ret_moba.log 2>&1
-    python3 experiments/retrieval.py $R --attn moba --full-last 2 --init runs/s8k_moba/ckpt.pt --out runs/ret_hybrid \
-      > runs/ret_hybrid.log 2>&1
-    grep -h "accuracy by depth" runs/ret_*.log ;;
+    tr s8k_moba --preset s8k --attn moba --max-minutes 3 ;;
 B)  # 2. position-wise loss at 32K: full, MoBA, MoBA + last 2 full
     E="--preset s32k --steps 1800 --eval-every 300 --eval-batches 16 --max-minutes 3.8"
     tr s32k_full $E --attn full
@@ -23,9 +17,16 @@ B)  # 2. position-wise loss at 32K: full, MoBA, MoBA + last 2 full
     tr s32k_moba_last2 $E --attn moba --full-last 2 ;;
 C)  # 3. block granularity at 75% sparsity, 32K: topk/blocks 2/8, 4/16, 8/32, 16/64
     for bt in 4096:2 2048:4 1024:8 512:16; do
-      tr g32k_${bt%:*}_${bt#*:} --preset s32k --attn moba --block-size ${bt%:*} --topk ${bt#*:} --steps 800 \
-        --eval-every 200 --eval-batches 16 --max-minutes 1.7
+      tr g32k_${bt%:*}_${bt#*:} --preset s32k --attn moba --block-size ${bt%:*} --topk ${bt#*:} --steps 1200 \
+        --eval-every 300 --eval-batches 16 --max-minutes 1.9
     done ;;
+D)  # 4. MoBA for 90% of the steps, then full (8K); 5. retrieval at 16K trained from scratch: full, MoBA, hybrid
+    tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 3
+    R="--preset s8k $D --seq-len 16384 --batch 2 --steps 1000 --eval-batches 16"
+    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
+      python3 experiments/retrieval.py $R ${v#*:} --out runs/ret_${v%%:*} > runs/ret_${v%%:*}.log 2>&1
+    done
+    grep -h "accuracy by depth" runs/ret_*.log ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

@@ -4,11 +4,12 @@
     python experiments/retrieval.py --preset s8k --attn moba --seq-len 16384 --steps 1500 --out runs/ret_moba
 
 Each sequence is a window of the training corpus with ``--pairs`` needles ``<k> a b <v> c`` inserted at
-random depths; it ends with ``<q> a b <v>`` for one of them and the target is its ``c``. Training is
-the usual next-token loss plus the answer's loss; evaluation reports answer accuracy by depth of the
-queried needle (10 buckets), writes ``retrieval.json`` and, where matplotlib is installed, a heatmap
-``retrieval.png`` and ``gate.png`` (which key blocks the gate picks for the final query, per layer and
-head, with the needle's block marked).
+random depths; it ends with ``--queries`` queries ``<q> a b <v> c``, each asking for one of them (the
+answer c is predicted at the query's ``<v>``). Training is the usual next-token loss plus the answers'
+loss; evaluation reports answer accuracy binned by the depth of the queried needle (10 buckets), writes
+``retrieval.json`` and, where matplotlib is installed, a heatmap ``retrieval.png`` and ``gate.png``
+(which key blocks the gate picks for the final query, per layer and head, with its needle's block
+marked). Trains from scratch, or fine-tunes a train.py checkpoint with ``--init``.
 """
 from __future__ import annotations
 
@@ -28,57 +29,63 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import moba  # noqa: E402
 
 
-def make_batch(data, cfg, g, pairs, depth=None):
-    """Token batch [B, L], targets [B, L], the answer position and value, and the needle's depth."""
+def make_batch(data, cfg, g, pairs, queries):
+    """Tokens [B, L], targets [B, L], answer positions, answers and needle depths (each [B, queries]).
+
+    A window of the corpus gets ``pairs`` needles ``<k> a b <v> c`` at random depths; its last
+    5 * queries tokens ask for ``queries`` of them, ``<q> a b <v> c`` each, in random order. The answer c
+    is predicted at the position of the query's ``<v>``.
+    """
     V = cfg.vocab
     K_MARK, V_MARK, Q_MARK = V - 1, V - 2, V - 3
     L = cfg.seq_len
+    body = L + 1 - 5 * queries                   # needles live in x[:, :body]
+    if queries > pairs or body < 5 * pairs:
+        raise ValueError(f"seq_len {L} is too short for {pairs} needles and {queries} queries")
     x = torch.stack([data[s:s + L + 1] for s in torch.randint(0, data.numel() - L - 2, (cfg.batch,), generator=g)])
     x = x.clone()
-    ans, depths = [], []
+    pos = torch.zeros(cfg.batch, queries, dtype=torch.long)
+    ans, depth = torch.zeros_like(pos), torch.zeros(cfg.batch, queries)
     for b in range(cfg.batch):
         keys = torch.randint(V // 4, V // 2, (pairs, 2), generator=g)
         vals = torch.randint(V // 2, 3 * V // 4, (pairs,), generator=g)
-        slots = torch.randperm((L - 8) // 5, generator=g)[:pairs] * 5          # needle starts, no overlap
-        target = int(torch.randint(0, pairs, (1,), generator=g))
-        if depth is not None:   # put the queried needle at a chosen depth
-            slots[target] = int(depth * ((L - 8) // 5 - 1)) * 5
-            others = slots[torch.arange(pairs) != target]
-            clash = (others - slots[target]).abs() < 5
-            slots[torch.nonzero(torch.arange(pairs) != target).flatten()[clash]] = -1
+        slots = torch.randperm(body // 5, generator=g)[:pairs] * 5            # needle starts, no overlap
         for i in range(pairs):
             s = int(slots[i])
-            if s >= 0:
-                x[b, s:s + 5] = torch.tensor([K_MARK, keys[i, 0], keys[i, 1], V_MARK, vals[i]])
-        x[b, L - 4:L] = torch.tensor([Q_MARK, keys[target, 0], keys[target, 1], V_MARK])
-        x[b, L] = vals[target]
-        ans.append(int(vals[target]))
-        depths.append(int(slots[target]) / L)
-    return x[:, :-1], x[:, 1:], torch.tensor(ans), torch.tensor(depths)
+            x[b, s:s + 5] = torch.tensor([K_MARK, keys[i, 0], keys[i, 1], V_MARK, vals[i]])
+        for j, i in enumerate(torch.randperm(pairs, generator=g)[:queries].tolist()):
+            t0 = body + 5 * j
+            x[b, t0:t0 + 5] = torch.tensor([Q_MARK, keys[i, 0], keys[i, 1], V_MARK, vals[i]])
+            pos[b, j], ans[b, j], depth[b, j] = t0 + 3, vals[i], int(slots[i]) / L
+    return x[:, :-1], x[:, 1:], pos, ans, depth
 
 
-def accuracy_by_depth(model, data, cfg, device, pairs, buckets=10, per_bucket=None):
+def answer_logits(logits, pos):
+    """logits [B, L, V], pos [B, Q] -> [B, Q, V]"""
+    return logits.gather(1, pos.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10):
+    """Answer accuracy of every query of cfg.eval_batches batches, binned by the depth of its needle."""
     model.eval()
     g = torch.Generator().manual_seed(4321)
-    acc = []
+    hits, counts = torch.zeros(buckets), torch.zeros(buckets)
     with torch.no_grad():
-        for i in range(buckets):
-            hits = n = 0
-            for _ in range(per_bucket or max(1, cfg.eval_batches // 2)):
-                x, _, a, _ = make_batch(data, cfg, g, pairs, depth=(i + 0.5) / buckets)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(x.to(device))[:, -1]
-                hits += (logits.argmax(-1).cpu() == a).sum().item()
-                n += a.numel()
-            acc.append(hits / n)
+        for _ in range(cfg.eval_batches):
+            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = answer_logits(model(x.to(device)), pos).argmax(-1).cpu()
+            bins = (d * buckets).long().clamp(0, buckets - 1).flatten()
+            hits.index_add_(0, bins, (pred == a).float().flatten())
+            counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float))
     model.train()
-    return acc
+    return (hits / counts.clamp(min=1)).tolist(), counts.tolist()
 
 
-def gate_picks(model, data, cfg, device, pairs):
+def gate_picks(model, data, cfg, device, pairs, queries):
     """Blocks chosen for the final query in every MoBA layer: {layer: int [H, topk]} and the needle's block."""
     g = torch.Generator().manual_seed(99)
-    x, _, _, depth = make_batch(data, cfg, g, pairs, depth=0.3)
+    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries)
     captured = {}
 
     def hook(layer):
@@ -94,13 +101,14 @@ def gate_picks(model, data, cfg, device, pairs):
         model(x[:1].to(device))
     for h in hs:
         h.remove()
-    return {i: v.cpu() for i, v in captured.items()}, int(depth[0] * cfg.seq_len) // cfg.block_size
+    return {i: v.cpu() for i, v in captured.items()}, int(depth[0, -1] * cfg.seq_len) // cfg.block_size
 
 
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--queries", type=int, default=16)
     p.add_argument("--answer-weight", type=float, default=1.0)
     p.add_argument("--init", default=None, help="a train.py checkpoint to fine-tune")
     args, rest = p.parse_known_args(argv)
@@ -121,12 +129,12 @@ def main(argv=None):
         for gr in opt.param_groups:
             gr["lr"] = T.lr_at(step, cfg)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x, y, a, _ = make_batch(train_data, cfg, g, args.pairs)
+        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries)
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         lm = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        answer = F.cross_entropy(logits[:, -1].float(), a.to(device))
+        answer = F.cross_entropy(answer_logits(logits, pos).float().flatten(0, 1), a.to(device).flatten())
         loss = lm + args.answer_weight * answer
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -134,11 +142,11 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 10 == 0:
             print(f"step {step + 1}/{cfg.steps}  lm {lm.item():.3f}  answer {answer.item():.3f}", flush=True)
-    acc = accuracy_by_depth(model, val_data, cfg, device, args.pairs)
-    picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs)
+    acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries)
+    picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries)
     print("accuracy by depth bucket:", " ".join(f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
-               pairs=args.pairs, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
+               pairs=args.pairs, queries=args.queries, answers_per_bucket=counts, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
     try:
