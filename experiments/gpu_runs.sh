@@ -20,13 +20,15 @@ C)  # 3. block granularity at 75% sparsity, 32K: topk/blocks 2/8, 4/16, 8/32, 16
       tr g32k_${bt%:*}_${bt#*:} --preset s32k --attn moba --block-size ${bt%:*} --topk ${bt#*:} --steps 1200 \
         --eval-every 300 --eval-batches 16 --max-minutes 1.9
     done ;;
-D)  # 4. MoBA for 90% of the steps, then full (8K); 5. retrieval at 16K trained from scratch: full, MoBA, hybrid
-    tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 3
-    R="--preset s8k $D --seq-len 16384 --batch 2 --steps 1000 --eval-batches 16"
+D)  # 5. retrieval at 16K, fine-tuned from one full-attention 8K model with full, MoBA and hybrid attention
+    tr s8k_full --preset s8k --attn full --max-minutes 3
+    R="--preset s8k $D --seq-len 16384 --batch 2 --steps 800 --lr 1e-3 --eval-batches 16 --init runs/s8k_full/ckpt.pt"
     for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
       python3 experiments/retrieval.py $R ${v#*:} --out runs/ret_${v%%:*} > runs/ret_${v%%:*}.log 2>&1
     done
     grep -h "accuracy by depth" runs/ret_*.log ;;
+E)  # 4. MoBA for 90% of the steps, then full attention (8K)
+    tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 3 ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
