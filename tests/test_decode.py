@@ -56,11 +56,14 @@ def test_means_cache_needs_one_sequence():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 3), (8, 1)], ids=["G2", "odd-heads", "G8"])
-def test_decode_kernel_matches_reference(dtype, Hq, Hkv, monkeypatch):
-    """The one-launch decode kernel (one query per sequence, no gradient) against the fp64 reference."""
+@pytest.mark.parametrize("chunk", [512, 8], ids=["block-per-item", "block-split"])
+def test_decode_kernel_matches_reference(dtype, Hq, Hkv, chunk, monkeypatch):
+    """The one-launch decode kernel (one query per sequence, no gradient) against the fp64 reference;
+    with chunk 8 each 16-key block is read by two programs."""
     pytest.importorskip("triton")
     from moba.ops import decode
     monkeypatch.setattr(decode, "ENABLED_ON_CUDA", True)
+    monkeypatch.setattr(decode, "CHUNK", chunk)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     lens_k = [75, 1, 200, 33]
     q, k, v, extra = make_inputs([1] * 4, lens_k, Hq, Hkv, 16, Dv=32, dtype=dtype, device=dev)

@@ -8,6 +8,8 @@ candidate blocks assigned to its split and reads a block's K/V only if some head
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -15,7 +17,8 @@ import triton.language as tl
 from .parallel import _mean_scores, _topk_merge, split_means
 from .utils import Layout, LayoutTensors, new_empty
 
-NSPLIT = 8
+MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
+CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
 # Verified under TRITON_INTERPRET=1 only so far; on CUDA the general kernels serve decoding until this
 # kernel has passed tests/test_decode.py on a GPU and been timed (benchmarks/bench_decode.py).
 ENABLED_ON_CUDA = False
@@ -26,7 +29,7 @@ def _decode_split(Q, K, V, MHI, MLO, CU_K, BLK_OFF, PM, PL, PACC,
                   sq_n, sq_h, sk_t, sk_h, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
                   G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                  BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr):
+                  BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr):
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -56,12 +59,14 @@ def _decode_split(Q, K, V, MHI, MLO, CU_K, BLK_OFF, PM, PL, PACC,
     b_m = tl.full([GP], float("-inf"), tl.float32)
     b_l = tl.zeros([GP], tl.float32)
     b_acc = tl.zeros([GP, BDV], tl.float32)
-    for b in range(i_s, own + 1, NSPLIT):
+    cpb = tl.cdiv(block_size, CH)                                       # work items (chunks) per block
+    for w in range(i_s, (own + 1) * cpb, NSPLIT):
+        b = w // cpb
         rows = (tl.max(tl.where(b_bi == b, 1, 0), 1) > 0) | (b == own)   # [GP] heads that read block b
         rows = rows & m_r
         if tl.max(rows.to(tl.int32), 0) > 0:
-            kb0 = k0 + b * block_size
-            kb1 = tl.minimum(kb0 + block_size, k1)
+            kb0 = k0 + b * block_size + (w % cpb) * CH
+            kb1 = tl.minimum(tl.minimum(kb0 + CH, k0 + (b + 1) * block_size), k1)
             for n0 in range(kb0, kb1, BN):
                 o_n = n0 + tl.arange(0, BN)
                 m_n = o_n < kb1
@@ -105,6 +110,11 @@ def _decode_merge(PM, PL, PACC, O, LSE, so_n, so_h, Hq, G: tl.constexpr, GP: tl.
     tl.store(LSE + i_n * Hq + i_h, (m + tl.log2(l_tot)) * 0.6931471805599453)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
     """The decode kernel serves inference calls where every sequence has exactly one query."""
     if q.is_cuda and not ENABLED_ON_CUDA:
@@ -122,6 +132,9 @@ def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, mea
     S = topk - 1
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
     m_hi, m_lo, split = split_means(means, q.dtype)
+    # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
+    sms = _sm_count(q.device.index) if q.is_cuda else 1
+    NSPLIT = min(MAX_SPLITS, max(2, triton.next_power_of_2(-(-8 * sms // (N * Hkv)))))
     pm = torch.empty(N * Hkv * NSPLIT * GP, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     pacc = torch.empty(N * Hkv * NSPLIT * GP, BDV, dtype=torch.float32, device=q.device)
@@ -131,7 +144,7 @@ def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, mea
     _decode_split[(N, Hkv, NSPLIT)](
         q, k, v, m_hi, m_lo, lt.cu_k, lt.blk_off, pm, pl, pacc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), m_hi.stride(0), m_hi.stride(1), scale * 1.4426950408889634, lay.block_size,
-        G=G, GP=GP, S=S, SP=triton.next_power_of_2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32,
+        G=G, GP=GP, S=S, SP=triton.next_power_of_2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
         SPLIT_M=split, PREC=prec, num_warps=4, num_stages=2)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
