@@ -28,7 +28,7 @@ D)  # 5. retrieval at 16K, fine-tuned from one full-attention 8K model with full
     done
     grep -h "accuracy by depth" runs/ret_*.log ;;
 E)  # 4. MoBA for 90% of the steps, then full attention (8K)
-    tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 3 ;;
+    tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 2.5 ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
