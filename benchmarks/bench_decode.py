@@ -5,13 +5,13 @@
 
 B=1 rows time a single query against T cached keys (block means kept by a BlockMeansCache, as during
 generation: the steady-state step pools nothing). The batch row packs 16 sequences of mixed cache
-lengths (cu_seqlens / cu_seqlens_k), one query each, against SDPA on the same padded batch.
+lengths (cu_seqlens / cu_seqlens_k), one query each, with one BlockMeansCache for the batch (also timed
+without it: every cached key re-pooled), against SDPA on the same padded batch.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
@@ -21,16 +21,17 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import moba  # noqa: E402
+from moba.bench import source_commit  # noqa: E402
 from moba.ops import decode  # noqa: E402
 
 
 def both_paths(fn, device):
     """Time fn with the general kernels and with the one-launch decode kernel (moba.ops.decode)."""
-    res = {}
+    res, before = {}, decode.ENABLED_ON_CUDA
     for name, flag in (("moba_general_ms", False), ("moba_decode_kernel_ms", True)):
         decode.ENABLED_ON_CUDA = flag
         res[name] = bench(fn, device)
-    decode.ENABLED_ON_CUDA = False
+    decode.ENABLED_ON_CUDA = before
     res["moba_ms"] = min(res["moba_general_ms"], res["moba_decode_kernel_ms"])
     return res
 
@@ -76,7 +77,7 @@ def main():
     dev = torch.device(a.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     H, Hkv, D, bs, topk = a.heads, a.kv_heads, a.head_dim, a.block_size, a.topk
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_commit()
     env = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
                date=time.strftime("%Y-%m-%d"), commit=commit or "unknown", dtype=str(dt), heads=H, kv_heads=Hkv,
                head_dim=D, block=bs, topk=topk)
@@ -109,7 +110,11 @@ def main():
         v = torch.randn(1, Tk, Hkv, D, device=dev, dtype=dt)
         cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=dev)
         cu_k = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        step = lambda: moba.moba_attention(q, k, v, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
+        cache = moba.BlockMeansCache()                # the caches as generation leaves them
+        cache.means(k[0], bs, cu_k.tolist())         # (the timed steps complete no new block)
+        step = lambda: moba.moba_attention(q, k, v, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k,  # noqa: E731
+                                           means_cache=cache)
+        repool = lambda: moba.moba_attention(q, k, v, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
         # SDPA on the padded batch [B, max_len] with a key padding mask
         L = max(lens)
         kb = torch.zeros(len(lens), L, Hkv, D, device=dev, dtype=dt)
@@ -122,16 +127,18 @@ def main():
         qb = q[0][:, None]
         dense = lambda: sdpa(qb, kb, vb, mask)  # noqa: E731
         r = dict(case=f"B={len(lens)} mixed", T=Tk, sdpa_ms=bench(dense, dev), **both_paths(step, dev),
+                 moba_repool_ms=bench(repool, dev),
                  sdpa_peak_mib=peak(dense, dev), moba_peak_mib=peak(step, dev), lengths=lens)
         r["speedup"] = r["sdpa_ms"] / r["moba_ms"]
         rows.append(r)
         print(r, flush=True)
     print("\n| case | cached tokens | SDPA ms | MoBA ms general / decode kernel | speedup (best) "
-          "| peak MiB SDPA / MoBA |\n|---|---|---|---|---|---|")
+          "| peak MiB SDPA / MoBA | MoBA ms without means cache |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['T']} | {r['sdpa_ms']:.3f} | {r['moba_general_ms']:.3f} / "
               f"{r['moba_decode_kernel_ms']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['sdpa_peak_mib']:.0f} / {r['moba_peak_mib']:.0f} |")
+              f"{r['sdpa_peak_mib']:.0f} / {r['moba_peak_mib']:.0f} | "
+              + (f"{r['moba_repool_ms']:.3f} |" if "moba_repool_ms" in r else "- |"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 import moba  # noqa: E402
-from moba.bench import pair_fraction  # noqa: E402
+from moba.bench import pair_fraction, source_commit  # noqa: E402
 from moba.ops.utils import validate, pack  # noqa: E402
 
 K, M = 1024, 1024 * 1024
@@ -105,7 +104,7 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     H, Hkv, D, dt = a.heads, a.kv_heads, a.head_dim, torch.bfloat16
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_commit()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                commit=commit or "unknown", dtype="bf16", heads=H, kv_heads=Hkv, head_dim=D)
     print(env, flush=True)

@@ -271,10 +271,8 @@ def evaluate(model, data, cfg, device, buckets=8):
 
 def run_info(device) -> dict:
     """Card and commit, recorded with every result."""
-    import subprocess
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip()
-    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", commit=commit or "unknown")
+    from moba.bench import source_commit
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", commit=source_commit())
 
 
 def lr_at(step, cfg):

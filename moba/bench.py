@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import platform
 import statistics
 import sys
@@ -16,6 +17,21 @@ from .ops.naive import naive_moba_attention
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def source_commit(path=None) -> str:
+    """Short commit of the checkout, with "+modified" when tracked files differ from it (a copied working
+    tree whose git metadata is older than its files reads so), or "unknown" without git."""
+    import subprocess
+    cwd = str(path or pathlib.Path(__file__).resolve().parents[1])
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                              timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=cwd, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+modified" if dirty else "")) if head else "unknown"
 
 
 def pair_fraction(T: int, block_size: int, topk: int) -> float:
@@ -200,7 +216,7 @@ def main_bench(args):
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     env = dict(device=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
                torch=torch.__version__, threads=torch.get_num_threads(),
-               date=time.strftime("%Y-%m-%d"))
+               date=time.strftime("%Y-%m-%d"), commit=source_commit())
     print(f"moba bench on {env['device']} (torch {env['torch']}): B={args.batch} H={args.heads}/"
           f"{args.kv_heads} D={args.head_dim} {args.dtype} block={args.block_size} topk={args.topk} "
           f"{'fwd+bwd' if args.fwd_bwd else 'fwd'}", flush=True)

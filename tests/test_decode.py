@@ -48,10 +48,53 @@ def test_chunked_prefill_with_cache_matches_reference():
     assert rel_err(torch.cat(outs, 1), ref) < 1e-10
 
 
-def test_means_cache_needs_one_sequence():
-    q, k, v, _ = make_inputs([10, 10], [10, 10], 2, 1, 16)
-    with pytest.raises(ValueError, match="means_cache"):
-        moba.moba_attention(q, k, v, 4, 2, means_cache=moba.BlockMeansCache())
+def test_means_cache_packed_sequences_match_pooling():
+    """Several sequences growing at different rates (packed through cu_seqlens_k): the cached means equal
+    a fresh pooling of every complete block, in the layout's block order, after every step."""
+    torch.manual_seed(0)
+    full = [torch.randn(n, 2, 16, dtype=torch.float64) for n in (70, 5, 130)]
+    cache = moba.BlockMeansCache()
+    lens = [20, 1, 33]
+    for _ in range(40):
+        k = torch.cat([f[:n] for f, n in zip(full, lens)])
+        cu = torch.tensor([0] + lens).cumsum(0)
+        got = cache.means(k, 8, cu)
+        q = torch.zeros(len(lens), 2, 16, dtype=torch.float64)
+        lay, _ = validate(q[None], k[None], k[None], 8, 2, torch.arange(len(lens) + 1), cu)
+        want = gate.block_means(k, lay, lay.tensors("cpu"))
+        assert got.shape == want.shape
+        for i, n in enumerate(lens):                       # complete blocks only; the partial one is unused
+            a = lay.blk_off[i]
+            torch.testing.assert_close(got[a:a + n // 8], want[a:a + n // 8])
+        assert cache.n_keys == sum(lens)
+        lens = [min(f.shape[0], n + d) for f, n, d in zip(full, lens, (1, 3, 2))]
+    cache.means(torch.cat([f[:2] for f in full]), 8, torch.tensor([0, 2, 4, 6]))   # shorter: a reset
+    assert cache.n_keys == 6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batched_decoding_with_cache_equals_reference(backend):
+    """Batch decoding of packed sequences (one query each) with a BlockMeansCache, step by step, against
+    the fp64 reference on each step's whole cache."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(1)
+    Hq, Hkv, D = 4, 2, 16
+    full = [torch.randn(n, Hkv, D, device=dev) for n in (90, 40, 7)]
+    qs = [torch.randn(n, Hq, D, device=dev) for n in (90, 40, 7)]
+    cache = moba.BlockMeansCache()
+    lens = [60, 30, 1]
+    for _ in range(12):
+        k = torch.cat([f[:n] for f, n in zip(full, lens)])[None]
+        q = torch.stack([qq[n - 1] for qq, n in zip(qs, lens)])[None]
+        cu_q = torch.arange(len(lens) + 1, device=dev)
+        cu_k = torch.tensor([0] + lens, device=dev).cumsum(0)
+        with torch.no_grad():
+            out = moba.moba_attention(q, k, k, 8, 3, cu_seqlens=cu_q, cu_seqlens_k=cu_k, backend=backend,
+                                      means_cache=cache)
+        ref = moba.naive_moba_attention(q.double(), k.double(), k.double(), 8, 3, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+        assert rel_err(out, ref) < 1e-4
+        lens = [min(f.shape[0], n + 2) for f, n in zip(full, lens)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

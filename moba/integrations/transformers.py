@@ -112,17 +112,18 @@ def _read_ranges(mask: torch.Tensor, Tq: int, Tk: int):
     return out
 
 
-def _means_cache(module, B: int, n_q: int, k: torch.Tensor):
-    """The layer's incremental block-means cache for single-sequence inference, else None.
+def _means_cache(module, n_q: list, n_k: list):
+    """The layer's incremental block-means cache for inference (one entry per sequence), else None.
 
-    It is trusted only when the keys are exactly the previous call's keys plus this call's queries
-    (generation and chunked prefill); anything else starts it afresh."""
-    if B != 1 or torch.is_grad_enabled():
+    It is trusted only when every sequence's keys are exactly the previous call's keys plus this call's
+    queries (generation and chunked prefill); anything else starts it afresh."""
+    if torch.is_grad_enabled():
         return None
     cache = getattr(module, "_moba_means_cache", None)
     if cache is None:
         cache = module._moba_means_cache = BlockMeansCache()
-    if cache.n_keys + n_q != k.shape[1]:
+    prev = cache.seq_lens
+    if len(prev) != len(n_q) or any(p + q != k for p, q, k in zip(prev, n_q, n_k)):
         cache.reset()
     return cache
 
@@ -153,19 +154,20 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if decode_full and Tq < k.shape[1]:
             return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be,
-                              means_cache=_means_cache(module, B, Tq, k)), None
+                              means_cache=_means_cache(module, [Tq] * B, [k.shape[1]] * B)), None
     ranges = _real_ranges(attention_mask, Tq, Tk)
     if decode_full and any(qe - qs < ke - ks for ks, ke, qs, qe in ranges if qe > qs):
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if B == 1 and ranges[0] == (0, Tk, Tq - min(Tq, Tk), Tq) and Tq <= Tk:
-        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be), None
+        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be,
+                              means_cache=_means_cache(module, [Tq], [Tk])), None
     out = query.new_zeros(B, Tq, Hq, value.shape[3])
     if B == 1:   # one row: its real tokens are a slice (views, no copy); e.g. a static cache's used slots
         ks, ke, qs, qe = ranges[0]
         if qe > qs:
             kk = k[:, ks:ke]
             out[:, qs:qe] = moba_attention(q[:, qs:qe], kk, v[:, ks:ke], bs, topk, scale=scaling, backend=be,
-                                           means_cache=_means_cache(module, 1, qe - qs, kk))
+                                           means_cache=_means_cache(module, [qe - qs], [ke - ks]))
         return out, None
     # pack each row's real tokens as one sequence (rows without a real query are left out)
     rows = [(b, r) for b, r in enumerate(ranges) if r[3] > r[2]]
@@ -180,7 +182,9 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         off_k.append(off_k[-1] + ke - ks)
     cu_q = torch.tensor(off_q, dtype=torch.int32, device=query.device)
     cu_k = torch.tensor(off_k, dtype=torch.int32, device=query.device)
-    o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling, backend=be)[0]
+    cache = _means_cache(module, [qe - qs for _, (ks, ke, qs, qe) in rows], [ke - ks for _, (ks, ke, qs, qe) in rows])
+    o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling, backend=be,
+                       means_cache=cache)[0]
     for i, (b, (_, _, qs, qe)) in enumerate(rows):
         out[b, qs:qe] = o[off_q[i]:off_q[i + 1]]
     return out, None

@@ -7,7 +7,7 @@ import torch
 
 from . import custom, gate
 from .naive import naive_moba_attention
-from .utils import check_args, pack, validate
+from .utils import check_args, make_layout, pack, validate
 
 
 def _triton_usable(q: torch.Tensor) -> bool:
@@ -69,9 +69,9 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
             per (query, head, chosen block): T * Hq * (topk - 1) * D * 4 bytes, 1.1 GB at 32K tokens with
             32 heads, topk 3, D 128 — meant for debugging and short sequences. The other backends are
             always deterministic on a given device.
-        means_cache: a :class:`moba.BlockMeansCache` for decoding from a growing KV cache (B == 1, no
-            cu_seqlens): the gate's block means are updated with the newly completed blocks only,
-            instead of re-pooling every cached key at every step.
+        means_cache: a :class:`moba.BlockMeansCache` for decoding from growing KV caches (one sequence,
+            a batch, or packed sequences through cu_seqlens_k): the gate's block means are updated with
+            the newly completed blocks only, instead of re-pooling every cached key at every step.
 
     Returns:
         ``out`` [B, Tq, Hq, Dv] in q's dtype, or ``(out, lse)``. Gradients flow to q, k and v; the gate is
@@ -95,10 +95,9 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
                              f"{v.shape[-1]} (v); backend='torch' takes any")
     means = None
     if means_cache is not None:
-        if q.shape[0] != 1 or cu_seqlens is not None:
-            raise ValueError("means_cache works for one sequence: B == 1 and no cu_seqlens")
+        cu_k = make_layout(q, k, block_size, cu_seqlens, cu_seqlens_k).cu_k
         with torch.no_grad():
-            means = means_cache.means(pack(k).detach(), block_size)
+            means = means_cache.means(pack(k).detach(), block_size, cu_k if len(cu_k) > 2 else None)
     keep_sel = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, lse, _ = custom.moba_fwd(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend,
                                   deterministic, keep_sel, means)

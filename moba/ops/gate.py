@@ -104,41 +104,77 @@ def to_local(sel: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor:
 
 
 class BlockMeansCache:
-    """Mean keys of the complete blocks of one growing KV cache, updated incrementally.
+    """Mean keys of the complete blocks of a growing KV cache (one sequence or a packed batch), updated
+    incrementally.
 
     The gate only ever scores *complete* blocks (a query's earlier blocks), so when a cache grows by a
-    few tokens at most one new block completes: ``means`` pools just the blocks completed since the
-    last call instead of re-reading the whole cache. Contract: the keys passed are the same sequence,
-    grown by appending (a shorter or differently shaped key tensor resets the cache); call ``reset``
-    when a new sequence starts.
+    few tokens at most one new block per sequence completes: ``means`` pools just the blocks completed
+    since the last call instead of re-reading the whole cache. Contract: the same sequences, each grown
+    by appending (a sequence that got shorter, a different number of sequences or different shapes reset
+    the cache); call ``reset`` when new sequences start.
     """
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self._means = None    # [capacity, Hkv, D] fp32 (fp64 for fp64 keys), rows < n_keys // block
-        self.n_keys = 0
+        self._store = None    # [sum of capacities, Hkv, D] fp32 (fp64 for fp64 keys); rows past the
+        self._base = []       # complete blocks of a sequence stay zero. Sequence i owns rows
+        self._cap = []        # _base[i] .. _base[i] + _cap[i].
+        self._lens = []       # keys of each sequence at the last call
         self._key = None
 
-    def means(self, k: torch.Tensor, block_size: int) -> torch.Tensor:
-        """k [Tk, Hkv, D] -> [ceil(Tk / block), Hkv, D]; the last, partial block's row is zero (unused)."""
+    @property
+    def n_keys(self) -> int:
+        return sum(self._lens)
+
+    @property
+    def seq_lens(self) -> list:
+        """Keys of each sequence at the last call ([] after a reset)."""
+        return list(self._lens)
+
+    def means(self, k: torch.Tensor, block_size: int, cu_seqlens_k=None) -> torch.Tensor:
+        """k [Tk, Hkv, D] packed; ``cu_seqlens_k`` (host ints or a tensor, None for one sequence) ->
+        [n_blocks, Hkv, D] in the packed layout's block order (``ceil(len / block)`` rows per sequence);
+        the row of a sequence's last, partial block is zero (the gate never reads it)."""
         Tk, Hkv, D = k.shape
-        key = (block_size, Hkv, D, k.dtype, k.device)
-        if self._key != key or Tk < self.n_keys:
+        cu = [0, Tk] if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k]
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        key = (block_size, Hkv, D, k.dtype, k.device, len(lens))
+        if self._key != key or any(n < m for n, m in zip(lens, self._lens)):
             self.reset()
-            self._key = key
+            self._key, self._lens = key, [0] * len(lens)
         acc = _acc_dtype(k.dtype)
-        done, full = self.n_keys // block_size, Tk // block_size
-        nb = -(-Tk // block_size)
-        if self._means is None or self._means.shape[0] < nb:   # rows past the complete blocks stay zero
-            cap = max(nb, 2 * (0 if self._means is None else self._means.shape[0]), 16)
-            grown = torch.zeros(cap, Hkv, D, dtype=acc, device=k.device)
-            if self._means is not None:
-                grown[:done] = self._means[:done]
-            self._means = grown
-        if full > done:
-            new = k[done * block_size:full * block_size].reshape(full - done, block_size, Hkv, D)
-            self._means[done:full] = new.sum(1, dtype=acc) / block_size
-        self.n_keys = Tk
-        return self._means[:nb]
+        nbs = [-(-n // block_size) for n in lens]
+        if self._store is None or any(nb > c for nb, c in zip(nbs, self._cap)):     # grow: double capacities
+            caps = [max(nb, 2 * (self._cap[i] if self._cap else 0), 16) for i, nb in enumerate(nbs)]
+            base = [0]
+            for c in caps[:-1]:
+                base.append(base[-1] + c)
+            grown = torch.zeros(sum(caps), Hkv, D, dtype=acc, device=k.device)
+            if self._store is not None:
+                for i, m in enumerate(self._lens):
+                    done = m // block_size
+                    grown[base[i]:base[i] + done] = self._store[self._base[i]:self._base[i] + done]
+            self._store, self._base, self._cap = grown, base, caps
+        starts, dest = [], []                    # blocks completed since the last call
+        for i, (n, m) in enumerate(zip(lens, self._lens)):
+            for j in range(m // block_size, n // block_size):
+                starts.append(cu[i] + j * block_size)
+                dest.append(self._base[i] + j)
+        if starts:
+            if len(starts) == dest[-1] - dest[0] + 1 and len(lens) == 1:                # one contiguous run
+                new = k[starts[0]:starts[0] + len(starts) * block_size]
+            else:
+                rows = torch.tensor(starts, device=k.device)[:, None] + torch.arange(block_size, device=k.device)
+                new = k[rows.flatten()]
+            pooled = new.reshape(len(starts), block_size, Hkv, D).sum(1, dtype=acc) / block_size
+            if len(lens) == 1:
+                self._store[dest[0]:dest[0] + len(dest)] = pooled
+            else:
+                self._store[torch.tensor(dest, device=k.device)] = pooled
+        self._lens = lens
+        if len(lens) == 1:
+            return self._store[:nbs[0]]
+        idx = [self._base[i] + j for i, nb in enumerate(nbs) for j in range(nb)]
+        return self._store[torch.tensor(idx, device=k.device)]
