@@ -1,0 +1,93 @@
+"""Plots and markdown tables for experiments/RESULTS.md from the result files in experiments/results/.
+
+    python experiments/report.py            # writes experiments/results/*.png, prints the tables
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+HERE = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def load(name):
+    return json.loads((HERE / f"{name}.json").read_text())
+
+
+def final(name, step=None):
+    d = load(name)
+    rows = [h for h in d["history"] if step is None or h["step"] == step]
+    return d, (rows[-1] if rows else None)
+
+
+def table(names, step=None, title=""):
+    print(f"\n{title}\n| run | card | commit | seed | steps | tokens seen | wall s | val loss | last bucket |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for n in names:
+        d, h = final(n, step)
+        if h is None:
+            continue
+        print(f"| {n} | {d['device']} | {d['commit']} | {d['cfg']['seed']} | {h['step']} | {h['tokens_seen'] / 1e6:.1f}M "
+              f"| {h['wall_s']:.0f} | {h['val_loss']:.4f} | {h['buckets'][-1]:.4f} |")
+
+
+def main():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # 1. loss parity at 8K
+    runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in runs8:
+        h = load(n)["history"]
+        ax.plot([r["tokens_seen"] / 1e6 for r in h], [r["val_loss"] for r in h], marker="o", ms=3, label=n)
+    ax.set_xlabel("tokens seen (M)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("8K context, block 512, topk 3")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "loss_8k.png", dpi=120)
+    table(runs8, title="8K")
+
+    # 2. position-wise loss at 32K
+    runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in runs32:
+        d, h = final(n)
+        L = d["cfg"]["seq_len"]
+        nb = len(h["buckets"])
+        ax.plot([(i + 0.5) * L / nb / 1024 for i in range(nb)], h["buckets"], marker="o", label=n)
+    ax.set_xlabel("position (K tokens), bucket centre")
+    ax.set_ylabel("validation loss")
+    ax.set_title("32K context, block 512, topk 3: loss by position (step 1800)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "position_32k.png", dpi=120)
+    table(runs32, title="32K")
+
+    # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
+    runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in runsg:
+        h = load(n)["history"]
+        ax.plot([r["step"] for r in h], [r["val_loss"] for r in h], marker="o", ms=3, label=n)
+    ax.set_xlabel("step (32K tokens each)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("32K, 75% sparse: block/topk")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "granularity_32k.png", dpi=120)
+    for s in (600, 900):
+        table(runsg, step=s, title=f"granularity at step {s}")
+
+    # 5. retrieval
+    print("\n| run | card | commit | steps | accuracy (mean over depth) | answers scored |\n|---|---|---|---|---|---|")
+    for n in ("full", "moba", "hybrid"):
+        d = load(f"retrieval_{n}")
+        print(f"| {n} | {d['device']} | {d['commit']} | {d['cfg']['steps']} | {d['mean_accuracy']:.3f} "
+              f"| {int(sum(d['answers_per_bucket']))} |")
+
+
+if __name__ == "__main__":
+    main()
