@@ -56,7 +56,7 @@ def test_retrieval_smoke(tmp_path):
     sys.modules[spec.name] = ret
     spec.loader.exec_module(ret)
     c = cfg(tmp_path, steps=3)
-    args = ["--pairs", "3"] + [f"--{k.replace('_', '-')}={v}" for k, v in
+    args = ["--pairs", "3", "--queries", "2"] + [f"--{k.replace('_', '-')}={v}" for k, v in
                                dict(vocab=c.vocab, dim=c.dim, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
                                     seq_len=c.seq_len, batch=c.batch, steps=c.steps, block_size=c.block_size,
                                     topk=c.topk, eval_batches=2, max_corpus_mb=c.max_corpus_mb,
@@ -64,6 +64,13 @@ def test_retrieval_smoke(tmp_path):
     res = ret.main(args)
     assert len(res["accuracy_by_depth"]) == 10 and all(0 <= a <= 1 for a in res["accuracy_by_depth"])
     assert set(res["gate_picks"]) == {"0", "1"}
-    g = __import__("torch").Generator().manual_seed(0)
-    x, y, a, d = ret.make_batch(__import__("torch").arange(5000) % 500, c, g, 3, depth=0.5)
-    assert (x[:, -4] == c.vocab - 3).all() and (y[:, -1] == a).all() and (d - 0.5).abs().max() < 0.1
+    torch = __import__("torch")
+    g = torch.Generator().manual_seed(0)
+    x, y, pos, a, d = ret.make_batch(torch.arange(5000) % 500, c, g, 3, 2)
+    V = c.vocab
+    for b in range(c.batch):
+        for j in range(2):
+            p = int(pos[b, j])
+            assert x[b, p] == V - 2 and x[b, p - 3] == V - 3 and y[b, p] == a[b, j]      # <q> a b <v> -> c
+            s = int(round(float(d[b, j]) * c.seq_len))                                # the needle it asks for
+            assert x[b, s] == V - 1 and torch.equal(x[b, s + 1:s + 3], x[b, p - 2:p]) and x[b, s + 4] == a[b, j]
