@@ -244,3 +244,24 @@ def test_triton_backend_in_a_model():
     x = ids(T=26, seed=8)
     assert torch.equal(m.generate(x, max_new_tokens=4, do_sample=False),
                        ref_m.generate(x, max_new_tokens=4, do_sample=False))
+
+
+def test_padded_batch_generation_reads_the_cache_in_place(monkeypatch):
+    """Generation of a left-padded batch with the Triton backend: every decode step goes to the in-place
+    padded decode kernel (no packing copy) and gives the torch backend's tokens (which packs the rows)."""
+    pytest.importorskip("triton")
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from moba.ops import decode
+    monkeypatch.setattr(decode, "ENABLED_ON_CUDA", True)
+    calls = []
+    real = decode.decode_padded
+    monkeypatch.setattr(decode, "decode_padded", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    ref_m, m = tiny(layers=2), tiny(layers=2)
+    moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
+    moba.hf.enable(m, block_size=8, topk=2, backend="triton")
+    batch, mask = left_padded(ids(T=30, seed=9)[0], ids(T=13, seed=10)[0])
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(m.generate(batch, **kw), ref_m.generate(batch, **kw))
+    assert len(calls) == 4 * 2            # 4 decode steps after the prefill, 2 layers

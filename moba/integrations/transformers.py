@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.attention import moba_attention
+from ..ops.attention import moba_attention, resolve_backend
 from ..ops.gate import BlockMeansCache
+from ..ops.utils import check_args
 
 NAME = "moba"
 _REGISTERED = False
@@ -128,6 +129,14 @@ def _means_cache(module, n_q: list, n_k: list):
     return cache
 
 
+def _padded_decode_ok(q, v, topk: int, backend: str) -> bool:
+    """Whether a padded batch's generation step can go to the decode kernel in place (inference only)."""
+    if torch.is_grad_enabled() or topk < 2 or resolve_backend(backend, q, v) != "triton":
+        return False
+    from ..ops import decode, parallel           # Triton is importable here: resolve_backend checked it
+    return parallel.supports(q, v) and (decode.ENABLED_ON_CUDA or not q.is_cuda)
+
+
 def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
     cfg = getattr(module.config, "moba", None)
@@ -172,6 +181,19 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     # pack each row's real tokens as one sequence (rows without a real query are left out)
     rows = [(b, r) for b, r in enumerate(ranges) if r[3] > r[2]]
     if not rows:
+        return out, None
+    if len(rows) == B and all(qe - qs == 1 for _, (ks, ke, qs, qe) in rows) and _padded_decode_ok(q, v, topk, be):
+        # generation step of a padded batch: the decode kernel reads every row's real keys in place
+        sc = check_args(q[:, :1], k, v, bs, topk, None, None, scaling, be)
+        starts, ends = [r[0] for _, r in rows], [r[1] for _, r in rows]
+        cache = _means_cache(module, [1] * B, [e - s for s, e in zip(starts, ends)])
+        with torch.no_grad():
+            means = cache.means(k.detach(), bs, starts=starts, ends=ends)
+            qq = torch.stack([q[b, r[2]] for b, r in rows])
+            from ..ops import decode
+            o, _ = decode.decode_padded(qq, k, v, starts, ends, bs, topk, sc, means)
+        for b, r in rows:
+            out[b, r[2]] = o[b]
         return out, None
     qp = torch.cat([q[b, qs:qe] for b, (ks, ke, qs, qe) in rows])[None]
     kp = torch.cat([k[b, ks:ke] for b, (ks, ke, qs, qe) in rows])[None]

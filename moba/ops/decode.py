@@ -5,6 +5,10 @@ gate for them (running top-(topk-1) over the block means, as ``parallel._gate_to
 candidate blocks assigned to its split and reads a block's K/V only if some head of the group chose it
 (or it is the own block): the union of the group's choices is read once per kv head. Partial results
 (max, sum, acc) per split are merged by a second small kernel. Inference only (no backward).
+
+A sequence's keys are rows K_START .. K_END - 1 of batch row ROW, so the same kernel reads packed
+sequences (``decode``: one row, cu_seqlens_k offsets) and the rows of a padded cache in place
+(``decode_padded``: what ``moba.hf`` uses for a padded batch's generation steps; no packing copy).
 """
 from __future__ import annotations
 
@@ -19,22 +23,27 @@ from .utils import Layout, LayoutTensors, new_empty
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
-# Passed tests/test_decode.py on an H100 and timed faster than the general kernels in every case of
-# benchmarks/bench_decode.py (benchmarks/RESULTS.md); set False to route decoding through them instead.
-ENABLED_ON_CUDA = True
+# The kernel passed tests/test_decode.py on an H100 at commit 0881956 and was faster than the general
+# kernels in every case of benchmarks/bench_decode.py (benchmarks/RESULTS.md). It has since learned to
+# read padded batches in place (K_START/K_END/ROW), verified under TRITON_INTERPRET=1 only: off on CUDA
+# until tests/test_decode.py passes on a GPU again (then set True).
+ENABLED_ON_CUDA = False
 
 
 @triton.jit
-def _decode_split(Q, K, V, MHI, MLO, CU_K, BLK_OFF, PM, PL, PACC,
-                  sq_n, sq_h, sk_t, sk_h, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
+def _decode_split(Q, K, V, MHI, MLO, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
+                  sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
                   G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr):
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     i_s = tl.program_id(2)
-    k0 = tl.load(CU_K + i_n)
-    k1 = tl.load(CU_K + i_n + 1)
+    k0 = tl.load(K_START + i_n).to(tl.int32)        # the sequence's keys: rows k0 .. k1 - 1 of batch row ROW
+    k1 = tl.load(K_END + i_n).to(tl.int32)
+    row = tl.load(ROW + i_n).to(tl.int64)
+    K += row * sk_b
+    V += row * sv_b
     fb = tl.load(BLK_OFF + i_n)
     own = (k1 - k0 - 1) // block_size                                  # local id of the own block
     o_r = tl.arange(0, GP)
@@ -125,8 +134,33 @@ def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
 
 def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, means: torch.Tensor):
     """q [N, Hq, D] (one query per sequence), k/v packed [Tk, Hkv, D] -> out [N, Hq, Dv], lse fp32 [N, Hq]."""
+    cu = lt.cu_k
+    return _launch(q, k[None], v[None], cu[:-1], cu[1:], torch.zeros_like(cu[:-1]), lt.blk_off, lay.block_size, topk,
+                   scale, means)
+
+
+def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: float, means: torch.Tensor):
+    """One query per batch row against the row's keys ``k[b, starts[b]:ends[b]]`` of a padded cache, read in
+    place (no packing copy): q [B, Hq, D], k/v [B, L, Hkv, D] (any strides) -> out [B, Hq, Dv], lse [B, Hq].
+
+    ``means`` holds the rows' block means one after another, ``ceil(len / block)`` rows per batch row, as
+    ``BlockMeansCache.means(k, block_size, starts=..., ends=...)`` returns them. Every row needs a key.
+    """
+    B = q.shape[0]
+    if len(starts) != B or len(ends) != B or any(e <= s for s, e in zip(starts, ends)):
+        raise ValueError(f"decode_padded needs one non-empty key range per batch row; got {list(zip(starts, ends))}")
+    off = [0]
+    for s, e in zip(starts, ends):
+        off.append(off[-1] + -(-(e - s) // block_size))
+    dev = q.device
+    t = torch.tensor([list(starts), list(ends), list(range(B)), off[:-1]], dtype=torch.int32)
+    t = t.pin_memory().to(dev, non_blocking=True) if q.is_cuda else t
+    return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means)
+
+
+def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means):
     N, Hq, D = q.shape
-    Hkv, DV = k.shape[1], v.shape[2]
+    Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
     GP = max(16, triton.next_power_of_2(G))
     S = topk - 1
@@ -142,8 +176,9 @@ def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, mea
     lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_split[(N, Hkv, NSPLIT)](
-        q, k, v, m_hi, m_lo, lt.cu_k, lt.blk_off, pm, pl, pacc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), m_hi.stride(0), m_hi.stride(1), scale * 1.4426950408889634, lay.block_size,
+        q, k, v, m_hi, m_lo, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), m_hi.stride(0), m_hi.stride(1),
+        scale * 1.4426950408889634, block_size,
         G=G, GP=GP, S=S, SP=triton.next_power_of_2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
         SPLIT_M=split, PREC=prec, num_warps=4, num_stages=2)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,

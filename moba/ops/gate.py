@@ -133,14 +133,22 @@ class BlockMeansCache:
         """Keys of each sequence at the last call ([] after a reset)."""
         return list(self._lens)
 
-    def means(self, k: torch.Tensor, block_size: int, cu_seqlens_k=None) -> torch.Tensor:
+    def means(self, k: torch.Tensor, block_size: int, cu_seqlens_k=None, *, starts=None, ends=None) -> torch.Tensor:
         """k [Tk, Hkv, D] packed; ``cu_seqlens_k`` (host ints or a tensor, None for one sequence) ->
         [n_blocks, Hkv, D] in the packed layout's block order (``ceil(len / block)`` rows per sequence);
-        the row of a sequence's last, partial block is zero (the gate never reads it)."""
-        Tk, Hkv, D = k.shape
-        cu = [0, Tk] if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k]
-        lens = [b - a for a, b in zip(cu, cu[1:])]
-        key = (block_size, Hkv, D, k.dtype, k.device, len(lens))
+        the row of a sequence's last, partial block is zero (the gate never reads it).
+
+        Padded batches: k [B, L, Hkv, D] with ``starts``/``ends`` (host ints per row): row b's keys are
+        ``k[b, starts[b]:ends[b]]``; the result lists the rows' blocks one row after another."""
+        if starts is not None:
+            kk, offs, rows = k, [int(x) for x in starts], list(range(k.shape[0]))
+            lens = [int(e) - o for o, e in zip(offs, ends)]
+        else:
+            kk = k[None]
+            cu = [0, k.shape[0]] if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k]
+            offs, rows, lens = cu[:-1], [0] * (len(cu) - 1), [b - a for a, b in zip(cu, cu[1:])]
+        Hkv, D = kk.shape[2:]
+        key = (block_size, Hkv, D, k.dtype, k.device, len(lens))     # packed or padded: same per-sequence means
         if self._key != key or any(n < m for n, m in zip(lens, self._lens)):
             self.reset()
             self._key, self._lens = key, [0] * len(lens)
@@ -157,18 +165,21 @@ class BlockMeansCache:
                     done = m // block_size
                     grown[base[i]:base[i] + done] = self._store[self._base[i]:self._base[i] + done]
             self._store, self._base, self._cap = grown, base, caps
-        starts, dest = [], []                    # blocks completed since the last call
+        src_row, src_t, dest = [], [], []        # blocks completed since the last call
         for i, (n, m) in enumerate(zip(lens, self._lens)):
             for j in range(m // block_size, n // block_size):
-                starts.append(cu[i] + j * block_size)
+                src_row.append(rows[i])
+                src_t.append(offs[i] + j * block_size)
                 dest.append(self._base[i] + j)
-        if starts:
-            if len(starts) == dest[-1] - dest[0] + 1 and len(lens) == 1:                # one contiguous run
-                new = k[starts[0]:starts[0] + len(starts) * block_size]
+        if dest:
+            if len(lens) == 1:                   # one sequence: its new blocks are one contiguous run
+                new = kk[rows[0], src_t[0]:src_t[0] + len(dest) * block_size]
             else:
-                rows = torch.tensor(starts, device=k.device)[:, None] + torch.arange(block_size, device=k.device)
-                new = k[rows.flatten()]
-            pooled = new.reshape(len(starts), block_size, Hkv, D).sum(1, dtype=acc) / block_size
+                ar = torch.arange(block_size, device=k.device)
+                t_idx = (torch.tensor(src_t, device=k.device)[:, None] + ar).flatten()
+                b_idx = torch.tensor(src_row, device=k.device).repeat_interleave(block_size)
+                new = kk[b_idx, t_idx]
+            pooled = new.reshape(len(dest), block_size, Hkv, D).sum(1, dtype=acc) / block_size
             if len(lens) == 1:
                 self._store[dest[0]:dest[0] + len(dest)] = pooled
             else:
