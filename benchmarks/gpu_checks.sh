@@ -3,6 +3,7 @@
 # Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|kernels|all]
 set -u
 export PYTHONUNBUFFERED=1
+export MOBA_DECODE_KERNEL=1     # the decode kernel on CUDA (off by default until this run passes)
 OUT=${OUT:-out}; mkdir -p "$OUT"
 what=${1:-all}
 if [[ $what == tests || $what == all ]]; then

@@ -13,6 +13,7 @@ sequences (``decode``: one row, cu_seqlens_k offsets) and the rows of a padded c
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -26,8 +27,9 @@ CHUNK = 512              # keys per work item: a chosen block is read by several
 # The kernel passed tests/test_decode.py on an H100 at commit 0881956 and was faster than the general
 # kernels in every case of benchmarks/bench_decode.py (benchmarks/RESULTS.md). It has since learned to
 # read padded batches in place (K_START/K_END/ROW), verified under TRITON_INTERPRET=1 only: off on CUDA
-# until tests/test_decode.py passes on a GPU again (then set True).
-ENABLED_ON_CUDA = False
+# until tests/test_decode.py passes on a GPU again (then make it the default). MOBA_DECODE_KERNEL=1 turns
+# it on for CUDA now.
+ENABLED_ON_CUDA = os.environ.get("MOBA_DECODE_KERNEL", "0") == "1"
 
 
 @triton.jit
