@@ -29,6 +29,11 @@ D)  # 5. retrieval at 16K, fine-tuned from one full-attention 8K model with full
     grep -h "accuracy by depth" runs/ret_*.log ;;
 E)  # 4. MoBA for 90% of the steps, then full attention (8K)
     tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 2.5 ;;
+F)  # 1 again with seeds 1 and 2: the spread of identical runs is the yardstick for the 1% target
+    for sd in 1 2; do
+      tr s8k_full_seed$sd --preset s8k --attn full --seed $sd --max-minutes 2.4
+      tr s8k_moba_seed$sd --preset s8k --attn moba --seed $sd --max-minutes 2.4
+    done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
