@@ -48,13 +48,17 @@ def test_chunked_prefill_with_cache_matches_reference():
     assert rel_err(torch.cat(outs, 1), ref) < 1e-10
 
 
-def test_means_cache_packed_sequences_match_pooling():
+@pytest.mark.parametrize("pool_tile", [1 << 25, 2 * 8 * 2 * 16], ids=["one-pass", "two-blocks-a-pass"])
+def test_means_cache_packed_sequences_match_pooling(pool_tile, monkeypatch):
     """Several sequences growing at different rates (packed through cu_seqlens_k): the cached means equal
-    a fresh pooling of every complete block, in the layout's block order, after every step."""
+    a fresh pooling of every complete block, in the layout's block order, after every step (also when
+    the new blocks are pooled a few at a time)."""
+    monkeypatch.setattr(gate, "POOL_TILE", pool_tile)
     torch.manual_seed(0)
     full = [torch.randn(n, 2, 16, dtype=torch.float64) for n in (70, 5, 130)]
     cache = moba.BlockMeansCache()
-    lens = [20, 1, 33]
+    assert cache.means(torch.zeros(0, 2, 16, dtype=torch.float64), 8, [0, 0, 0, 0]).shape == (0, 2, 16)
+    lens = [20, 1, 33] if pool_tile > 1000 else [1, 1, 1]
     for _ in range(40):
         k = torch.cat([f[:n] for f, n in zip(full, lens)])
         cu = torch.tensor([0] + lens).cumsum(0)

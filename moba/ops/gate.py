@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from .utils import Layout, LayoutTensors
+from .utils import Layout, LayoutTensors, to_device
 
 # Elements of one chunk's score tile (fp32): 32M * 4 B = 128 MB at most.
 SCORE_TILE = 1 << 25
@@ -171,21 +171,22 @@ class BlockMeansCache:
                 src_row.append(rows[i])
                 src_t.append(offs[i] + j * block_size)
                 dest.append(self._base[i] + j)
-        if dest:
+        step = max(1, POOL_TILE // (block_size * Hkv * D))   # bounded temporaries, as in block_means
+        for c0 in range(0, len(dest), step):
+            r, t, d = src_row[c0:c0 + step], src_t[c0:c0 + step], dest[c0:c0 + step]
             if len(lens) == 1:                   # one sequence: its new blocks are one contiguous run
-                new = kk[rows[0], src_t[0]:src_t[0] + len(dest) * block_size]
+                new = kk[r[0], t[0]:t[0] + len(d) * block_size]
             else:
                 ar = torch.arange(block_size, device=k.device)
-                t_idx = (torch.tensor(src_t, device=k.device)[:, None] + ar).flatten()
-                b_idx = torch.tensor(src_row, device=k.device).repeat_interleave(block_size)
-                new = kk[b_idx, t_idx]
-            pooled = new.reshape(len(dest), block_size, Hkv, D).sum(1, dtype=acc) / block_size
+                t_idx = (to_device(torch.tensor(t, dtype=torch.long), k.device)[:, None] + ar).flatten()
+                new = kk[to_device(torch.tensor(r, dtype=torch.long), k.device).repeat_interleave(block_size), t_idx]
+            pooled = new.reshape(len(d), block_size, Hkv, D).sum(1, dtype=acc) / block_size
             if len(lens) == 1:
-                self._store[dest[0]:dest[0] + len(dest)] = pooled
+                self._store[d[0]:d[0] + len(d)] = pooled
             else:
-                self._store[torch.tensor(dest, device=k.device)] = pooled
+                self._store[to_device(torch.tensor(d, dtype=torch.long), k.device)] = pooled
         self._lens = lens
         if len(lens) == 1:
             return self._store[:nbs[0]]
         idx = [self._base[i] + j for i, nb in enumerate(nbs) for j in range(nb)]
-        return self._store[torch.tensor(idx, device=k.device)]
+        return self._store[to_device(torch.tensor(idx, dtype=torch.long), k.device)]
