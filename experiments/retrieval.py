@@ -29,13 +29,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import moba  # noqa: E402
 
 
-def make_batch(data, cfg, g, pairs, queries, key_len=2):
+def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code"):
     """Tokens [B, L], targets [B, L], answer positions, answers and needle depths (each [B, queries]).
 
     A window of the corpus gets ``pairs`` needles ``<k> a b <v> c`` at random depths; its last
     5 * queries tokens ask for ``queries`` of them, ``<q> a b <v> c`` each, in random order. The answer c
     is predicted at the position of the query's ``<v>``. With ``key_len`` 1 the key is one token
     (``<k> a <v> c``, 4 tokens): plain induction (find the earlier ``a``, copy what follows).
+    ``background="random"`` fills the window with uniform random tokens of the lowest quarter of the
+    vocabulary instead of code (the synthetic associative-recall setting).
     """
     n = key_len + 3                              # tokens of a needle or a query
     V = cfg.vocab
@@ -44,8 +46,11 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2):
     body = L + 1 - n * queries                   # needles live in x[:, :body]
     if queries > pairs or body < n * pairs:
         raise ValueError(f"seq_len {L} is too short for {pairs} needles and {queries} queries")
-    x = torch.stack([data[s:s + L + 1] for s in torch.randint(0, data.numel() - L - 2, (cfg.batch,), generator=g)])
-    x = x.clone()
+    if background == "random":
+        x = torch.randint(0, V // 4, (cfg.batch, L + 1), generator=g)
+    else:
+        x = torch.stack([data[s:s + L + 1] for s in torch.randint(0, data.numel() - L - 2, (cfg.batch,), generator=g)])
+        x = x.clone()
     pos = torch.zeros(cfg.batch, queries, dtype=torch.long)
     ans, depth = torch.zeros_like(pos), torch.zeros(cfg.batch, queries)
     for b in range(cfg.batch):
@@ -67,14 +72,14 @@ def answer_logits(logits, pos):
     return logits.gather(1, pos.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_len=2):
+def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_len=2, background="code"):
     """Answer accuracy of every query of cfg.eval_batches batches, binned by the depth of its needle."""
     model.eval()
     g = torch.Generator().manual_seed(4321)
     hits, counts = torch.zeros(buckets), torch.zeros(buckets)
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
-            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, key_len)
+            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, key_len, background)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 pred = answer_logits(model(x.to(device)), pos).argmax(-1).cpu()
             bins = (d * buckets).long().clamp(0, buckets - 1).flatten()
@@ -84,10 +89,10 @@ def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_
     return (hits / counts.clamp(min=1)).tolist(), counts.tolist()
 
 
-def gate_picks(model, data, cfg, device, pairs, queries, key_len=2):
+def gate_picks(model, data, cfg, device, pairs, queries, key_len=2, background="code"):
     """Blocks chosen for the final query in every MoBA layer: {layer: int [H, topk]} and the needle's block."""
     g = torch.Generator().manual_seed(99)
-    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries, key_len)
+    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries, key_len, background)
     captured = {}
 
     def hook(layer):
@@ -113,6 +118,8 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--key-len", type=int, default=2, choices=(1, 2), help="tokens per key")
     p.add_argument("--answer-weight", type=float, default=1.0)
+    p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the next-token loss on the rest")
+    p.add_argument("--background", choices=("code", "random"), default="code")
     p.add_argument("--init", default=None, help="a train.py checkpoint to fine-tune")
     args, rest = p.parse_known_args(argv)
     cfg, _, _ = T.parse(rest)
@@ -132,25 +139,28 @@ def main(argv=None):
         for gr in opt.param_groups:
             gr["lr"] = T.lr_at(step, cfg)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries, args.key_len)
+        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries, args.key_len, args.background)
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         lm = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         answer = F.cross_entropy(answer_logits(logits, pos).float().flatten(0, 1), a.to(device).flatten())
-        loss = lm + args.answer_weight * answer
+        loss = args.lm_weight * lm + args.answer_weight * answer
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 10 == 0:
             print(f"step {step + 1}/{cfg.steps}  lm {lm.item():.3f}  answer {answer.item():.3f}", flush=True)
-    acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, key_len=args.key_len)
-    picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, args.key_len)
+    acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, key_len=args.key_len,
+                                    background=args.background)
+    picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, args.key_len,
+                                     args.background)
     torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")   # for --init
     print("accuracy by depth bucket:", " ".join(f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
-               pairs=args.pairs, queries=args.queries, key_len=args.key_len, answers_per_bucket=counts, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
+               pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
+               lm_weight=args.lm_weight, answers_per_bucket=counts, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
     try:
