@@ -34,6 +34,13 @@ F)  # 1 again with seeds 1 and 2: the spread of identical runs is the yardstick 
       tr s8k_full_seed$sd --preset s8k --attn full --seed $sd --max-minutes 2.4
       tr s8k_moba_seed$sd --preset s8k --attn moba --seed $sd --max-minutes 2.4
     done ;;
+G)  # 5 again, synthetic: one-token keys in random-token filler, answers' loss only, from scratch at 16K
+    R="--preset s8k $D --seq-len 16384 --batch 2 --steps 1500 --pairs 64 --queries 32 --key-len 1 \
+       --background random --lm-weight 0 --eval-batches 16"
+    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
+      timeout 190 python3 experiments/retrieval.py $R ${v#*:} --out runs/syn_${v%%:*} > runs/syn_${v%%:*}.log 2>&1
+    done
+    grep -h "accuracy by depth" runs/syn_*.log ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

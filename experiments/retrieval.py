@@ -86,7 +86,8 @@ def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_
             hits.index_add_(0, bins, (pred == a).float().flatten())
             counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float))
     model.train()
-    return (hits / counts.clamp(min=1)).tolist(), counts.tolist()
+    # buckets no needle can reach (the queries' tail) are None, not a zero accuracy
+    return [h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())], counts.tolist()
 
 
 def gate_picks(model, data, cfg, device, pairs, queries, key_len=2, background="code"):
@@ -157,10 +158,11 @@ def main(argv=None):
     picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, args.key_len,
                                      args.background)
     torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")   # for --init
-    print("accuracy by depth bucket:", " ".join(f"{x:.2f}" for x in acc))
+    print("accuracy by depth bucket:", " ".join("-" if x is None else f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
-               lm_weight=args.lm_weight, answers_per_bucket=counts, accuracy_by_depth=acc, mean_accuracy=sum(acc) / len(acc),
+               lm_weight=args.lm_weight, answers_per_bucket=counts, accuracy_by_depth=acc,
+               mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
     try:
@@ -168,7 +170,7 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 1.6))
-        ax.imshow([acc], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.imshow([[float("nan") if a is None else a for a in acc]], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(acc)), [f"{(i + 0.5) / len(acc):.2f}" for i in range(len(acc))])
         ax.set_yticks([])
         ax.set_xlabel("depth of the queried needle")
