@@ -157,3 +157,24 @@ def test_decode_padded_reads_rows_in_place(dtype):
             assert rel_err(out[b], ref[0, 0]) < tol and rel_err(lse[b], ref_lse[0, 0]) < tol
     with pytest.raises(ValueError, match="non-empty"):
         decode.decode_padded(q, k, v, [5, 5, 5], [5, 9, 9], bs, topk, 1.0, means)
+
+
+@pytest.mark.parametrize("slice_seqs", [64, 0], ids=["views", "gathered"])
+@pytest.mark.parametrize("pool_tile", [1 << 25, 3 * 8 * 2 * 16], ids=["one-pass", "three-blocks-a-pass"])
+def test_block_means_paths_against_definition(slice_seqs, pool_tile, monkeypatch):
+    """Both pooling paths (per-sequence views, gathered tiles), in one or several passes, on strided
+    packed keys of uneven sequences (partial last blocks, an empty sequence) against a plain loop."""
+    monkeypatch.setattr(gate, "SLICE_SEQS", slice_seqs)
+    monkeypatch.setattr(gate, "POOL_TILE", pool_tile)
+    torch.manual_seed(2)
+    lens = [37, 0, 8, 100, 5]
+    kh = torch.randn(2, sum(lens), 16, dtype=torch.float64)                 # [Hkv, T, D]: strided after transpose
+    k = kh.transpose(0, 1)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    lay, _ = validate(k[None], k[None], k[None], 8, 2, cu, cu)
+    got = gate.block_means(k, lay, lay.tensors("cpu"))
+    want = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for s in range(a, b, 8):
+            want.append(k[s:min(s + 8, b)].mean(0))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)

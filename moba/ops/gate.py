@@ -14,6 +14,7 @@ from .utils import Layout, LayoutTensors, to_device
 # Elements of one chunk's score tile (fp32): 32M * 4 B = 128 MB at most.
 SCORE_TILE = 1 << 25
 POOL_TILE = 1 << 25
+SLICE_SEQS = 64       # block_means sums per-sequence views up to this many sequences, else gathers
 
 
 @contextlib.contextmanager
@@ -34,7 +35,9 @@ def _acc_dtype(dtype):
 def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor:
     """Mean key of every block. k [total_k, Hkv, D] packed -> [n_blocks, Hkv, D] in fp32 (fp64 for fp64).
 
-    Deterministic: blocks are gathered into padded tiles and summed, no atomics.
+    Deterministic, no atomics. A few sequences: each one's complete blocks are summed as a strided view
+    of k (one read, no gathered copy) and its partial last block separately; many sequences: blocks are
+    gathered into padded tiles. Both in passes of at most POOL_TILE elements.
     """
     Tk, Hkv, D = k.shape
     bs = lay.block_size
@@ -44,6 +47,17 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
     if NB == 0:
         return out
     step = max(1, POOL_TILE // (bs * Hkv * D))
+    if lay.n_seqs <= SLICE_SEQS:
+        for i in range(lay.n_seqs):
+            k0, k1, b0 = lay.cu_k[i], lay.cu_k[i + 1], lay.blk_off[i]
+            full = (k1 - k0) // bs
+            for c in range(0, full, step):
+                n = min(step, full - c)
+                tile = k[k0 + c * bs:k0 + (c + n) * bs].unflatten(0, (n, bs))           # a view, any strides
+                torch.sum(tile, 1, dtype=acc, out=out[b0 + c:b0 + c + n]).div_(bs)
+            if k0 + full * bs < k1:                                              # the partial last block
+                torch.mean(k[k0 + full * bs:k1], 0, dtype=acc, out=out[b0 + full])
+        return out
     ar = torch.arange(bs, device=k.device)
     for b0 in range(0, NB, step):
         b1 = min(NB, b0 + step)
