@@ -137,6 +137,7 @@ class BlockMeansCache:
         self._cap = []        # _base[i] .. _base[i] + _cap[i].
         self._lens = []       # keys of each sequence at the last call
         self._key = None
+        self._packed = None   # the last result of several sequences: reused while no block completes
 
     @property
     def n_keys(self) -> int:
@@ -159,7 +160,8 @@ class BlockMeansCache:
             lens = [int(e) - o for o, e in zip(offs, ends)]
         else:
             kk = k[None]
-            cu = [0, k.shape[0]] if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k]
+            cu = ([0, k.shape[0]] if cu_seqlens_k is None else cu_seqlens_k.tolist() if torch.is_tensor(cu_seqlens_k)
+                  else [int(x) for x in cu_seqlens_k])
             offs, rows, lens = cu[:-1], [0] * (len(cu) - 1), [b - a for a, b in zip(cu, cu[1:])]
         Hkv, D = kk.shape[2:]
         key = (block_size, Hkv, D, k.dtype, k.device, len(lens))     # packed or padded: same per-sequence means
@@ -199,8 +201,11 @@ class BlockMeansCache:
                 self._store[d[0]:d[0] + len(d)] = pooled
             else:
                 self._store[to_device(torch.tensor(d, dtype=torch.long), k.device)] = pooled
+        prev_nbs = [-(-m // block_size) for m in self._lens]
         self._lens = lens
         if len(lens) == 1:
             return self._store[:nbs[0]]
-        idx = [self._base[i] + j for i, nb in enumerate(nbs) for j in range(nb)]
-        return self._store[to_device(torch.tensor(idx, dtype=torch.long), k.device)]
+        if dest or self._packed is None or prev_nbs != nbs:   # else nothing changed since the last gather
+            idx = [self._base[i] + j for i, nb in enumerate(nbs) for j in range(nb)]
+            self._packed = self._store[to_device(torch.tensor(idx, dtype=torch.long), k.device)]
+        return self._packed
