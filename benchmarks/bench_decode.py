@@ -79,7 +79,7 @@ def main():
     H, Hkv, D, bs, topk = a.heads, a.kv_heads, a.head_dim, a.block_size, a.topk
     commit = source_commit()
     env = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
-               date=time.strftime("%Y-%m-%d"), commit=commit or "unknown", dtype=str(dt), heads=H, kv_heads=Hkv,
+               date=time.strftime("%Y-%m-%d"), commit=commit, dtype=str(dt), heads=H, kv_heads=Hkv,
                head_dim=D, block=bs, topk=topk)
     print(env, flush=True)
     rows = []

@@ -107,7 +107,7 @@ def main():
     H, Hkv, D, dt = a.heads, a.kv_heads, a.head_dim, torch.bfloat16
     commit = source_commit()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-               commit=commit or "unknown", dtype="bf16", heads=H, kv_heads=Hkv, head_dim=D)
+               commit=commit, dtype="bf16", heads=H, kv_heads=Hkv, head_dim=D)
     print(env, flush=True)
     dense_cache, rows = {}, []
     for name in a.cases.split(","):

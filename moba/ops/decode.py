@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .parallel import _mean_scores, _topk_merge, split_means
-from .utils import Layout, LayoutTensors, new_empty
+from .utils import Layout, LayoutTensors, new_empty, to_device
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
@@ -154,9 +154,7 @@ def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: floa
     off = [0]
     for s, e in zip(starts, ends):
         off.append(off[-1] + -(-(e - s) // block_size))
-    dev = q.device
-    t = torch.tensor([list(starts), list(ends), list(range(B)), off[:-1]], dtype=torch.int32)
-    t = t.pin_memory().to(dev, non_blocking=True) if q.is_cuda else t
+    t = to_device(torch.tensor([list(starts), list(ends), list(range(B)), off[:-1]], dtype=torch.int32), q.device)
     return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means)
 
 
