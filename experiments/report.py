@@ -31,53 +31,51 @@ def table(names, step=None, title=""):
               f"| {h['wall_s']:.0f} | {h['val_loss']:.4f} | {h['buckets'][-1]:.4f} |")
 
 
-def main():
+def plot(fname, title, xlabel, series):
+    """One line chart of validation loss: series is [(label, xs, ys, marker size)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    # 1. loss parity at 8K
-    runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for n in runs8:
-        h = load(n)["history"]
-        ax.plot([r["tokens_seen"] / 1e6 for r in h], [r["val_loss"] for r in h], marker="o", ms=3, label=n)
-    ax.set_xlabel("tokens seen (M)")
+    for label, xs, ys, ms in series:
+        ax.plot(xs, ys, marker="o", ms=ms, label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss")
-    ax.set_title("8K context, block 512, topk 3")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(HERE / "loss_8k.png", dpi=120)
+    fig.savefig(HERE / fname, dpi=120)
+    plt.close(fig)
+
+
+def curve(name, x):
+    h = load(name)["history"]
+    return name, [x(r) for r in h], [r["val_loss"] for r in h], 3
+
+
+def by_position(name):
+    d, h = final(name)
+    L, nb = d["cfg"]["seq_len"], len(h["buckets"])
+    return name, [(i + 0.5) * L / nb / 1024 for i in range(nb)], h["buckets"], 6
+
+
+def main():
+    # 1. loss parity at 8K
+    runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100"]
+    plot("loss_8k.png", "8K context, block 512, topk 3", "tokens seen (M)",
+         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in runs8])
     table(runs8, title="8K")
 
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for n in runs32:
-        d, h = final(n)
-        L = d["cfg"]["seq_len"]
-        nb = len(h["buckets"])
-        ax.plot([(i + 0.5) * L / nb / 1024 for i in range(nb)], h["buckets"], marker="o", label=n)
-    ax.set_xlabel("position (K tokens), bucket centre")
-    ax.set_ylabel("validation loss")
-    ax.set_title("32K context, block 512, topk 3: loss by position (step 1800)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(HERE / "position_32k.png", dpi=120)
+    plot("position_32k.png", "32K context, block 512, topk 3: loss by position (step 1800)",
+         "position (K tokens), bucket centre", [by_position(n) for n in runs32])
     table(runs32, title="32K")
 
     # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
     runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for n in runsg:
-        h = load(n)["history"]
-        ax.plot([r["step"] for r in h], [r["val_loss"] for r in h], marker="o", ms=3, label=n)
-    ax.set_xlabel("step (32K tokens each)")
-    ax.set_ylabel("validation loss")
-    ax.set_title("32K, 75% sparse: block/topk")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(HERE / "granularity_32k.png", dpi=120)
+    plot("granularity_32k.png", "32K, 75% sparse: block/topk", "step (32K tokens each)",
+         [curve(n, lambda r: r["step"]) for n in runsg])
     for s in (600, 900):
         table(runsg, step=s, title=f"granularity at step {s}")
 
