@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import moba  # noqa: E402
-from moba.bench import source_commit  # noqa: E402
+from moba.bench import profile_call, source_commit  # noqa: E402
 from moba.ops import decode  # noqa: E402
 
 
@@ -49,6 +49,17 @@ def bench(fn, device):
     return sorted(ts)[2]
 
 
+def profiled(fn, device, on: bool) -> dict:
+    """With --profile on CUDA: moba.bench.profile_call of the decode kernel's path."""
+    if not on or device.type != "cuda":
+        return {}
+    before, decode.ENABLED_ON_CUDA = decode.ENABLED_ON_CUDA, True
+    try:
+        return profile_call(fn)
+    finally:
+        decode.ENABLED_ON_CUDA = before
+
+
 def peak(fn, device):
     if device.type != "cuda":
         return float("nan")
@@ -73,6 +84,7 @@ def main():
     p.add_argument("--topk", type=int, default=12)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="host time per step and the GPU kernels (CUDA)")
     a = p.parse_args()
     dev = torch.device(a.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -99,6 +111,7 @@ def main():
             if ref is not None:   # every block selected: MoBA must equal dense attention
                 r["max_abs_diff_vs_sdpa"] = (step().float() - ref.float()).abs().max().item()
             r["speedup"] = r["sdpa_ms"] / r["moba_ms"]
+            r.update(profiled(step, dev, a.profile))
             rows.append(r)
             print(r, flush=True)
             del k, v
@@ -130,6 +143,7 @@ def main():
                  moba_repool_ms=bench(repool, dev),
                  sdpa_peak_mib=peak(dense, dev), moba_peak_mib=peak(step, dev), lengths=lens)
         r["speedup"] = r["sdpa_ms"] / r["moba_ms"]
+        r.update(profiled(step, dev, a.profile))
         rows.append(r)
         print(r, flush=True)
     print("\n| case | cached tokens | SDPA ms | MoBA ms general / decode kernel | speedup (best) "

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 import moba  # noqa: E402
-from moba.bench import pair_fraction, source_commit  # noqa: E402
+from moba.bench import pair_fraction, profile_call, source_commit  # noqa: E402
 from moba.ops.utils import validate, pack  # noqa: E402
 
 K, M = 1024, 1024 * 1024
@@ -103,6 +103,8 @@ def main():
     p.add_argument("--dense", default="cudnn,flash", help="dense backends to time ('' for none)")
     p.add_argument("--flash-max", type=int, default=128 * K, help="time the flash backend up to this T")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="per MoBA case: host time per call and the GPU kernels' share (torch.profiler)")
     a = p.parse_args()
     H, Hkv, D, dt = a.heads, a.kv_heads, a.head_dim, torch.bfloat16
     commit = source_commit()
@@ -142,6 +144,8 @@ def main():
                 lt = lay.tensors(q.device)
                 qp, kp = pack(q), pack(k)
                 row["gate_ms"] = timeit(lambda: parallel.select_past_blocks(qp, kp, lay, lt, topk), long)
+        if a.profile and not long:
+            row.update(profile_call(fn))
         rows.append(row)
         print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
         del q, k, v, fn

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|kernels|all]
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|all]...
 set -u
 export PYTHONUNBUFFERED=1
-export MOBA_DECODE_KERNEL=1     # the decode kernel on CUDA (off by default until this run passes)
 OUT=${OUT:-out}; mkdir -p "$OUT"
-what=${1:-all}
+for what in "${@:-all}"; do
 if [[ $what == tests || $what == all ]]; then
-  # the compiled kernels against the fp64 reference (about 3.5 minutes, mostly Triton compilation)
-  timeout 280 python3 -m pytest -q -x tests/test_gpu.py tests/test_triton.py tests/test_decode.py \
-    tests/test_compile.py -p no:cacheprovider > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"
+  # the compiled kernels against the fp64 reference; the files run side by side (Triton compilation is
+  # most of the time and uses one CPU core per process)
+  pids=()
+  for f in test_gpu test_triton test_decode test_compile test_hf; do
+    timeout 300 python3 -m pytest -q -x tests/$f.py -p no:cacheprovider --durations=5 > "$OUT/tests_$f.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait $p; done
+  for f in test_gpu test_triton test_decode test_compile test_hf; do
+    echo "$f: $(grep -E '(passed|failed|error)' "$OUT/tests_$f.log" | tail -1)"
+  done
 fi
 if [[ $what == decode || $what == all ]]; then
-  timeout 200 python3 benchmarks/bench_decode.py --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-  grep "^|" "$OUT/decode.log"; tail -2 "$OUT/decode.log"
+  timeout 200 python3 benchmarks/bench_decode.py --profile --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+  grep -E "^\||host|^ +[0-9.]+ ms" "$OUT/decode.log"; tail -2 "$OUT/decode.log"
+fi
+if [[ $what == tune ]]; then
+  timeout 300 python3 benchmarks/tune.py --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"
 fi
 if [[ $what == kernels || $what == all ]]; then
-  timeout 280 python3 benchmarks/bench_kernels.py --cases fwd8k,fb32k,fwd1m --json "$OUT/kernels.json" \
+  timeout 280 python3 benchmarks/bench_kernels.py --cases fwd8k,fb32k,fwd1m --profile --json "$OUT/kernels.json" \
     > "$OUT/kernels.log" 2>&1
-  grep "^|" "$OUT/kernels.log"; tail -2 "$OUT/kernels.log"
+  grep -E "^\||host|^ +[0-9.]+ ms" "$OUT/kernels.log"; tail -2 "$OUT/kernels.log"
 fi
+done

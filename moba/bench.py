@@ -42,6 +42,36 @@ def pair_fraction(T: int, block_size: int, topk: int) -> float:
     return float((own + past).sum() / (p + 1).sum())
 
 
+def profile_call(fn, top: int = 14) -> dict:
+    """CUDA: where one call of ``fn`` spends its time. ``host_ms``: the CPU time to issue the call while
+    the GPU is held busy (median of 5; so no launch waits on the GPU); ``gpu_kernel_ms``: the GPU time of
+    its kernels (torch.profiler). host_ms above gpu_kernel_ms means the call is bound by the host."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    hs = []
+    for _ in range(5):
+        torch.cuda._sleep(int(1e8))          # ~50 ms of GPU spin ahead of the call
+        t = time.perf_counter()
+        fn()
+        hs.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    host_ms = sorted(hs)[2]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in pr.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: -e.device_time_total)
+    gpu_ms = sum(e.device_time_total for e in ev) / 5 / 1e3
+    print(f"  host {host_ms:.3f} ms/call to issue; GPU kernels {gpu_ms:.3f} ms/call, "
+          f"{sum(e.count for e in ev) / 5:.0f} launches/call", flush=True)
+    for e in ev[:top]:
+        print(f"    {e.device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:<3d} {e.key[:90]}", flush=True)
+    return dict(host_ms=host_ms, gpu_kernel_ms=gpu_ms,
+                kernels={e.key[:90]: e.device_time_total / 5 / 1e3 for e in ev[:top]})
+
+
 def _mallopt(mmap_threshold: int) -> None:
     try:
         import ctypes

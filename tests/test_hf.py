@@ -235,13 +235,14 @@ def test_triton_backend_in_a_model():
     import os
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    ref_m, m = tiny(layers=2), tiny(layers=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"      # compiled kernels on a GPU, else interpreted
+    ref_m, m = tiny(layers=2).to(dev), tiny(layers=2).to(dev)
     moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
     moba.hf.enable(m, block_size=8, topk=2, backend="triton")
-    batch, mask = left_padded(ids(T=30, seed=6)[0], ids(T=19, seed=7)[0])
+    batch, mask = (x.to(dev) for x in left_padded(ids(T=30, seed=6)[0], ids(T=19, seed=7)[0]))
     torch.testing.assert_close(m(batch, attention_mask=mask).logits, ref_m(batch, attention_mask=mask).logits,
                                rtol=1e-4, atol=1e-4)
-    x = ids(T=26, seed=8)
+    x = ids(T=26, seed=8).to(dev)
     assert torch.equal(m.generate(x, max_new_tokens=4, do_sample=False),
                        ref_m.generate(x, max_new_tokens=4, do_sample=False))
 
@@ -258,10 +259,11 @@ def test_padded_batch_generation_reads_the_cache_in_place(monkeypatch):
     calls = []
     real = decode.decode_padded
     monkeypatch.setattr(decode, "decode_padded", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    ref_m, m = tiny(layers=2), tiny(layers=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ref_m, m = tiny(layers=2).to(dev), tiny(layers=2).to(dev)
     moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
     moba.hf.enable(m, block_size=8, topk=2, backend="triton")
-    batch, mask = left_padded(ids(T=30, seed=9)[0], ids(T=13, seed=10)[0])
+    batch, mask = (x.to(dev) for x in left_padded(ids(T=30, seed=9)[0], ids(T=13, seed=10)[0]))
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(m.generate(batch, **kw), ref_m.generate(batch, **kw))
     assert len(calls) == 4 * 2            # 4 decode steps after the prefill, 2 layers

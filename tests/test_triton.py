@@ -90,6 +90,21 @@ def test_triton_inference_in_several_query_chunks(monkeypatch):
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
 
 
+@pytest.mark.parametrize("cfg", [
+    {"gate": (32, 16, 4, 1), "fwd": (16, 32, 4, 1), "own": (64, 16, 4, 1),
+     "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "own_dq": (16, 64, 4, 1)},
+    {"gate": (16, 16, 4, 1), "fwd": (64, 16, 4, 1), "own": (16, 32, 4, 1),
+     "dkdv": (64, 16, 4, 1), "dq": (16, 32, 4, 1), "own_dq": (32, 16, 4, 1)},
+], ids=["cfg_a", "cfg_b"])
+def test_triton_each_kernel_with_its_own_tile_sizes(monkeypatch, cfg):
+    """Every kernel kind takes its own (BM, BN): tile lists of different row counts must not mix."""
+    from moba.ops import parallel
+    monkeypatch.setattr(parallel, "CONFIG", dict(cfg))
+    monkeypatch.setattr(parallel, "PARTIAL_BYTES", 1)       # several query chunks, cut at 128 rows
+    q, k, v, extra = make_inputs([150, 1, 200], [150, 9, 200], 4, 2, 16, dtype=torch.float32, device=DEV)
+    check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
+
+
 def test_triton_rejects_large_head_dim_clearly():
     q, k, v, _ = make_inputs([20], [20], 2, 1, 160, dtype=torch.float32, device=DEV)
     with pytest.raises(ValueError, match="head dims"):

@@ -99,8 +99,12 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         with torch.no_grad():
             means = means_cache.means(pack(k).detach(), block_size, cu_k if len(cu_k) > 2 else None)
     keep_sel = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out, lse, _ = custom.moba_fwd(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend,
-                                  deterministic, keep_sel, means)
+    if keep_sel or torch.compiler.is_compiling():
+        out, lse, _ = custom.moba_fwd(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend,
+                                      deterministic, keep_sel, means)
+    else:   # eager inference: the op's body without the dispatcher (host time is most of a decode step)
+        out, lse, _ = custom._forward(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend, False,
+                                      means)
     if return_lse:
         return out, lse.float()
     return out

@@ -19,21 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .parallel import _mean_scores, _topk_merge, split_means
-from .utils import Layout, LayoutTensors, new_empty, to_device
+from .parallel import _mean_scores, _topk_merge
+from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
-# The kernel passed tests/test_decode.py on an H100 at commit 0881956 and was faster than the general
-# kernels in every case of benchmarks/bench_decode.py (benchmarks/RESULTS.md). It has since learned to
-# read padded batches in place (K_START/K_END/ROW), verified under TRITON_INTERPRET=1 only: off on CUDA
-# until tests/test_decode.py passes on a GPU again (then make it the default). MOBA_DECODE_KERNEL=1 turns
-# it on for CUDA now.
-ENABLED_ON_CUDA = os.environ.get("MOBA_DECODE_KERNEL", "0") == "1"
+# On CUDA by default: tests/test_decode.py passed on an H100 with in-place padded batches (K_START/K_END/ROW);
+# MOBA_DECODE_KERNEL=0 sends decoding through the general kernels instead (as a fallback and for comparison).
+ENABLED_ON_CUDA = os.environ.get("MOBA_DECODE_KERNEL", "1") != "0"
 
 
 @triton.jit
-def _decode_split(Q, K, V, MHI, MLO, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
+def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
                   sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
                   G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
@@ -62,7 +59,7 @@ def _decode_split(Q, K, V, MHI, MLO, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < own
         p_m = (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None]
-        b_sc = _mean_scores(b_q, MHI, MLO, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT_M, PREC)
+        b_sc = _mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT_M, PREC)
         b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
         b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
     b_bi = tl.where(b_bv > float("-inf"), b_bi, -1)                    # [GP, S*] chosen local block ids
@@ -81,6 +78,7 @@ def _decode_split(Q, K, V, MHI, MLO, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
             for n0 in range(kb0, kb1, BN):
                 o_n = n0 + tl.arange(0, BN)
                 m_n = o_n < kb1
+                o_n = o_n.to(tl.int64)                                        # offsets past 2^31 elements
                 b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
                               mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
                 b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2             # [GP, BN]
@@ -137,8 +135,8 @@ def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
 def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, means: torch.Tensor):
     """q [N, Hq, D] (one query per sequence), k/v packed [Tk, Hkv, D] -> out [N, Hq, Dv], lse fp32 [N, Hq]."""
     cu = lt.cu_k
-    return _launch(q, k[None], v[None], cu[:-1], cu[1:], torch.zeros_like(cu[:-1]), lt.blk_off, lay.block_size, topk,
-                   scale, means)
+    rows = cached(("decode_rows", lay.n_seqs, str(q.device)), lambda: torch.zeros_like(cu[:-1]))   # all in row 0
+    return _launch(q, k[None], v[None], cu[:-1], cu[1:], rows, lt.blk_off, lay.block_size, topk, scale, means)
 
 
 def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: float, means: torch.Tensor):
@@ -165,22 +163,21 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     GP = max(16, triton.next_power_of_2(G))
     S = topk - 1
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    m_hi, m_lo, split = split_means(means, q.dtype)
     # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
     sms = _sm_count(q.device.index) if q.is_cuda else 1
     NSPLIT = min(MAX_SPLITS, max(2, triton.next_power_of_2(-(-8 * sms // (N * Hkv)))))
-    pm = torch.empty(N * Hkv * NSPLIT * GP, dtype=torch.float32, device=q.device)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(N * Hkv * NSPLIT * GP, BDV, dtype=torch.float32, device=q.device)
+    n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
+    part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)
+    pm, pl, pacc = part[:n_part], part[n_part:2 * n_part], part[2 * n_part:].view(n_part, BDV)
     out = new_empty(N, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_split[(N, Hkv, NSPLIT)](
-        q, k, v, m_hi, m_lo, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), m_hi.stride(0), m_hi.stride(1),
+        q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
         scale * 1.4426950408889634, block_size,
         G=G, GP=GP, S=S, SP=triton.next_power_of_2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
-        SPLIT_M=split, PREC=prec, num_warps=4, num_stages=2)
+        SPLIT_M=q.dtype != torch.float32, PREC=prec, num_warps=4, num_stages=2)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse

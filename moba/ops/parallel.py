@@ -69,12 +69,17 @@ def _gathered_rows(ENT, e0, e1, S: tl.constexpr, Hq: tl.constexpr, BM: tl.conste
 
 
 @triton.jit
-def _mean_scores(b_q, MHI, MLO, p_m, m_load, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    """fp32 scores of query rows [R, BD] against block means at pointers ``p_m`` [BD, BNB]; with SPLIT the
-    fp32 means come as 16-bit hi + lo halves (two tensor-core dots, nearly fp32-exact)."""
-    b_sc = tl.dot(b_q, tl.load(MHI + p_m, mask=m_load, other=0.), input_precision=PREC)
+def _mean_scores(b_q, M, p_m, m_load, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """fp32 scores of query rows [R, BD] against the fp32 block means at pointers ``p_m`` [BD, BNB]. With
+    SPLIT (16-bit queries) each mean is cut in registers into a 16-bit hi part and the 16-bit remainder:
+    two tensor-core dots whose sum is the fp32 score to ~2^-16 relative (the ranking matches fp32)."""
+    b_m = tl.load(M + p_m, mask=m_load, other=0.)
     if SPLIT:
-        b_sc += tl.dot(b_q, tl.load(MLO + p_m, mask=m_load, other=0.), input_precision=PREC)
+        b_hi = b_m.to(b_q.dtype)
+        b_lo = (b_m - b_hi.to(tl.float32)).to(b_q.dtype)
+        b_sc = tl.dot(b_q, b_hi, input_precision=PREC) + tl.dot(b_q, b_lo, input_precision=PREC)
+    else:
+        b_sc = tl.dot(b_q, b_m, input_precision=PREC)
     return b_sc
 
 
@@ -100,7 +105,7 @@ def _topk_merge(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr, R: tl.
 
 
 @triton.jit
-def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
+def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                sq_t, sq_h, sm_b, sm_h, t0, block_size,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
@@ -127,7 +132,7 @@ def _gate_topk(Q, MHI, MLO, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < b_end
         p_m = o_b[None, :] * sm_b + i_g * sm_h + o_d[:, None]
-        b_sc = _mean_scores(b_q, MHI, MLO, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT, PREC)   # [BM, BNB]
+        b_sc = _mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT, PREC)   # [BM, BNB]
         ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
         b_sc = tl.where(ok, b_sc, float("-inf"))
         b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, BM)
@@ -248,7 +253,7 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
 def _delta(O, DO, DLSE, DELTA, n_rows, so_t, so_h, sdo_t, sdo_h,
            Hq: tl.constexpr, DV: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta[row] = <dO[row], O[row]> (- dlse[row]) in fp32, row = t * Hq + h."""
-    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # int64: t * so_t passes 2^31 at 1M tokens
     m_r = o_r < n_rows
     t = o_r // Hq
     h = o_r % Hq
@@ -260,6 +265,28 @@ def _delta(O, DO, DLSE, DELTA, n_rows, so_t, so_h, sdo_t, sdo_h,
     if HAS_DLSE:
         b_d -= tl.load(DLSE + o_r, mask=m_r, other=0.).to(tl.float32)
     tl.store(DELTA + o_r, b_d, mask=m_r)
+
+
+@triton.jit
+def _dkdv_rows(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, t, h, row, m_r, ok, sq_t, sq_h, sdo_t, sdo_h, scale_log2,
+               D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV of a key tile [BN] from BM query rows (token t, head h, flat row t * Hq + h) where ``ok``
+    [BN, BM]. Computed key-major (S^T = K Q^T), so that no computed tile needs a transpose."""
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_qt = tl.load(Q + t[None, :] * sq_t + h[None, :] * sq_h + o_d[:, None],
+                   mask=m_r[None, :] & (o_d[:, None] < D), other=0.)                 # [BD, BM]
+    b_do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + o_dv[None, :],
+                   mask=m_r[:, None] & (o_dv[None, :] < DV), other=0.)               # [BM, BDV]
+    b_lse = tl.load(LSE + row, mask=m_r, other=0.) * 1.4426950408889634
+    b_dl = tl.load(DELTA + row, mask=m_r, other=0.)
+    b_st = tl.dot(b_k, b_qt, input_precision=PREC) * scale_log2                      # [BN, BM]
+    b_pt = tl.where(ok, tl.exp2(b_st - b_lse[None, :]), 0.)
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)                         # [BN, BM]
+    b_dst = b_pt * (b_dpt - b_dl[None, :])
+    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PREC)
+    return b_dk, b_dv
 
 
 @triton.jit
@@ -294,37 +321,18 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK_START
             o_m = m0 + tl.arange(0, BM)
             m_m = o_m < r1
             pos = tl.load(QPOS + o_m, mask=m_m, other=-1)
-            b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
-                          mask=m_m[:, None] & (o_d[None, :] < D), other=0.)
-            b_do = tl.load(DO + o_m[:, None] * sdo_t + i_h * sdo_h + o_dv[None, :],
-                           mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.)
-            b_lse = tl.load(LSE + o_m * Hq + i_h, mask=m_m, other=0.) * 1.4426950408889634
-            b_dl = tl.load(DELTA + o_m * Hq + i_h, mask=m_m, other=0.)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2     # [BM, BN]
-            ok = m_m[:, None] & m_n[None, :] & (o_n[None, :] <= pos[:, None])
-            b_p = tl.where(ok, tl.exp2(b_s - b_lse[:, None]), 0.)
-            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-            b_ds = b_p * (b_dp - b_dl[:, None])
-            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+            ok = m_m[None, :] & m_n[:, None] & (o_n[:, None] <= pos[None, :])
+            b_dk, b_dv = _dkdv_rows(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, o_m, o_m * 0 + i_h, o_m * Hq + i_h,
+                                    m_m, ok, sq_t, sq_h, sdo_t, sdo_h, scale_log2, D, DV, BD, BDV, PREC)
     # 2) gathered rows that chose this block (never masked)
     i_gid = i_g * NB + i_b
     e_lo = tl.load(GRP_OFF + i_gid)
     e_hi = tl.load(GRP_OFF + i_gid + 1)
     for e0 in range(e_lo, e_hi, BM):
         f, m_e, row, t, h = _gathered_rows(ENT, e0, e_hi, S, Hq, BM)
-        b_q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + o_d[None, :],
-                      mask=m_e[:, None] & (o_d[None, :] < D), other=0.)
-        b_do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + o_dv[None, :],
-                       mask=m_e[:, None] & (o_dv[None, :] < DV), other=0.)
-        b_lse = tl.load(LSE + row, mask=m_e, other=0.) * 1.4426950408889634
-        b_dl = tl.load(DELTA + row, mask=m_e, other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2
-        b_p = tl.where(m_e[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PREC)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_dl[:, None])
-        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
+        ok = m_e[None, :] & m_n[:, None]
+        b_dk, b_dv = _dkdv_rows(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, t, h, row, m_e, ok,
+                                sq_t, sq_h, sdo_t, sdo_h, scale_log2, D, DV, BD, BDV, PREC)
     tl.store(DK + o_n[:, None] * sdk_t + i_g * sdk_h + o_d[None, :], (b_dk * scale).to(DK.dtype.element_ty),
              mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(DV_ + o_n[:, None] * sdv_t + i_g * sdv_h + o_dv[None, :], b_dv.to(DV_.dtype.element_ty),
@@ -431,18 +439,17 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
-# Tile sizes and launch options: (BM rows, BN keys, num_warps, num_stages), per pass. None: the default.
-# Benchmarks and tuning scripts may set these; see PERFLOG.md for what was measured.
-CONFIG = {"fwd": None, "bwd": None}
-GPU_DEFAULT = {"fwd": (128, 64, 8, 3), "bwd": (64, 64, 4, 2)}
+# Tile sizes and launch options per kernel: (BM rows, BN keys, num_warps, num_stages); None: GPU_DEFAULT.
+# Benchmarks and tuning scripts (benchmarks/tune.py) may set these; see PERFLOG.md for what was measured.
+KINDS = ("gate", "fwd", "own", "dkdv", "dq", "own_dq")
+CONFIG = dict.fromkeys(KINDS)
+GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (128, 64, 8, 3), "own": (128, 128, 8, 2),
+               "dkdv": (32, 64, 4, 3), "dq": (64, 64, 4, 2), "own_dq": (64, 64, 4, 2)}
 
 
 def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
-    if CONFIG[kind] is not None:
-        BM, BN, warps, stages = CONFIG[kind]
-    else:
-        BM, BN, warps, stages = GPU_DEFAULT[kind]
+    BM, BN, warps, stages = CONFIG[kind] if CONFIG[kind] is not None else GPU_DEFAULT[kind]
     return (dict(BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if dtype == torch.float32 else "tf32"),
             dict(num_warps=warps, num_stages=stages))
 
@@ -526,78 +533,73 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
     S = topk - 1
     sel = torch.full((T, Hq, S), -1, dtype=torch.int32, device=q.device)
     if S and lay.n_blocks > 1 and T:
-        meta, launch = _cfg(D, D, q.dtype)
+        meta, launch = _cfg(D, D, q.dtype, "gate")
         tiles, _ = _q_tiles(lay, meta["BM"], device=q.device)
         _launch_gate(q, k, lay, lt, S, sel, 0, tiles, meta, launch)
     return sel
 
 
-def split_means(means: torch.Tensor, dtype):
-    """fp32 block means -> (hi, lo, split): for 16-bit queries two halves in ``dtype`` whose sum is the
-    mean to ~2^-16 (the gate's two tensor-core dots); for fp32 queries the means themselves."""
-    split = dtype != torch.float32
-    m_hi = means.to(dtype)
-    return m_hi, ((means - m_hi.float()).to(dtype) if split else m_hi), split
-
-
-def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, parts=None):
+def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
     q0, q1, p0, kb, fb = tiles
-    m_hi, m_lo, split = parts if parts is not None else split_means(gate.block_means(k, lay, lt), q.dtype)
+    means = means if means is not None else gate.block_means(k, lay, lt)
     Hq, Hkv = q.shape[1], k.shape[1]
     _gate_topk[(q0.numel(), Hq)](
-        q, m_hi, m_lo, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
-        m_hi.stride(0), m_hi.stride(1), t0, lay.block_size, Hq=Hq, G=Hq // Hkv, S=S,
-        SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"], SPLIT=split,
-        PREC=meta["PREC"], **launch)
+        q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
+        means.stride(0), means.stride(1), t0, lay.block_size, Hq=Hq, G=Hq // Hkv, S=S,
+        SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"],
+        SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], **launch)
 
 
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None):
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     G, S, NB = Hq // Hkv, topk - 1, lay.n_blocks
-    meta, launch = _cfg(D, DV, q.dtype)
-    BM = meta["BM"]
+    meta, launch = _cfg(D, DV, q.dtype, "fwd")
+    meta_g, launch_g = _cfg(D, DV, q.dtype, "gate")
+    meta_o, launch_o = _cfg(D, DV, q.dtype, "own")
     out = new_empty(T, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
-    parts = None
-    if S and NB > 1:   # block means and their hi/lo halves: once per call, not per query chunk
-        parts = split_means(means if means is not None else gate.block_means(k, lay, lt), q.dtype)
+    if S and NB > 1 and means is None:   # fp32 block means: once per call, not per query chunk
+        means = gate.block_means(k, lay, lt)
     # partial outputs in the input's dtype for 16-bit inputs (their log-sum-exp stays fp32)
     p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     per_row = Hq * max(S, 1) * (DV * p_dtype.itemsize + 4)
     budget = max(PARTIAL_BYTES, q.numel() * q.element_size() // 8)
-    chunk = min(T, max(BM, (budget // per_row) // BM * BM))
+    chunk = min(T, max(128, (budget // per_row) // 128 * 128))
     sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
     sl2 = scale * LOG2E
-    all_tiles, starts = _q_tiles(lay, BM, range(0, T, chunk), q.device)
+    cuts = range(0, T, chunk)
+    g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], cuts, q.device)
+    o_tiles, o_starts = _q_tiles(lay, meta_o["BM"], cuts, q.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        i0, i1 = _tile_range(starts, t0, t1)
-        q0, q1, p0, kb, fb = (x[i0:i1] for x in all_tiles)
         sel_c = sel[t0:t1] if keep else sel[:t1 - t0]
         if not keep and t0:
             sel_c.fill_(-1)
-        if S and NB > 1 and q0.numel():
-            _launch_gate(q, k, lay, lt, S, sel_c, t0, (q0, q1, p0, kb, fb), meta, launch, parts)
+        i0, i1 = _tile_range(g_starts, t0, t1)
+        if S and NB > 1 and i1 > i0:
+            _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
         Sx = sel_c.shape[2]
         if t0 == 0:   # one partial buffer for every chunk: a new one per chunk would double the peak
             op_all = torch.empty(min(T, chunk) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
             lsep_all = torch.empty(min(T, chunk) * Hq * Sx, dtype=torch.float32, device=q.device)
         op, lsep = op_all[:(t1 - t0) * Hq * Sx], lsep_all[:(t1 - t0) * Hq * Sx]
         if S and NB > 1:
-            ent, grp_off, tile_g, tile_e0 = _group(sel_c, Hkv, NB, BM)
+            ent, grp_off, tile_g, tile_e0 = _group(sel_c, Hkv, NB, meta["BM"])
             _sparse_fwd[(tile_g.numel(),)](
                     q, k, v, ent, tile_g, tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, op, lsep,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     t0, sl2, NB, Hq=Hq, S=Sx, D=D, DV=DV, EVEN=lay.block_size % meta["BN"] == 0,
                     **meta, **launch)
-        if q0.numel():
-            _own_fwd[(q0.numel(), Hq)](
+        i0, i1 = _tile_range(o_starts, t0, t1)
+        if i1 > i0:
+            q0, q1, p0, kb, _ = (x[i0:i1] for x in o_tiles)
+            _own_fwd[(i1 - i0, Hq)](
                 q, k, v, out, lse, op, lsep, sel_c, q0, q1, p0, kb,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), t0, sl2, lay.block_size,
-                Hq=Hq, G=G, S=Sx if S and NB > 1 else 0, D=D, DV=DV, **meta, **launch)
+                Hq=Hq, G=G, S=Sx if S and NB > 1 else 0, D=D, DV=DV, **meta_o, **launch_o)
     return out, lse, sel
 
 
@@ -606,8 +608,9 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     T, Hq, D = q.shape
     Tk, Hkv, DV = v.shape
     G, S, NB = Hq // Hkv, sel.shape[2], lay.n_blocks
-    meta, launch = _cfg(D, DV, q.dtype, "bwd")
-    BM, BN = meta["BM"], meta["BN"]
+    meta, launch = _cfg(D, DV, q.dtype, "dq")
+    meta_k, launch_k = _cfg(D, DV, q.dtype, "dkdv")
+    meta_o, launch_o = _cfg(D, DV, q.dtype, "own_dq")
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     if T:
@@ -621,12 +624,13 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     sl2 = scale * LOG2E
     has_sparse = NB > 1 and topk > 1
     Sx = S if has_sparse else 0
-    ent, grp_off, tile_g, tile_e0 = (_group(sel, Hkv, NB, BM) if has_sparse else
+    ent, grp_off, tile_g, tile_e0 = (_group(sel, Hkv, NB, meta["BM"]) if has_sparse else
                                      (torch.zeros(1, dtype=torch.int64, device=q.device),
                                       torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=q.device), None, None))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     # dK, dV: one program per key tile of a block (the table comes from the host-side layout: no sync)
+    BN = meta_k["BN"]
     kt_b, kt_n0 = cached(("k_tiles", lay.key(), BN, str(q.device)), lambda: _k_tiles(lay, BN, q.device))
     n_kt = kt_b.numel()
     blocks = torch.arange(NB, device=q.device)
@@ -635,7 +639,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     if n_kt:
         _dkdv[(n_kt, Hkv)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
                            own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
-                           dv.stride(1), scale, sl2, NB, Hq=Hq, G=G, S=max(S, 1), D=D, DV=DV, **meta, **launch)
+                           dv.stride(1), scale, sl2, NB, Hq=Hq, G=G, S=max(S, 1), D=D, DV=DV, **meta_k, **launch_k)
     # dQ: chosen blocks (gathered tiles), then own block + sum
     dq_acc = dqp = None
     if has_sparse:
@@ -646,12 +650,12 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
         _sparse_dq[(tile_g.numel(),)](q, k, v, do, lse, delta, dq_acc if dqp is None else dqp, ent, tile_g,
                                       tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB,
                                       Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None,
-                                      EVEN=lay.block_size % BN == 0, **meta, **launch)
-    (q0, q1, p0, kb, _), _ = _q_tiles(lay, BM, device=q.device)
+                                      EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
+    (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
     if q0.numel():
         dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
         _own_dq[(q0.numel(), Hq)](q, k, v, do, lse, delta, dummy if dq_acc is None else dq_acc,
                                   dummy if dqp is None else dqp, sel, dq, q0, q1, p0, kb, *strides,
                                   dq.stride(0), dq.stride(1), scale, sl2, lay.block_size,
-                                  Hq=Hq, G=G, S=Sx, D=D, DV=DV, ATOMIC=dq_acc is not None, **meta, **launch)
+                                  Hq=Hq, G=G, S=Sx, D=D, DV=DV, ATOMIC=dq_acc is not None, **meta_o, **launch_o)
     return dq, dk, dv
