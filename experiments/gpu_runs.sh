@@ -29,16 +29,18 @@ D)  # 5. retrieval at 16K, fine-tuned from one full-attention 8K model with full
     grep -h "accuracy by depth" runs/ret_*.log ;;
 E)  # 4. MoBA for 90% of the steps, then full attention (8K)
     tr s8k_moba_then_full --preset s8k --attn moba --moba-until 0.9 --max-minutes 2.5 ;;
-F)  # 1 again with seeds 1 and 2: the spread of identical runs is the yardstick for the 1% target
-    for sd in 1 2; do
+F|F1|F2)  # 1 again with seeds 1 and 2 (F1, F2: one seed per call): the spread of identical runs is the
+    # yardstick for the 1% target
+    seeds="1 2"; [[ $1 == F1 ]] && seeds=1; [[ $1 == F2 ]] && seeds=2
+    for sd in $seeds; do
       tr s8k_full_seed$sd --preset s8k --attn full --seed $sd --max-minutes 2.4
       tr s8k_moba_seed$sd --preset s8k --attn moba --seed $sd --max-minutes 2.4
     done ;;
 G)  # 5 again, synthetic: one-token keys in random-token filler, answers' loss only, from scratch at 16K
     R="--preset s8k $D --seq-len 16384 --batch 2 --steps 1500 --pairs 64 --queries 32 --key-len 1 \
-       --background random --lm-weight 0 --eval-batches 16"
+       --background random --lm-weight 0 --eval-batches 16 --max-minutes 2.1"
     for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
-      timeout 190 python3 experiments/retrieval.py $R ${v#*:} --out runs/syn_${v%%:*} > runs/syn_${v%%:*}.log 2>&1
+      timeout 200 python3 experiments/retrieval.py $R ${v#*:} --out runs/syn_${v%%:*} > runs/syn_${v%%:*}.log 2>&1
     done
     grep -h "accuracy by depth" runs/syn_*.log ;;
 esac

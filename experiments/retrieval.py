@@ -134,7 +134,12 @@ def main(argv=None):
         model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
+    steps_done = cfg.steps
     for step in range(cfg.steps):
+        if cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+            steps_done = step
+            print(f"stopped by --max-minutes at step {step} of {cfg.steps}", flush=True)
+            break
         switched = cfg.moba_until < 1.0 and step >= int(cfg.moba_until * cfg.steps)
         model.set_attention("full" if switched else None)
         for gr in opt.param_groups:
@@ -160,6 +165,7 @@ def main(argv=None):
     torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")   # for --init
     print("accuracy by depth bucket:", " ".join("-" if x is None else f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
+               steps_done=steps_done,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
                lm_weight=args.lm_weight, answers_per_bucket=counts, accuracy_by_depth=acc,
                mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
