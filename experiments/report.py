@@ -61,7 +61,7 @@ def by_position(name):
 
 def main():
     # 1. loss parity at 8K
-    runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100"]
+    runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100", "s8k_moba_then_full_h100"]   # the last: 4. hybrid
     plot("loss_8k.png", "8K context, block 512, topk 3", "tokens seen (M)",
          [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in runs8])
     table(runs8, title="8K")
@@ -79,12 +79,12 @@ def main():
     for s in (600, 900):
         table(runsg, step=s, title=f"granularity at step {s}")
 
-    # 5. retrieval
+    # 5. retrieval: fine-tuned from the 8K model (retrieval_*), and the synthetic task from scratch (synthetic_*)
     print("\n| run | card | commit | steps | accuracy (mean over depth) | answers scored |\n|---|---|---|---|---|---|")
-    for n in ("full", "moba", "hybrid"):
-        d = load(f"retrieval_{n}")
-        print(f"| {n} | {d['device']} | {d['commit']} | {d['cfg']['steps']} | {d['mean_accuracy']:.3f} "
-              f"| {int(sum(d['answers_per_bucket']))} |")
+    for n in [f"{t}_{v}" for t in ("retrieval", "synthetic") for v in ("full", "moba", "hybrid")]:
+        d = load(n)
+        print(f"| {n} | {d['device']} | {d['commit']} | {d.get('steps_done', d['cfg']['steps'])} "
+              f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
 
 
 if __name__ == "__main__":
