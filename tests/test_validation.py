@@ -30,6 +30,7 @@ BAD = [
     ("int32", lambda: (qkv(), dict(cu_seqlens=cu(0, 32).view(1, 2)))),
     ("start at 0", lambda: (qkv(), dict(cu_seqlens=cu(1, 32)))),
     ("non-decreasing", lambda: (qkv(), dict(cu_seqlens=cu(0, 20, 10, 32)))),
+    ("on the CPU or on q's device", lambda: (qkv(), dict(cu_seqlens=cu(0, 32).to("meta")))),
     ("end at", lambda: (qkv(), dict(cu_seqlens=cu(0, 10, 30)))),
     ("cu_seqlens_k", lambda: (qkv(Tq=16), dict(cu_seqlens=cu(0, 16)))),
     ("as many sequences", lambda: (qkv(Tq=16), dict(cu_seqlens=cu(0, 16), cu_seqlens_k=cu(0, 10, 32)))),

@@ -202,8 +202,8 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     for _, (ks, ke, qs, qe) in rows:
         off_q.append(off_q[-1] + qe - qs)
         off_k.append(off_k[-1] + ke - ks)
-    cu_q = torch.tensor(off_q, dtype=torch.int32, device=query.device)
-    cu_k = torch.tensor(off_k, dtype=torch.int32, device=query.device)
+    cu_q = torch.tensor(off_q, dtype=torch.int32)    # host offsets: moba_attention reads them without a device sync
+    cu_k = torch.tensor(off_k, dtype=torch.int32)
     cache = _means_cache(module, [qe - qs for _, (ks, ke, qs, qe) in rows], [ke - ks for _, (ks, ke, qs, qe) in rows])
     o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling, backend=be,
                        means_cache=cache)[0]

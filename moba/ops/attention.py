@@ -60,7 +60,8 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         block_size: tokens per key block (>= 1).
         topk: blocks per query *including* the own block (>= 1); ``topk=1`` is block-local causal
             attention, ``topk >= number of blocks`` equals causal attention.
-        cu_seqlens: int32 [N+1] offsets of N sequences packed along T (B must be 1).
+        cu_seqlens: int32 [N+1] offsets of N sequences packed along T (B must be 1). On q's device or on
+            the CPU: the offsets are read on the host, so a CPU tensor saves a device sync per call.
         cu_seqlens_k: the keys' offsets when they differ from the queries' (chunked prefill, decoding).
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the log-sum-exp, float32 [B, Tq, Hq], natural log.

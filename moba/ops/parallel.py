@@ -508,23 +508,87 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     sel int32 [n, Hq, S] -> ent int64 [n*Hq*S] (valid entries first, in group order), grp_off int64
     [Hkv*NB + 1], and for each of an upper bound of tiles of BM entries its group id and first entry;
     tiles past the last real one get an empty range (first entry == group end) and exit at once.
+    Five launches besides the sort (the host time of a short call is mostly launches).
     """
     n, Hq, S = sel.shape
-    G = Hq // Hkv
+    G, NG = Hq // Hkv, Hkv * NB
     dev = sel.device
-    base = (torch.arange(Hq, device=dev, dtype=torch.int32) // G * NB)[None, :, None]   # kv head's groups
-    key = torch.where(sel >= 0, sel + base, Hkv * NB).reshape(-1)
+    n_ent = n * Hq * S
+    key = torch.empty(n_ent, dtype=torch.int32, device=dev)
+    if n_ent:
+        _group_keys[(triton.cdiv(n_ent, 1024),)](sel, key, n_ent, Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
     key_sorted, ent = torch.sort(key, stable=True)
-    grp_off = torch.searchsorted(key_sorted, torch.arange(Hkv * NB + 1, device=dev, dtype=torch.int32))
-    counts = grp_off[1:] - grp_off[:-1]
-    tiles = (counts + BM - 1) // BM
-    tile_end = torch.cumsum(tiles, 0)                                         # [groups]
-    n_max = triton.cdiv(n * Hq * S, BM) + Hkv * NB                             # >= real tiles
-    i = torch.arange(n_max, device=dev)
-    tile_g = torch.searchsorted(tile_end, i, right=True).clamp_(max=Hkv * NB - 1)
-    tile_e0 = grp_off[tile_g] + (i - (tile_end - tiles)[tile_g]) * BM
-    tile_e0 = torch.where(i < tile_end[-1], tile_e0, grp_off[tile_g + 1])     # past the end: empty
+    n_max = triton.cdiv(n_ent, BM) + NG                                         # >= real tiles
+    grp_off = torch.empty(NG + 1, dtype=torch.int64, device=dev)
+    tile_end = torch.empty(NG, dtype=torch.int64, device=dev)
+    tile_g = torch.empty(n_max, dtype=torch.int64, device=dev)
+    tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
+    _group_offsets[(triton.cdiv(NG + 1, 1024),)](key_sorted, grp_off, n_ent, NG, BLOCK=1024)
+    _tile_scan[(1,)](grp_off, tile_end, NG, BM=BM, BLOCK=1024)
+    _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_end, tile_g, tile_e0, NG, n_max, BM=BM, BLOCK=1024)
     return ent, grp_off, tile_g, tile_e0
+
+
+@triton.jit
+def _group_keys(SEL, KEY, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
+                NG: tl.constexpr, BLOCK: tl.constexpr):
+    """Sort key of every (row, slot) entry: the group kv_head * NB + block, or NG for an empty slot."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n_ent
+    b = tl.load(SEL + o, mask=m, other=-1)
+    h = (o // S) % Hq
+    tl.store(KEY + o, tl.where(b >= 0, b + (h // G) * NB, NG).to(tl.int32), mask=m)
+
+
+@triton.jit
+def _group_offsets(KEY, GRP_OFF, n_ent, NG, BLOCK: tl.constexpr):
+    """GRP_OFF[g] = first sorted entry whose key is >= g (a vectorised binary search), g = 0..NG."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], tl.int64)
+    hi = tl.zeros([BLOCK], tl.int64) + n_ent
+    for _ in range(40):
+        mid = (lo + hi) // 2
+        v = tl.load(KEY + mid, mask=mid < hi, other=0)
+        go = (mid < hi) & (v < g)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go | (mid >= hi), hi, mid)
+    tl.store(GRP_OFF + g, lo, mask=g <= NG)
+
+
+@triton.jit
+def _tile_scan(GRP_OFF, TILE_END, NG, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """TILE_END[g] = tiles of BM entries in groups 0..g (inclusive prefix sum), one program."""
+    carry = tl.zeros([1], tl.int64).sum(0)
+    for c0 in range(0, NG, BLOCK):
+        g = c0 + tl.arange(0, BLOCK)
+        m = g < NG
+        cnt = tl.load(GRP_OFF + g + 1, mask=m, other=0) - tl.load(GRP_OFF + g, mask=m, other=0)
+        t = tl.cumsum((cnt + BM - 1) // BM, 0) + carry
+        tl.store(TILE_END + g, t, mask=m)
+        carry = tl.max(tl.where(m, t, carry), 0)
+
+
+@triton.jit
+def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile i: its group (the first g with TILE_END[g] > i) and first entry; past the last real tile an
+    empty range of the last group."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], tl.int64)
+    hi = tl.zeros([BLOCK], tl.int64) + NG
+    for _ in range(40):
+        mid = (lo + hi) // 2
+        v = tl.load(TILE_END + mid, mask=mid < hi, other=0)
+        go = (mid < hi) & (v <= i)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go | (mid >= hi), hi, mid)
+    real = lo < NG
+    g = tl.minimum(lo, NG - 1)
+    first_tile = tl.load(TILE_END + g - 1, mask=g > 0, other=0)
+    e0 = tl.load(GRP_OFF + g) + (i - first_tile) * BM
+    e0 = tl.where(real, e0, tl.load(GRP_OFF + g + 1))
+    m = i < n_max
+    tl.store(TILE_G + i, g, mask=m)
+    tl.store(TILE_E0 + i, e0, mask=m)
 
 
 def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch.Tensor:
