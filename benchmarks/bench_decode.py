@@ -5,7 +5,7 @@
 
 B=1 rows time a single query against T cached keys (block means kept by a BlockMeansCache, as during
 generation: the steady-state step pools nothing). The batch row packs 16 sequences of mixed cache
-lengths (cu_seqlens / cu_seqlens_k), one query each, with one BlockMeansCache for the batch (also timed
+lengths (cu_seqlens / cu_seqlens_k, given as CPU tensors), one query each, with one BlockMeansCache for the batch (also timed
 without it: every cached key re-pooled), against SDPA on the same padded batch.
 """
 from __future__ import annotations
@@ -121,8 +121,8 @@ def main():
         q = torch.randn(1, len(lens), H, D, device=dev, dtype=dt)
         k = torch.randn(1, Tk, Hkv, D, device=dev, dtype=dt)
         v = torch.randn(1, Tk, Hkv, D, device=dev, dtype=dt)
-        cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=dev)
-        cu_k = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        cu_q = torch.arange(len(lens) + 1, dtype=torch.int32)                 # host offsets: no device sync
+        cu_k = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         cache = moba.BlockMeansCache()                # the caches as generation leaves them
         cache.means(k[0], bs, cu_k.tolist())         # (the timed steps complete no new block)
         step = lambda: moba.moba_attention(q, k, v, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k,  # noqa: E731
