@@ -63,10 +63,12 @@ def main():
     # 1. loss parity at 8K
     runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100", "s8k_moba_then_full_h100"]   # the last: 4. hybrid
     plot("loss_8k.png", "8K context, block 512, topk 3", "tokens seen (M)",
-         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in runs8 + ["s8k_full_seed1_h100", "s8k_moba_seed1_h100"]])
+         [curve(n, lambda r: r["tokens_seen"] / 1e6)
+          for n in runs8 + [f"s8k_{a}_seed{s}_h100" for s in (1, 2) for a in ("full", "moba")]])
     table(runs8, title="8K")
     seeds = ["s8k_full_seed1_h100", "s8k_moba_seed1_h100"]   # the MoBA run was cut by its time guard at 1848
     table(seeds, step=1750, title="8K, seed 1, compared at step 1750")
+    table(["s8k_full_seed2_h100", "s8k_moba_seed2_h100"], title="8K, seed 2")
 
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
