@@ -443,8 +443,8 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
 # Benchmarks and tuning scripts (benchmarks/tune.py) may set these; see PERFLOG.md for what was measured.
 KINDS = ("gate", "fwd", "own", "dkdv", "dq", "own_dq")
 CONFIG = dict.fromkeys(KINDS)
-GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (128, 64, 8, 3), "own": (128, 128, 8, 2),
-               "dkdv": (32, 64, 4, 3), "dq": (64, 64, 4, 2), "own_dq": (64, 64, 4, 2)}
+GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (64, 64, 4, 3), "own": (64, 64, 4, 3),
+               "dkdv": (32, 128, 8, 3), "dq": (64, 64, 4, 2), "own_dq": (64, 32, 4, 3)}
 
 
 def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
