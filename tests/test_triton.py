@@ -109,3 +109,25 @@ def test_triton_rejects_large_head_dim_clearly():
     q, k, v, _ = make_inputs([20], [20], 2, 1, 160, dtype=torch.float32, device=DEV)
     with pytest.raises(ValueError, match="head dims"):
         moba.moba_attention(q, k, v, 8, 2, backend="triton")
+
+
+@pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32),
+                                              (0, 4, 2, 2, 5, 16), (64, 4, 4, 2, 3, 64)])
+def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
+    """parallel._group (Triton: keys, offsets, tile table) against the same bookkeeping in plain torch."""
+    from moba.ops import parallel
+    sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
+    G, NG = Hq // Hkv, Hkv * NB
+    key = torch.where(sel >= 0, sel + (torch.arange(Hq, device=DEV) // G * NB)[None, :, None], NG).reshape(-1)
+    _, want_ent = torch.sort(key, stable=True)
+    want_off = torch.searchsorted(key.sort().values, torch.arange(NG + 1, device=DEV, dtype=key.dtype))
+    tiles = (want_off.diff() + BM - 1) // BM
+    n_max = -(-n * Hq * S // BM) + NG
+    tile_end = tiles.cumsum(0)
+    i = torch.arange(n_max, device=DEV)
+    want_g = torch.searchsorted(tile_end, i, right=True).clamp(max=NG - 1)
+    want_e0 = torch.where(i < tile_end[-1], want_off[want_g] + (i - (tile_end - tiles)[want_g]) * BM,
+                          want_off[want_g + 1])
+    ent, off, tile_g, tile_e0 = parallel._group(sel, Hkv, NB, BM)
+    for got, want in ((ent, want_ent), (off, want_off), (tile_g, want_g), (tile_e0, want_e0)):
+        assert torch.equal(got.long().cpu(), want.long().cpu())

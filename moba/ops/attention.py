@@ -94,18 +94,18 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
             raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 with head dims <= "
                              f"{parallel.MAX_HEAD_DIM}; got {q.dtype} with head dims {q.shape[-1]} (q, k) and "
                              f"{v.shape[-1]} (v); backend='torch' takes any")
-    means = None
+    means = lay = None
     if means_cache is not None:
-        cu_k = make_layout(q, k, block_size, cu_seqlens, cu_seqlens_k).cu_k
+        lay = make_layout(q, k, block_size, cu_seqlens, cu_seqlens_k)
         with torch.no_grad():
-            means = means_cache.means(pack(k).detach(), block_size, cu_k if len(cu_k) > 2 else None)
+            means = means_cache.means(pack(k).detach(), block_size, lay.cu_k if len(lay.cu_k) > 2 else None)
     keep_sel = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if keep_sel or torch.compiler.is_compiling():
         out, lse, _ = custom.moba_fwd(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend,
                                       deterministic, keep_sel, means)
     else:   # eager inference: the op's body without the dispatcher (host time is most of a decode step)
         out, lse, _ = custom._forward(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend, False,
-                                      means)
+                                      means, lay)
     if return_lse:
         return out, lse.float()
     return out

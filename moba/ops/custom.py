@@ -18,8 +18,8 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means):
-    lay = make_layout(q, k, block_size, cu_q, cu_k)
+def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means, lay=None):
+    lay = lay if lay is not None else make_layout(q, k, block_size, cu_q, cu_k)
     B, Tq, Hq, _ = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     qp, kp, vp = pack(q), pack(k), pack(v)
