@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import moba  # noqa: E402
 
 
-def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code"):
+def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vocab=0):
     """Tokens [B, L], targets [B, L], answer positions, answers and needle depths (each [B, queries]).
 
     A window of the corpus gets ``pairs`` needles ``<k> a b <v> c`` at random depths; its last
@@ -37,7 +37,9 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code"):
     is predicted at the position of the query's ``<v>``. With ``key_len`` 1 the key is one token
     (``<k> a <v> c``, 4 tokens): plain induction (find the earlier ``a``, copy what follows).
     ``background="random"`` fills the window with uniform random tokens of the lowest quarter of the
-    vocabulary instead of code (the synthetic associative-recall setting).
+    vocabulary instead of code (the synthetic associative-recall setting). ``kv_vocab`` > 0 draws keys
+    and values from only that many token ids each (keys distinct within a sequence while there are
+    enough): a smaller copy task, closer to the associative-recall benchmarks small models learn.
     """
     n = key_len + 3                              # tokens of a needle or a query
     V = cfg.vocab
@@ -54,8 +56,12 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code"):
     pos = torch.zeros(cfg.batch, queries, dtype=torch.long)
     ans, depth = torch.zeros_like(pos), torch.zeros(cfg.batch, queries)
     for b in range(cfg.batch):
-        keys = torch.randint(V // 4, V // 2, (pairs, key_len), generator=g)
-        vals = torch.randint(V // 2, 3 * V // 4, (pairs,), generator=g)
+        nk = min(kv_vocab, V // 4) if kv_vocab > 0 else V // 4
+        if key_len == 1 and nk >= pairs:           # distinct keys: every query has one answer
+            keys = (V // 4 + torch.randperm(nk, generator=g)[:pairs])[:, None]
+        else:
+            keys = torch.randint(V // 4, V // 4 + nk, (pairs, key_len), generator=g)
+        vals = torch.randint(V // 2, V // 2 + nk, (pairs,), generator=g)
         slots = torch.randperm(body // n, generator=g)[:pairs] * n            # needle starts, no overlap
         for i in range(pairs):
             s = int(slots[i])
@@ -72,14 +78,15 @@ def answer_logits(logits, pos):
     return logits.gather(1, pos.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_len=2, background="code"):
+def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_len=2, background="code",
+                      kv_vocab=0):
     """Answer accuracy of every query of cfg.eval_batches batches, binned by the depth of its needle."""
     model.eval()
     g = torch.Generator().manual_seed(4321)
     hits, counts = torch.zeros(buckets), torch.zeros(buckets)
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
-            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, key_len, background)
+            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, key_len, background, kv_vocab)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 pred = answer_logits(model(x.to(device)), pos).argmax(-1).cpu()
             bins = (d * buckets).long().clamp(0, buckets - 1).flatten()
@@ -90,10 +97,10 @@ def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_
     return [h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())], counts.tolist()
 
 
-def gate_picks(model, data, cfg, device, pairs, queries, key_len=2, background="code"):
+def gate_picks(model, data, cfg, device, pairs, queries, key_len=2, background="code", kv_vocab=0):
     """Blocks chosen for the final query in every MoBA layer: {layer: int [H, topk]} and the needle's block."""
     g = torch.Generator().manual_seed(99)
-    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries, key_len, background)
+    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries, key_len, background, kv_vocab)
     captured = {}
 
     def hook(layer):
@@ -121,6 +128,7 @@ def main(argv=None):
     p.add_argument("--answer-weight", type=float, default=1.0)
     p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the next-token loss on the rest")
     p.add_argument("--background", choices=("code", "random"), default="code")
+    p.add_argument("--kv-vocab", type=int, default=0, help="token ids keys and values are drawn from (0: V/4)")
     p.add_argument("--init", default=None, help="a train.py checkpoint to fine-tune")
     args, rest = p.parse_known_args(argv)
     cfg, _, _ = T.parse(rest)
@@ -145,7 +153,8 @@ def main(argv=None):
         for gr in opt.param_groups:
             gr["lr"] = T.lr_at(step, cfg)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries, args.key_len, args.background)
+        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries, args.key_len, args.background,
+                                     args.kv_vocab)
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
@@ -159,15 +168,15 @@ def main(argv=None):
         if (step + 1) % 10 == 0:
             print(f"step {step + 1}/{cfg.steps}  lm {lm.item():.3f}  answer {answer.item():.3f}", flush=True)
     acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, key_len=args.key_len,
-                                    background=args.background)
+                                    background=args.background, kv_vocab=args.kv_vocab)
     picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, args.key_len,
-                                     args.background)
+                                     args.background, args.kv_vocab)
     torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")   # for --init
     print("accuracy by depth bucket:", " ".join("-" if x is None else f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                steps_done=steps_done,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
-               lm_weight=args.lm_weight, answers_per_bucket=counts, accuracy_by_depth=acc,
+               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, answers_per_bucket=counts, accuracy_by_depth=acc,
                mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))

@@ -76,3 +76,12 @@ def test_retrieval_smoke(tmp_path):
             assert x[b, p] == V - 2 and x[b, p - 3] == V - 3 and y[b, p] == a[b, j]      # <q> a b <v> -> c
             s = int(round(float(d[b, j]) * c.seq_len))                                # the needle it asks for
             assert x[b, s] == V - 1 and torch.equal(x[b, s + 1:s + 3], x[b, p - 2:p]) and x[b, s + 4] == a[b, j]
+    # a small key/value vocabulary: one-token keys distinct within a sequence, values from kv_vocab ids
+    x, y, pos, a, d = ret.make_batch(torch.arange(5000) % 500, c, g, 3, 2, key_len=1, background="random",
+                                     kv_vocab=8)
+    for b in range(c.batch):
+        keys = [int(x[b, s + 1]) for s in range(c.seq_len - 3) if x[b, s] == V - 1]
+        assert len(keys) == 3 and len(set(keys)) == 3 and all(V // 4 <= k_ < V // 4 + 8 for k_ in keys)
+        assert all(V // 2 <= int(v_) < V // 2 + 8 for v_ in a[b])
+        for j in range(2):
+            assert y[b, int(pos[b, j])] == a[b, j]
