@@ -43,6 +43,13 @@ G)  # 5 again, synthetic: one-token keys in random-token filler, answers' loss o
       timeout 200 python3 experiments/retrieval.py $R ${v#*:} --out runs/syn_${v%%:*} > runs/syn_${v%%:*}.log 2>&1
     done
     grep -h "accuracy by depth" runs/syn_*.log ;;
+H)  # 5 again: G with keys and values from 32 ids each (--kv-vocab 32), the variant a CPU trial learned
+    R="--preset s8k $D --seq-len 16384 --batch 2 --steps 1500 --pairs 16 --queries 16 --key-len 1 \
+       --background random --lm-weight 0 --kv-vocab 32 --eval-batches 16 --max-minutes 2.1"
+    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
+      timeout 200 python3 experiments/retrieval.py $R ${v#*:} --out runs/kv_${v%%:*} > runs/kv_${v%%:*}.log 2>&1
+    done
+    grep -h "accuracy by depth" runs/kv_*.log ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
