@@ -21,7 +21,7 @@ import torch
 
 from ..ops.attention import moba_attention, resolve_backend
 from ..ops.gate import BlockMeansCache
-from ..ops.utils import check_args
+from ..ops.utils import check_args, to_device
 
 NAME = "moba"
 _REGISTERED = False
@@ -187,13 +187,13 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         sc = check_args(q[:, :1], k, v, bs, topk, None, None, scaling, be)
         starts, ends = [r[0] for _, r in rows], [r[1] for _, r in rows]
         cache = _means_cache(module, [1] * B, [e - s for s, e in zip(starts, ends)])
+        # (row, query slot) of every row's one query: one gather and one scatter, not a copy per row
+        bi, qi = to_device(torch.tensor([[b for b, _ in rows], [r[2] for _, r in rows]]), q.device)
         with torch.no_grad():
             means = cache.means(k.detach(), bs, starts=starts, ends=ends)
-            qq = torch.stack([q[b, r[2]] for b, r in rows])
             from ..ops import decode
-            o, _ = decode.decode_padded(qq, k, v, starts, ends, bs, topk, sc, means)
-        for b, r in rows:
-            out[b, r[2]] = o[b]
+            o, _ = decode.decode_padded(q[bi, qi], k, v, starts, ends, bs, topk, sc, means)
+        out[bi, qi] = o
         return out, None
     qp = torch.cat([q[b, qs:qe] for b, (ks, ke, qs, qe) in rows])[None]
     kp = torch.cat([k[b, ks:ke] for b, (ks, ke, qs, qe) in rows])[None]
