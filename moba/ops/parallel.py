@@ -541,18 +541,29 @@ def _group_keys(SEL, KEY, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def _group_offsets(KEY, GRP_OFF, n_ent, NG, BLOCK: tl.constexpr):
-    """GRP_OFF[g] = first sorted entry whose key is >= g (a vectorised binary search), g = 0..NG."""
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _bisect(A, n, x, RIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """For each x, the first index i of the sorted A[0:n] with A[i] > x (RIGHT) or A[i] >= x; n if none.
+    A vectorised binary search of a fixed 40 rounds (n < 2^40)."""
     lo = tl.zeros([BLOCK], tl.int64)
-    hi = tl.zeros([BLOCK], tl.int64) + n_ent
+    hi = tl.zeros([BLOCK], tl.int64) + n
     for _ in range(40):
         mid = (lo + hi) // 2
-        v = tl.load(KEY + mid, mask=mid < hi, other=0)
-        go = (mid < hi) & (v < g)
+        live = mid < hi
+        v = tl.load(A + mid, mask=live, other=0)
+        if RIGHT:
+            go = live & (v <= x)
+        else:
+            go = live & (v < x)
         lo = tl.where(go, mid + 1, lo)
-        hi = tl.where(go | (mid >= hi), hi, mid)
-    tl.store(GRP_OFF + g, lo, mask=g <= NG)
+        hi = tl.where(go | ~live, hi, mid)
+    return lo
+
+
+@triton.jit
+def _group_offsets(KEY, GRP_OFF, n_ent, NG, BLOCK: tl.constexpr):
+    """GRP_OFF[g] = first sorted entry whose key is >= g, g = 0..NG."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(GRP_OFF + g, _bisect(KEY, n_ent, g, False, BLOCK), mask=g <= NG)
 
 
 @triton.jit
@@ -573,14 +584,7 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr,
     """Tile i: its group (the first g with TILE_END[g] > i) and first entry; past the last real tile an
     empty range of the last group."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    lo = tl.zeros([BLOCK], tl.int64)
-    hi = tl.zeros([BLOCK], tl.int64) + NG
-    for _ in range(40):
-        mid = (lo + hi) // 2
-        v = tl.load(TILE_END + mid, mask=mid < hi, other=0)
-        go = (mid < hi) & (v <= i)
-        lo = tl.where(go, mid + 1, lo)
-        hi = tl.where(go | (mid >= hi), hi, mid)
+    lo = _bisect(TILE_END, NG, i, True, BLOCK)
     real = lo < NG
     g = tl.minimum(lo, NG - 1)
     first_tile = tl.load(TILE_END + g - 1, mask=g > 0, other=0)
