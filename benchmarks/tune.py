@@ -19,7 +19,9 @@ import torch
 import triton.testing
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import moba  # noqa: E402
+from bench_kernels import make, step  # noqa: E402
 from moba.ops import parallel  # noqa: E402
 
 K = 1024
@@ -44,26 +46,10 @@ JUDGE = {"gate": [(32 * K, 512, 3, False)], "fwd": [(8 * K, 512, 3, False), (128
          "dq": [(32 * K, 512, 3, True)], "own_dq": [(32 * K, 512, 3, True)]}
 
 
-def inputs(T, grad=False):
-    torch.manual_seed(0)
-    xs = [torch.randn(1, T, h, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8)]
-    return [x.requires_grad_(grad) for x in xs]
-
-
 def case_fn(T, bs, topk, fb):
-    q, k, v = inputs(T, fb)
-    if not fb:
-        def run():
-            with torch.no_grad():
-                moba.moba_attention(q, k, v, bs, topk)
-    else:
-        do = torch.randn_like(q)
-
-        def run():
-            for x in (q, k, v):
-                x.grad = None
-            torch.autograd.backward(moba.moba_attention(q, k, v, bs, topk), do)
-    return run
+    """One MoBA call on the issue's shapes (bf16, 32/8 heads, D 128), as bench_kernels times it."""
+    q, k, v = make(T, 32, 8, 128, torch.bfloat16, fb)
+    return step(lambda a, b, c: moba.moba_attention(a, b, c, bs, topk), q, k, v, fb)
 
 
 def case_ms(T, bs, topk, fb):
