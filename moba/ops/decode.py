@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .parallel import _mean_scores, _topk_merge
+from .parallel import _mean_scores, _online_softmax, _topk_merge
 from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
@@ -83,15 +83,9 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
                               mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
                 b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2             # [GP, BN]
                 b_s = tl.where(rows[:, None] & m_n[None, :], b_s, float("-inf"))
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)
-                b_p = tl.exp2(b_s - b_mz[:, None])
-                b_a = tl.exp2(b_m - b_mz)
-                b_l = b_l * b_a + tl.sum(b_p, 1)
-                b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
-                              mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
-                b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-                b_m = b_mn
+                b_m, b_l, b_acc = _online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                                                  m_n[:, None] & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC,
+                                                  True)
     base = (i_n * tl.num_programs(1) + i_g) * NSPLIT + i_s
     tl.store(PM + base * GP + o_r, b_m)
     tl.store(PL + base * GP + o_r, b_l)

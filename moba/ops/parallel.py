@@ -105,6 +105,24 @@ def _topk_merge(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr, R: tl.
 
 
 @triton.jit
+def _online_softmax(b_s, p_v, m_v, b_m, b_l, b_acc, PREC: tl.constexpr, SAFE: tl.constexpr):
+    """One key tile of a streaming softmax: scores ``b_s`` [R, BN] (log2 units, -inf where masked), the
+    V tile at pointers ``p_v`` [BN, BDV] (mask ``m_v``, loaded after the scores as before) and the running
+    max, sum and output. SAFE: rows may still have seen no visible key (their max stays -inf)."""
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    if SAFE:
+        b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)
+    else:
+        b_mz = b_mn
+    b_p = tl.exp2(b_s - b_mz[:, None])
+    b_a = tl.exp2(b_m - b_mz)
+    b_l = b_l * b_a + tl.sum(b_p, 1)
+    b_v = tl.load(p_v, mask=m_v, other=0.)
+    b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
 def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                sq_t, sq_h, sm_b, sm_h, t0, block_size,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
@@ -177,14 +195,9 @@ def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, 
                           mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
             b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2
             b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_a = tl.exp2(b_m - b_mn)
-        b_l = b_l * b_a + tl.sum(b_p, 1)
-        b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
-                      mask=(m_n[:, None] | EVEN) & (o_dv[None, :] < DV), other=0.)  # [BN, BDV]
-        b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = b_mn
+        b_m, b_l, b_acc = _online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                                          (m_n[:, None] | EVEN) & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC,
+                                          False)
     b_o = b_acc / b_l[:, None]
     tl.store(OP + f[:, None] * DV + o_dv[None, :], b_o.to(OP.dtype.element_ty),
              mask=m_e[:, None] & (o_dv[None, :] < DV))
@@ -220,15 +233,8 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
         if (n0 < lo_last) | (n0 + BN - 1 > p0):   # only tiles on a block edge or the diagonal need a mask
             ok = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= pos[:, None])
             b_s = tl.where(ok, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_mz = tl.where(b_mn == float("-inf"), 0., b_mn)   # a row with no visible key yet
-        b_p = tl.exp2(b_s - b_mz[:, None])
-        b_a = tl.exp2(b_m - b_mz)
-        b_l = b_l * b_a + tl.sum(b_p, 1)
-        b_v = tl.load(V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
-                      mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.)
-        b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = b_mn
+        b_m, b_l, b_acc = _online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                                          m_n[:, None] & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC, True)
     # merge the chosen blocks' partial results (slots without a block are skipped)
     f_row = ((o_m - t0) * Hq + i_h) * S
     for s in range(S):
