@@ -79,9 +79,9 @@ def test_triton_gate_matches_torch_gate(dtype):
 
 
 def test_triton_inference_in_several_query_chunks(monkeypatch):
-    """Force tiny partial-buffer chunks: the forward must give the same answer chunk by chunk."""
+    """Force tiny selection chunks: the forward must give the same answer chunk by chunk."""
     from moba.ops import parallel
-    monkeypatch.setattr(parallel, "PARTIAL_BYTES", 1)
+    monkeypatch.setattr(parallel, "SELECT_BYTES", 1)
     q, k, v, extra = make_inputs([150, 70], [150, 70], 2, 1, 16, dtype=torch.float32, device=DEV)
     ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3, **extra)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_triton_each_kernel_with_its_own_tile_sizes(monkeypatch, cfg):
     """Every kernel kind takes its own (BM, BN): tile lists of different row counts must not mix."""
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "CONFIG", dict(cfg))
-    monkeypatch.setattr(parallel, "PARTIAL_BYTES", 1)       # several query chunks, cut at 128 rows
+    monkeypatch.setattr(parallel, "SELECT_BYTES", 1)       # several query chunks, cut at 128 rows
     q, k, v, extra = make_inputs([150, 1, 200], [150, 9, 200], 4, 2, 16, dtype=torch.float32, device=DEV)
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
 
@@ -131,3 +131,30 @@ def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
     ent, off, tile_g, tile_e0 = parallel._group(sel, Hkv, NB, BM)
     for got, want in ((ent, want_ent), (off, want_off), (tile_g, want_g), (tile_e0, want_e0)):
         assert torch.equal(got.long().cpu(), want.long().cpu())
+
+
+@pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32),
+                                              (0, 4, 2, 2, 5, 16), (64, 4, 4, 2, 3, 64)])
+def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
+    """parallel._group_slots (the forward's counting sort by (slot, kv head, block)) against plain torch:
+    the same groups with the same members (their order inside a group is free), offsets and tile table."""
+    from moba.ops import parallel
+    sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
+    G, NG = Hq // Hkv, Hkv * NB
+    NK = S * NG
+    slot = torch.arange(S, device=DEV)[None, None, :]
+    key = torch.where(sel >= 0, slot * NG + sel + (torch.arange(Hq, device=DEV) // G * NB)[None, :, None], NK)
+    key = key.reshape(-1)
+    want_off = torch.searchsorted(key.sort().values, torch.arange(NK + 1, device=DEV, dtype=key.dtype))
+    tiles = (want_off.diff() + BM - 1) // BM
+    want_cum = torch.cat([tiles.new_zeros(1), tiles.cumsum(0)])
+    n_max = -(-n * Hq * S // BM) + NK
+    i = torch.arange(n_max, device=DEV)
+    want_g = torch.searchsorted(want_cum[1:], i, right=True).clamp(max=NK - 1)
+    want_e0 = torch.where(i < want_cum[-1], want_off[want_g] + (i - want_cum[want_g]) * BM, want_off[want_g + 1])
+    ent, off, tile_g, tile_e0, tile_cum = parallel._group_slots(sel, Hkv, NB, BM)
+    for got, want in ((off, want_off), (tile_cum, want_cum), (tile_g, want_g), (tile_e0, want_e0)):
+        assert torch.equal(got.long().cpu(), want.long().cpu())
+    ent = ent[:int(want_off[-1])].long()
+    assert torch.equal(key[ent].cpu(), key.sort().values[:len(ent)].cpu())     # each entry in its group
+    assert torch.equal(ent.sort().values.cpu(), (key < NK).nonzero().flatten().cpu())  # each valid one once

@@ -3,19 +3,20 @@
 Work is split the way the selection falls (see ../../PERFLOG.md for the why and the numbers):
 
 * gate (``gate.py``): block means and the top ``topk - 1`` earlier blocks per (query, head), in query
-  chunks; then the chosen (row, slot) entries are sorted by (kv head, block) so that every key block
-  sees the list of rows that picked it.
-* ``_sparse_fwd``: one program per tile of up to BM gathered rows of one (kv head, block) group; the rows
-  attend the whole block (no mask: chosen blocks are strictly in the past) with an online softmax and
-  write a normalised partial output and its log-sum-exp per (row, slot) to an fp32 buffer.
+  chunks; then the chosen (row, slot) entries are grouped by (slot, kv head, block) with a counting
+  sort, so that every key block sees the list of rows that picked it in each slot.
 * ``_own_fwd``: one program per tile of consecutive queries of one sequence and one head: causal
-  attention over the own block, then the merge of the tile's partial results into the final output.
+  attention over the own block; writes the output and log-sum-exp of every row.
+* ``_sparse_fwd``: one launch per slot, one program per tile of up to BM gathered rows of one (slot,
+  kv head, block) group; the rows attend the whole block (no mask: chosen blocks are strictly in the
+  past) with an online softmax and merge the result into the output and log-sum-exp in place. A row
+  has one entry per slot, so a launch never has two programs on one row: no atomics, no partial buffer.
 * backward: ``_dkdv`` (one program per key tile of a block and kv head: the block's own queries of
   every head in the group, causally, then the gathered rows that chose it; no atomics), ``_sparse_dq``
   (gathered tiles; dQ per (row, slot) either atomically added into an fp32 accumulator or, with
   ``deterministic=True``, written to a buffer) and ``_own_dq`` (own block plus the sum over slots).
 
-The forward runs in query chunks so that the partial buffer stays under ``PARTIAL_BYTES``.
+The forward runs in query chunks so that the selection and entry list stay under ``SELECT_BYTES``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PARTIAL_BYTES = 1 << 28  # forward partial-output buffer per query chunk (at least; or q's size / 4)
+SELECT_BYTES = 1 << 26   # forward query chunk: selection + entry ids (at least; or q's size / 16)
 
 
 MAX_HEAD_DIM = 128
@@ -63,7 +64,7 @@ def _gathered_rows(ENT, e0, e1, S: tl.constexpr, Hq: tl.constexpr, BM: tl.conste
     """Up to BM gathered (row, slot) entries e0..e1-1: their ids, mask, flat row (t * Hq + h), t and h."""
     o_e = e0 + tl.arange(0, BM)
     m_e = o_e < e1
-    f = tl.load(ENT + o_e, mask=m_e, other=0)
+    f = tl.load(ENT + o_e, mask=m_e, other=0).to(tl.int64)   # int64: t * stride passes 2^31 at 1M tokens
     row = f // S
     return f, m_e, row, row // Hq, row % Hq
 
@@ -160,18 +161,24 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
 
 
 @triton.jit
-def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, LSEP,
-                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, t0, scale_log2, NB,
-                Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+def _sparse_fwd(Q, K, V, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START, BLK_END,
+                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, t0, scale_log2, NB, NG, slot,
+                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 PREC: tl.constexpr, EVEN: tl.constexpr):
-    i_t = tl.program_id(0)
+    """Slot ``slot`` of every row: one program per tile of gathered rows of one (slot, kv head, block)
+    group; the rows attend the whole block and merge the result into O and LSE in place (a row has one
+    entry per slot, so no two programs of a launch touch the same row; slots run one launch after another).
+    """
+    i_t = tl.load(TILE_CUM + slot * NG) + tl.program_id(0)
+    if i_t >= tl.load(TILE_CUM + (slot + 1) * NG):   # the grid is an upper bound of the slot's tiles
+        return
     i_gid = tl.load(TILE_G + i_t)
     e0 = tl.load(TILE_E0 + i_t)
     e1 = tl.load(GRP_END + i_gid)
     if e0 >= e1:
         return
-    i_g = i_gid // NB
+    i_g = (i_gid % NG) // NB
     i_b = i_gid % NB
     f, m_e, row, t, h = _gathered_rows(ENT, e0, e1, S, Hq, BM)   # f: [BM] (row, slot) ids in this chunk
     t = t0 + t
@@ -198,18 +205,29 @@ def _sparse_fwd(Q, K, V, ENT, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, OP, 
         b_m, b_l, b_acc = _online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
                                           (m_n[:, None] | EVEN) & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC,
                                           False)
-    b_o = b_acc / b_l[:, None]
-    tl.store(OP + f[:, None] * DV + o_dv[None, :], b_o.to(OP.dtype.element_ty),
-             mask=m_e[:, None] & (o_dv[None, :] < DV))
-    tl.store(LSEP + f, b_m + tl.log2(b_l), mask=m_e)
+    # merge with the row's result so far (own block and earlier slots): log2 units inside, natural in LSE
+    p_o = O + t[:, None] * so_t + h[:, None] * so_h + o_dv[None, :]
+    m_o = m_e[:, None] & (o_dv[None, :] < DV)
+    b_lo = tl.load(LSE + t * Hq + h, mask=m_e, other=0.) * 1.4426950408889634
+    b_oo = tl.load(p_o, mask=m_o, other=0.).to(tl.float32)
+    b_lb = b_m + tl.log2(b_l)
+    b_mx = tl.maximum(b_lo, b_lb)
+    b_wo = tl.exp2(b_lo - b_mx)
+    b_wb = tl.exp2(b_lb - b_mx)
+    b_w = b_wo + b_wb
+    b_o = b_oo * (b_wo / b_w)[:, None] + b_acc * (b_wb / (b_w * b_l))[:, None]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_o)
+    tl.store(LSE + t * Hq + h, (b_mx + tl.log2(b_w)) * 0.6931471805599453, mask=m_e)
 
 
 @triton.jit
-def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
-             sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, t0, scale_log2, block_size,
-             Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+def _own_fwd(Q, K, V, O, LSE, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
+             sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, scale_log2, block_size,
+             Hq: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              PREC: tl.constexpr):
+    """Causal attention of a query tile over its own block: the first result of every row (the chosen
+    blocks are merged in afterwards by ``_sparse_fwd``)."""
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
     i_g = i_h // G
@@ -235,20 +253,6 @@ def _own_fwd(Q, K, V, O, LSE, OP, LSEP, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB,
             b_s = tl.where(ok, b_s, float("-inf"))
         b_m, b_l, b_acc = _online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
                                           m_n[:, None] & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC, True)
-    # merge the chosen blocks' partial results (slots without a block are skipped)
-    f_row = ((o_m - t0) * Hq + i_h) * S
-    for s in range(S):
-        f = f_row + s
-        ok = m_m & (tl.load(SEL + f, mask=m_m, other=-1) >= 0)
-        b_ls = tl.load(LSEP + f, mask=ok, other=float("-inf"))
-        b_os = tl.load(OP + f[:, None] * DV + o_dv[None, :], mask=ok[:, None] & (o_dv[None, :] < DV),
-                       other=0.).to(tl.float32)
-        b_mn = tl.maximum(b_m, b_ls)
-        b_a = tl.exp2(b_m - b_mn)
-        b_w = tl.exp2(b_ls - b_mn)
-        b_acc = b_acc * b_a[:, None] + b_os * b_w[:, None]
-        b_l = b_l * b_a + b_w
-        b_m = b_mn
     b_o = b_acc / b_l[:, None]
     tl.store(O + o_m[:, None] * so_t + i_h * so_h + o_dv[None, :], b_o.to(O.dtype.element_ty),
              mask=m_m[:, None] & (o_dv[None, :] < DV))
@@ -601,6 +605,74 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr,
     tl.store(TILE_E0 + i, e0, mask=m)
 
 
+def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
+    """The forward's grouping: the chosen (row, slot) entries by (slot, kv head, block), a counting sort.
+
+    sel int32 [n, Hq, S] -> ent int32 (valid entries of each group together, in no fixed order: a row's
+    result does not depend on the other rows of its tile), grp_off int64 [S*NG + 1], the tile table
+    (group id and first entry of each of an upper bound of tiles of BM entries) and tile_cum int64
+    [S*NG + 1] (tiles before each group: slot s owns tiles tile_cum[s*NG] .. tile_cum[(s+1)*NG]).
+    4 bytes per entry besides sel; four launches and a memset, no sort.
+    """
+    n, Hq, S = sel.shape
+    G, NG = Hq // Hkv, Hkv * NB
+    NK = S * NG
+    dev = sel.device
+    n_ent = n * Hq * S
+    cnt = torch.zeros(NK, dtype=torch.int32, device=dev)
+    ent = torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
+    grp_off = torch.empty(NK + 1, dtype=torch.int64, device=dev)
+    tile_cum = torch.empty(NK + 1, dtype=torch.int64, device=dev)
+    n_max = triton.cdiv(n_ent, BM) + NK                                          # >= real tiles
+    tile_g = torch.empty(n_max, dtype=torch.int64, device=dev)
+    tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
+    grid = (triton.cdiv(n_ent, 1024),)
+    kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
+    if n_ent:
+        _slot_place[grid](sel, cnt, ent, n_ent, SCATTER=False, **kw)
+    _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, BLOCK=1024)
+    if n_ent:
+        _slot_place[grid](sel, cnt, ent, n_ent, SCATTER=True, **kw)
+    _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, BM=BM, BLOCK=1024)
+    return ent, grp_off, tile_g, tile_e0, tile_cum
+
+
+@triton.jit
+def _slot_place(SEL, CNT, ENT, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
+                NG: tl.constexpr, SCATTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Group key slot * NG + kv_head * NB + block of every valid entry: count it (CNT += 1) or, once CNT
+    holds each group's first position, write the entry's id to the next free place of its group."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n_ent
+    b = tl.load(SEL + o, mask=m, other=-1)
+    ok = m & (b >= 0)
+    key = (o % S) * NG + ((o // S) % Hq) // G * NB + b
+    pos = tl.atomic_add(CNT + key, 1, mask=ok)
+    if SCATTER:
+        tl.store(ENT + pos, o.to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _slot_scan(CNT, GRP_OFF, TILE_CUM, NK, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: GRP_OFF = exclusive prefix sum of the counts (and CNT := GRP_OFF, the scatter's
+    cursors); TILE_CUM[g + 1] = tiles of BM entries in groups 0..g, TILE_CUM[0] = 0."""
+    c_e = tl.zeros([1], tl.int64).sum(0)
+    c_t = tl.zeros([1], tl.int64).sum(0)
+    for c0 in range(0, NK, BLOCK):
+        g = c0 + tl.arange(0, BLOCK)
+        m = g < NK
+        c = tl.load(CNT + g, mask=m, other=0).to(tl.int64)
+        n_t = (c + BM - 1) // BM
+        start = c_e + tl.cumsum(c, 0) - c
+        tl.store(GRP_OFF + g, start, mask=m)
+        tl.store(CNT + g, start.to(tl.int32), mask=m)
+        tl.store(TILE_CUM + 1 + g, c_t + tl.cumsum(n_t, 0), mask=m)
+        c_e += tl.sum(c, 0)
+        c_t += tl.sum(n_t, 0)
+    tl.store(GRP_OFF + NK, c_e)
+    tl.store(TILE_CUM, c_t * 0)
+
+
 def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch.Tensor:
     """The Triton gate alone: int32 [T, Hq, topk - 1] global block ids (as ``gate.select_past_blocks``)."""
     T, Hq, D = q.shape
@@ -625,6 +697,10 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
 
 
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None):
+    """Own block first (``_own_fwd`` writes every row's first result), then per query chunk the gate, the
+    grouping by (slot, kv head, block) and one ``_sparse_fwd`` launch per slot that merges the chosen
+    blocks into the output in place: no partial-output buffer. Chunks bound the selection and the entry
+    list (``SELECT_BYTES``, or q's size / 16)."""
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     G, S, NB = Hq // Hkv, topk - 1, lay.n_blocks
@@ -633,47 +709,40 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     meta_o, launch_o = _cfg(D, DV, q.dtype, "own")
     out = new_empty(T, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
-    # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
-    if S and NB > 1 and means is None:   # fp32 block means: once per call, not per query chunk
-        means = gate.block_means(k, lay, lt)
-    # partial outputs in the input's dtype for 16-bit inputs (their log-sum-exp stays fp32)
-    p_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    per_row = Hq * max(S, 1) * (DV * p_dtype.itemsize + 4)
-    budget = max(PARTIAL_BYTES, q.numel() * q.element_size() // 8)
-    chunk = min(T, max(128, (budget // per_row) // 128 * 128))
-    sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
     sl2 = scale * LOG2E
-    cuts = range(0, T, chunk)
-    g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], cuts, q.device)
-    o_tiles, o_starts = _q_tiles(lay, meta_o["BM"], cuts, q.device)
+    sparse = S > 0 and NB > 1
+    (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
+    if q0.numel():
+        _own_fwd[(q0.numel(), Hq)](
+            q, k, v, out, lse, q0, q1, p0, kb,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
+    # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
+    per_row = Hq * max(S, 1) * 8                                   # sel + entry id, int32 each
+    budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
+    chunk = min(T, max(128, (budget // per_row) // 128 * 128), (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
+    sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
+    if not sparse or not T:
+        return out, lse, sel
+    if means is None:   # fp32 block means: once per call, not per query chunk
+        means = gate.block_means(k, lay, lt)
+    g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
+    NG = Hkv * NB
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         sel_c = sel[t0:t1] if keep else sel[:t1 - t0]
         if not keep and t0:
             sel_c.fill_(-1)
         i0, i1 = _tile_range(g_starts, t0, t1)
-        if S and NB > 1 and i1 > i0:
-            _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
-        Sx = sel_c.shape[2]
-        if t0 == 0:   # one partial buffer for every chunk: a new one per chunk would double the peak
-            op_all = torch.empty(min(T, chunk) * Hq * Sx, DV, dtype=p_dtype, device=q.device)
-            lsep_all = torch.empty(min(T, chunk) * Hq * Sx, dtype=torch.float32, device=q.device)
-        op, lsep = op_all[:(t1 - t0) * Hq * Sx], lsep_all[:(t1 - t0) * Hq * Sx]
-        if S and NB > 1:
-            ent, grp_off, tile_g, tile_e0 = _group(sel_c, Hkv, NB, meta["BM"])
-            _sparse_fwd[(tile_g.numel(),)](
-                    q, k, v, ent, tile_g, tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, op, lsep,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    t0, sl2, NB, Hq=Hq, S=Sx, D=D, DV=DV, EVEN=lay.block_size % meta["BN"] == 0,
-                    **meta, **launch)
-        i0, i1 = _tile_range(o_starts, t0, t1)
-        if i1 > i0:
-            q0, q1, p0, kb, _ = (x[i0:i1] for x in o_tiles)
-            _own_fwd[(i1 - i0, Hq)](
-                q, k, v, out, lse, op, lsep, sel_c, q0, q1, p0, kb,
+        _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
+        ent, grp_off, tile_g, tile_e0, tile_cum = _group_slots(sel_c, Hkv, NB, meta["BM"])
+        grid = (triton.cdiv((t1 - t0) * Hq, meta["BM"]) + NG,)      # >= the tiles of one slot
+        for s in range(S):
+            _sparse_fwd[grid](
+                q, k, v, out, lse, ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), t0, sl2, lay.block_size,
-                Hq=Hq, G=G, S=Sx if S and NB > 1 else 0, D=D, DV=DV, **meta_o, **launch_o)
+                out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, G=G, S=S, D=D, DV=DV,
+                EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel
 
 
