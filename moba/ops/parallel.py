@@ -30,6 +30,7 @@ from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic contention / memory)
 SELECT_BYTES = 1 << 26   # forward query chunk: selection + entry ids (at least; or q's size / 16)
 
 
@@ -619,7 +620,8 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     NK = S * NG
     dev = sel.device
     n_ent = n * Hq * S
-    cnt = torch.zeros(NK, dtype=torch.int32, device=dev)
+    R = PLACE_COPIES
+    cnt = torch.zeros(R * NK, dtype=torch.int32, device=dev)     # R copies of the counters: less contention
     ent = torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
     grp_off = torch.empty(NK + 1, dtype=torch.int64, device=dev)
     tile_cum = torch.empty(NK + 1, dtype=torch.int64, device=dev)
@@ -627,45 +629,50 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     tile_g = torch.empty(n_max, dtype=torch.int64, device=dev)
     tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(n_ent, 1024),)
-    kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
+    kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG, R=R, BLOCK=1024)
     if n_ent:
-        _slot_place[grid](sel, cnt, ent, n_ent, SCATTER=False, **kw)
-    _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, BLOCK=1024)
+        _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=False, **kw)
+    _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=256)
     if n_ent:
-        _slot_place[grid](sel, cnt, ent, n_ent, SCATTER=True, **kw)
+        _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=True, **kw)
     _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, BM=BM, BLOCK=1024)
     return ent, grp_off, tile_g, tile_e0, tile_cum
 
 
 @triton.jit
-def _slot_place(SEL, CNT, ENT, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
-                NG: tl.constexpr, SCATTER: tl.constexpr, BLOCK: tl.constexpr):
-    """Group key slot * NG + kv_head * NB + block of every valid entry: count it (CNT += 1) or, once CNT
-    holds each group's first position, write the entry's id to the next free place of its group."""
+def _slot_place(SEL, CNT, ENT, n_ent, NK, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
+                NG: tl.constexpr, R: tl.constexpr, SCATTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Group key slot * NG + kv_head * NB + block of every valid entry: count it in the program's copy of
+    the counters (CNT[r, key] += 1, r = program % R) or, once CNT holds each copy's first position in
+    its group, write the entry's id there."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n_ent
     b = tl.load(SEL + o, mask=m, other=-1)
     ok = m & (b >= 0)
     key = (o % S) * NG + ((o // S) % Hq) // G * NB + b
-    pos = tl.atomic_add(CNT + key, 1, mask=ok)
+    pos = tl.atomic_add(CNT + (tl.program_id(0) % R) * NK + key, 1, mask=ok, sem="relaxed")
     if SCATTER:
         tl.store(ENT + pos, o.to(tl.int32), mask=ok)
 
 
 @triton.jit
-def _slot_scan(CNT, GRP_OFF, TILE_CUM, NK, BM: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: GRP_OFF = exclusive prefix sum of the counts (and CNT := GRP_OFF, the scatter's
-    cursors); TILE_CUM[g + 1] = tiles of BM entries in groups 0..g, TILE_CUM[0] = 0."""
+def _slot_scan(CNT, GRP_OFF, TILE_CUM, NK, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: GRP_OFF = exclusive prefix sum of the counts (summed over the R copies), CNT[r, g] :=
+    the first position of copy r's entries in group g (the scatter's cursors); TILE_CUM[g + 1] = tiles
+    of BM entries in groups 0..g, TILE_CUM[0] = 0."""
     c_e = tl.zeros([1], tl.int64).sum(0)
     c_t = tl.zeros([1], tl.int64).sum(0)
+    o_r = tl.arange(0, R)
     for c0 in range(0, NK, BLOCK):
         g = c0 + tl.arange(0, BLOCK)
         m = g < NK
-        c = tl.load(CNT + g, mask=m, other=0).to(tl.int64)
+        p = CNT + o_r[:, None] * NK + g[None, :]
+        c2 = tl.load(p, mask=m[None, :], other=0).to(tl.int64)          # [R, BLOCK]
+        c = tl.sum(c2, 0)
         n_t = (c + BM - 1) // BM
         start = c_e + tl.cumsum(c, 0) - c
+        tl.store(p, (start[None, :] + tl.cumsum(c2, 0) - c2).to(tl.int32), mask=m[None, :])
         tl.store(GRP_OFF + g, start, mask=m)
-        tl.store(CNT + g, start.to(tl.int32), mask=m)
         tl.store(TILE_CUM + 1 + g, c_t + tl.cumsum(n_t, 0), mask=m)
         c_e += tl.sum(c, 0)
         c_t += tl.sum(n_t, 0)
