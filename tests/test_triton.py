@@ -158,3 +158,18 @@ def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
     ent = ent[:int(want_off[-1])].long()
     assert torch.equal(key[ent].cpu(), key.sort().values[:len(ent)].cpu())     # each entry in its group
     assert torch.equal(ent.sort().values.cpu(), (key < NK).nonzero().flatten().cpu())  # each valid one once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_block_means_match_torch(dtype):
+    """parallel.block_means (one Triton launch) against gate.block_means: ragged tails, packed sequences."""
+    from moba.ops import gate, parallel
+    from moba.ops.utils import pack, validate
+    q, k, v, extra = make_inputs([150, 3, 90], [150, 3, 90], 4, 2, 40, dtype=dtype, device=DEV)
+    for bs in (8, 64):
+        lay, _ = validate(q, k, v, bs, 3, **extra)
+        lt = lay.tensors(q.device)
+        want = gate.block_means(pack(k), lay, lt)
+        got = parallel.block_means(pack(k), lay, lt)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got, want.float(), rtol=1e-5, atol=1e-6)

@@ -29,7 +29,7 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
         qp, kp, vp = (x if x.stride(-1) == 1 else x.contiguous() for x in (qp, kp, vp))
         if decode.usable(q, lay, topk, keep_sel):   # one query per sequence: one launch
             if means is None:
-                means = gate.block_means(kp, lay, lt)
+                means = parallel.block_means(kp, lay, lt)
             out, lse = decode.decode(qp, kp, vp, lay, lt, topk, scale, means)
             sel = None
         else:

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gate
 from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 
 LOG2E = 1.4426950408889634
@@ -680,6 +679,35 @@ def _slot_scan(CNT, GRP_OFF, TILE_CUM, NK, BM: tl.constexpr, R: tl.constexpr, BL
     tl.store(TILE_CUM, c_t * 0)
 
 
+@triton.jit
+def _block_means(K, M, BLK_START, BLK_END, sk_t, sk_h, sm_b, sm_h, D: tl.constexpr, BN: tl.constexpr,
+                 BD: tl.constexpr):
+    """Mean key of one (block, kv head) in fp32: one read of the block, no temporary."""
+    i_b = tl.program_id(0)
+    i_g = tl.program_id(1)
+    ks = tl.load(BLK_START + i_b)
+    ke = tl.load(BLK_END + i_b)
+    o_d = tl.arange(0, BD)
+    acc = tl.zeros([BN, BD], tl.float32)
+    for n0 in range(ks, ke, BN):
+        o_n = n0 + tl.arange(0, BN)
+        acc += tl.load(K + o_n[:, None] * sk_t + i_g * sk_h + o_d[None, :],
+                       mask=(o_n[:, None] < ke) & (o_d[None, :] < D), other=0.).to(tl.float32)
+    tl.store(M + i_b * sm_b + i_g * sm_h + o_d, tl.sum(acc, 0) / (ke - ks).to(tl.float32), mask=o_d < D)
+
+
+def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor:
+    """``gate.block_means`` in one launch: fp32 [n_blocks, Hkv, D] (the torch version's summation passes
+    hold an fp32 copy of up to 2^25 key elements: 64 MiB, as much as the whole output at 8K tokens)."""
+    Tk, Hkv, D = k.shape
+    out = torch.empty(lay.n_blocks, Hkv, D, dtype=torch.float32, device=k.device)
+    if lay.n_blocks:
+        _block_means[(lay.n_blocks, Hkv)](k, out, lt.blk_start, lt.blk_end, k.stride(0), k.stride(1),
+                                          out.stride(0), out.stride(1), D=D, BN=32,
+                                          BD=max(16, triton.next_power_of_2(D)), num_warps=4)
+    return out
+
+
 def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch.Tensor:
     """The Triton gate alone: int32 [T, Hq, topk - 1] global block ids (as ``gate.select_past_blocks``)."""
     T, Hq, D = q.shape
@@ -694,7 +722,7 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
 
 def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
     q0, q1, p0, kb, fb = tiles
-    means = means if means is not None else gate.block_means(k, lay, lt)
+    means = means if means is not None else block_means(k, lay, lt)
     Hq, Hkv = q.shape[1], k.shape[1]
     _gate_topk[(q0.numel(), Hq)](
         q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
@@ -732,7 +760,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     if not sparse or not T:
         return out, lse, sel
     if means is None:   # fp32 block means: once per call, not per query chunk
-        means = gate.block_means(k, lay, lt)
+        means = block_means(k, lay, lt)
     g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
     NG = Hkv * NB
     for t0 in range(0, T, chunk):
