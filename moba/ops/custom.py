@@ -34,6 +34,8 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
             sel = None
         else:
             out, lse, sel = parallel._fwd(qp, kp, vp, lay, lt, topk, scale, keep=keep_sel, means=means)
+            if keep_sel and sel.shape[2] < max(topk - 1, 1):   # short sequences: fewer slots than topk - 1
+                sel = torch.nn.functional.pad(sel, (0, max(topk - 1, 1) - sel.shape[2]), value=-1)
     else:
         sel = gate.select_past_blocks(qp, kp, lay, lt, topk, means)
         if sel.shape[2] == 0:

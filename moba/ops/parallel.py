@@ -30,7 +30,7 @@ from .utils import Layout, LayoutTensors, cached, new_empty, to_device
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic contention / memory)
-SELECT_BYTES = 1 << 26   # forward query chunk: selection + entry ids (at least; or q's size / 16)
+SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / 16)
 
 
 MAX_HEAD_DIM = 128
@@ -738,7 +738,9 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     list (``SELECT_BYTES``, or q's size / 16)."""
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
-    G, S, NB = Hq // Hkv, topk - 1, lay.n_blocks
+    # no row has more than (its sequence's blocks - 1) earlier blocks: fewer slots, same selection
+    most = max((b - a for a, b in zip(lay.blk_off, lay.blk_off[1:])), default=1)
+    G, S, NB = Hq // Hkv, max(0, min(topk - 1, most - 1)), lay.n_blocks
     meta, launch = _cfg(D, DV, q.dtype, "fwd")
     meta_g, launch_g = _cfg(D, DV, q.dtype, "gate")
     meta_o, launch_o = _cfg(D, DV, q.dtype, "own")
