@@ -303,10 +303,13 @@ def _dkdv_rows(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, t, h, row, m_r, ok, sq_t
 def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK_START, BLK_END, OWN_Q0, OWN_Q1,
           QPOS, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
           scale, scale_log2, NB,
-          Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
-    i_kt = tl.program_id(0)
-    i_g = tl.program_id(1)
+          Hq: tl.constexpr, Hkv: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+          DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+          PREC: tl.constexpr):
+    # kv head fastest: the key tiles of early blocks (chosen by the most rows under causal selection) of
+    # every kv head start first, so that no heavy program starts late and holds up the end of the launch
+    i_kt = tl.program_id(0) // Hkv
+    i_g = tl.program_id(0) % Hkv
     i_b = tl.load(KT_B + i_kt)
     n0 = tl.load(KT_N0 + i_kt)
     ke = tl.load(BLK_END + i_b)
@@ -495,14 +498,16 @@ def _make_q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
 
 
 def _k_tiles(lay: Layout, BN: int, device):
-    """(block id, first key row) of every tile of <= BN keys inside one key block."""
-    kt_b, kt_n0 = [], []
+    """(block id, first key row) of every tile of <= BN keys inside one key block, ordered by the block's
+    place in its sequence: early blocks, which the most rows can choose, first (longest work first)."""
+    tiles = []
     for i in range(lay.n_seqs):
         for j, b in enumerate(range(lay.blk_off[i], lay.blk_off[i + 1])):
             st = lay.cu_k[i] + j * lay.block_size
             en = min(st + lay.block_size, lay.cu_k[i + 1])
-            kt_n0.extend(range(st, en, BN))
-            kt_b.extend([b] * len(range(st, en, BN)))
+            tiles.extend((j, b, n0) for n0 in range(st, en, BN))
+    tiles.sort(key=lambda x: x[0])                                       # stable: sequences keep their order
+    kt_b, kt_n0 = [x[1] for x in tiles], [x[2] for x in tiles]
     t = to_device(torch.tensor([kt_b, kt_n0], dtype=torch.int64).reshape(2, -1), device)
     return t[0], t[1]
 
@@ -817,9 +822,10 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
     own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
     if n_kt:
-        _dkdv[(n_kt, Hkv)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
+        _dkdv[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
                            own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
-                           dv.stride(1), scale, sl2, NB, Hq=Hq, G=G, S=max(S, 1), D=D, DV=DV, **meta_k, **launch_k)
+                           dv.stride(1), scale, sl2, NB, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k,
+                           **launch_k)
     # dQ: chosen blocks (gathered tiles), then own block + sum
     dq_acc = dqp = None
     if has_sparse:
