@@ -50,6 +50,17 @@ H)  # 5 again: G with keys and values from 32 ids each (--kv-vocab 32), the vari
       timeout 200 python3 experiments/retrieval.py $R ${v#*:} --out runs/kv_${v%%:*} > runs/kv_${v%%:*}.log 2>&1
     done
     grep -h "accuracy by depth" runs/kv_*.log ;;
+I)  # 5 as a curriculum: H's task at 2K with full attention, then fine-tuned at 16K with full, MoBA, hybrid
+    C="--preset s8k $D --pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 \
+       --eval-batches 16"
+    timeout 200 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 4000 --max-minutes 2.5 \
+      --attn full --out runs/cur_2k > runs/cur_2k.log 2>&1
+    grep -h "accuracy by depth" runs/cur_2k.log
+    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
+      timeout 120 python3 experiments/retrieval.py $C --seq-len 16384 --batch 2 --steps 1500 --max-minutes 1.3 \
+        --init runs/cur_2k/ckpt.pt ${v#*:} --out runs/cur_${v%%:*} > runs/cur_${v%%:*}.log 2>&1
+    done
+    grep -h "accuracy by depth" runs/cur_*.log ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
