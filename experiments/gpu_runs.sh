@@ -53,7 +53,7 @@ H)  # 5 again: G with keys and values from 32 ids each (--kv-vocab 32), the vari
 I)  # 5 as a curriculum: H's task at 2K with full attention, then fine-tuned at 16K with full, MoBA, hybrid
     C="--preset s8k $D --pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 \
        --eval-batches 16"
-    timeout 200 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 4000 --max-minutes 2.5 \
+    timeout 280 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 4000 --max-minutes 2.5 \
       --attn full --out runs/cur_2k > runs/cur_2k.log 2>&1
     grep -h "accuracy by depth" runs/cur_2k.log
     for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 2"; do
