@@ -135,10 +135,13 @@ def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
 
 @pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32),
                                               (0, 4, 2, 2, 5, 16), (64, 4, 4, 2, 3, 64)])
-def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
+@pytest.mark.parametrize("copies", [8, 1])
+def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies, monkeypatch):
     """parallel._group_slots (the forward's counting sort by (slot, kv head, block)) against plain torch:
-    the same groups with the same members (their order inside a group is free), offsets and tile table."""
+    the same groups with the same members (their order inside a group is free), offsets and tile table;
+    with 8 copies of the counters and with one (used for very many groups)."""
     from moba.ops import parallel
+    monkeypatch.setattr(parallel, "PLACE_COPIES", copies)
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
     G, NG = Hq // Hkv, Hkv * NB
     NK = S * NG

@@ -624,8 +624,8 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     NK = S * NG
     dev = sel.device
     n_ent = n * Hq * S
-    R = PLACE_COPIES
-    cnt = torch.zeros(R * NK, dtype=torch.int32, device=dev)     # R copies of the counters: less contention
+    R = PLACE_COPIES if NK <= 1 << 20 else 1    # R copies of the counters: less contention (few groups)
+    cnt = torch.zeros(R * NK, dtype=torch.int32, device=dev)
     ent = torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
     grp_off = torch.empty(NK + 1, dtype=torch.int64, device=dev)
     tile_cum = torch.empty(NK + 1, dtype=torch.int64, device=dev)
@@ -636,7 +636,7 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG, R=R, BLOCK=1024)
     if n_ent:
         _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=False, **kw)
-    _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=256)
+    _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=2048 // R)
     if n_ent:
         _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=True, **kw)
     _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, BM=BM, BLOCK=1024)
