@@ -135,17 +135,18 @@ def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
 
 @pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32),
                                               (0, 4, 2, 2, 5, 16), (64, 4, 4, 2, 3, 64)])
-@pytest.mark.parametrize("copies", [8, 1])
-def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies, monkeypatch):
+@pytest.mark.parametrize("copies,by_slot", [(8, True), (1, True), (8, False)])
+def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies, by_slot, monkeypatch):
     """parallel._group_slots (the forward's counting sort by (slot, kv head, block)) against plain torch:
     the same groups with the same members (their order inside a group is free), offsets and tile table;
-    with 8 copies of the counters and with one (used for very many groups)."""
+    with 8 copies of the counters and with one (used for very many groups); and by (kv head, block) only,
+    as the backward groups them."""
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "PLACE_COPIES", copies)
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
     G, NG = Hq // Hkv, Hkv * NB
-    NK = S * NG
-    slot = torch.arange(S, device=DEV)[None, None, :]
+    NK = S * NG if by_slot else NG
+    slot = torch.arange(S, device=DEV)[None, None, :] if by_slot else torch.zeros(1, 1, 1, dtype=torch.long, device=DEV)
     key = torch.where(sel >= 0, slot * NG + sel + (torch.arange(Hq, device=DEV) // G * NB)[None, :, None], NK)
     key = key.reshape(-1)
     want_off = torch.searchsorted(key.sort().values, torch.arange(NK + 1, device=DEV, dtype=key.dtype))
@@ -155,7 +156,7 @@ def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies
     i = torch.arange(n_max, device=DEV)
     want_g = torch.searchsorted(want_cum[1:], i, right=True).clamp(max=NK - 1)
     want_e0 = torch.where(i < want_cum[-1], want_off[want_g] + (i - want_cum[want_g]) * BM, want_off[want_g + 1])
-    ent, off, tile_g, tile_e0, tile_cum = parallel._group_slots(sel, Hkv, NB, BM)
+    ent, off, tile_g, tile_e0, tile_cum = parallel._group_slots(sel, Hkv, NB, BM, by_slot=by_slot)
     for got, want in ((off, want_off), (tile_cum, want_cum), (tile_g, want_g), (tile_e0, want_e0)):
         assert torch.equal(got.long().cpu(), want.long().cpu())
     ent = ent[:int(want_off[-1])].long()

@@ -610,8 +610,9 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr,
     tl.store(TILE_E0 + i, e0, mask=m)
 
 
-def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
-    """The forward's grouping: the chosen (row, slot) entries by (slot, kv head, block), a counting sort.
+def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool = True):
+    """The forward's grouping: the chosen (row, slot) entries by (slot, kv head, block), a counting sort
+    (``by_slot=False``: by (kv head, block), as ``_group`` but in no fixed order within a group).
 
     sel int32 [n, Hq, S] -> ent int32 (valid entries of each group together, in no fixed order: a row's
     result does not depend on the other rows of its tile), grp_off int64 [S*NG + 1], the tile table
@@ -621,7 +622,7 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     """
     n, Hq, S = sel.shape
     G, NG = Hq // Hkv, Hkv * NB
-    NK = S * NG
+    NK = S * NG if by_slot else NG
     dev = sel.device
     n_ent = n * Hq * S
     R = PLACE_COPIES if NK <= 1 << 20 else 1    # R copies of the counters: less contention (few groups)
@@ -633,7 +634,7 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
     tile_g = torch.empty(n_max, dtype=torch.int64, device=dev)
     tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(n_ent, 1024),)
-    kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG, R=R, BLOCK=1024)
+    kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG if by_slot else 0, R=R, BLOCK=1024)
     if n_ent:
         _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=False, **kw)
     _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=2048 // R)
@@ -653,7 +654,7 @@ def _slot_place(SEL, CNT, ENT, n_ent, NK, Hq: tl.constexpr, S: tl.constexpr, G: 
     m = o < n_ent
     b = tl.load(SEL + o, mask=m, other=-1)
     ok = m & (b >= 0)
-    key = (o % S) * NG + ((o // S) % Hq) // G * NB + b
+    key = (o % S) * NG + ((o // S) % Hq) // G * NB + b         # NG = 0: by (kv head, block) only
     pos = tl.atomic_add(CNT + (tl.program_id(0) % R) * NK + key, 1, mask=ok, sem="relaxed")
     if SCATTER:
         tl.store(ENT + pos, o.to(tl.int32), mask=ok)
@@ -809,7 +810,10 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     sl2 = scale * LOG2E
     has_sparse = NB > 1 and topk > 1
     Sx = S if has_sparse else 0
-    ent, grp_off, tile_g, tile_e0 = (_group(sel, Hkv, NB, meta["BM"]) if has_sparse else
+    # deterministic: a stable sort (dK/dV sum each group's rows in one order); else the counting sort
+    small = sel.numel() < 2**31                                       # int32 entry ids
+    group = _group if deterministic or not small else (lambda *a: _group_slots(*a, by_slot=False)[:4])
+    ent, grp_off, tile_g, tile_e0 = (group(sel, Hkv, NB, meta["BM"]) if has_sparse else
                                      (torch.zeros(1, dtype=torch.int64, device=q.device),
                                       torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=q.device), None, None))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
