@@ -518,7 +518,8 @@ def _tile_range(starts: list, t0: int, t1: int):
 
 
 def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
-    """Sort the chosen (row, slot) entries by (kv head, block), on the device, without a host sync.
+    """Sort the chosen (row, slot) entries by (kv head, block), stably, on the device, without a host sync
+    (the backward with ``deterministic=True``: dK/dV then sum each group's rows in one fixed order).
 
     sel int32 [n, Hq, S] -> ent int64 [n*Hq*S] (valid entries first, in group order), grp_off int64
     [Hkv*NB + 1], and for each of an upper bound of tiles of BM entries its group id and first entry;
