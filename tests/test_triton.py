@@ -111,52 +111,52 @@ def test_triton_rejects_large_head_dim_clearly():
         moba.moba_attention(q, k, v, 8, 2, backend="triton")
 
 
-@pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32),
-                                              (0, 4, 2, 2, 5, 16), (64, 4, 4, 2, 3, 64)])
+def _groups_in_torch(sel, Hkv, NB, BM, by_slot):
+    """parallel._group's bookkeeping in plain torch: sort keys, group offsets, tiles before each group,
+    and each tile's group and first entry."""
+    n, Hq, S = sel.shape
+    G, NG = Hq // Hkv, Hkv * NB
+    NK = S * NG if by_slot else NG
+    slot = torch.arange(S, device=DEV)[None, None, :] if by_slot else torch.zeros(1, 1, 1, dtype=torch.long, device=DEV)
+    key = torch.where(sel >= 0, slot * NG + sel + (torch.arange(Hq, device=DEV) // G * NB)[None, :, None], NK)
+    key = key.reshape(-1)
+    off = torch.searchsorted(key.sort().values, torch.arange(NK + 1, device=DEV, dtype=key.dtype))
+    tiles = (off.diff() + BM - 1) // BM
+    cum = torch.cat([tiles.new_zeros(1), tiles.cumsum(0)])
+    i = torch.arange(-(-n * Hq * S // BM) + NK, device=DEV)
+    g = torch.searchsorted(cum[1:], i, right=True).clamp(max=NK - 1)
+    e0 = torch.where(i < cum[-1], off[g] + (i - cum[g]) * BM, off[g + 1])
+    return key, NK, off, cum, g, e0
+
+
+GROUP_CASES = [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32), (0, 4, 2, 2, 5, 16),
+               (64, 4, 4, 2, 3, 64)]
+
+
+@pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", GROUP_CASES)
 def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
-    """parallel._group (Triton: keys, offsets, tile table) against the same bookkeeping in plain torch."""
+    """parallel._group with ``stable`` (the deterministic backward: a stable sort) against plain torch."""
     from moba.ops import parallel
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
-    G, NG = Hq // Hkv, Hkv * NB
-    key = torch.where(sel >= 0, sel + (torch.arange(Hq, device=DEV) // G * NB)[None, :, None], NG).reshape(-1)
+    key, NK, want_off, want_cum, want_g, want_e0 = _groups_in_torch(sel, Hkv, NB, BM, False)
     _, want_ent = torch.sort(key, stable=True)
-    want_off = torch.searchsorted(key.sort().values, torch.arange(NG + 1, device=DEV, dtype=key.dtype))
-    tiles = (want_off.diff() + BM - 1) // BM
-    n_max = -(-n * Hq * S // BM) + NG
-    tile_end = tiles.cumsum(0)
-    i = torch.arange(n_max, device=DEV)
-    want_g = torch.searchsorted(tile_end, i, right=True).clamp(max=NG - 1)
-    want_e0 = torch.where(i < tile_end[-1], want_off[want_g] + (i - (tile_end - tiles)[want_g]) * BM,
-                          want_off[want_g + 1])
-    ent, off, tile_g, tile_e0 = parallel._group(sel, Hkv, NB, BM)
-    for got, want in ((ent, want_ent), (off, want_off), (tile_g, want_g), (tile_e0, want_e0)):
+    ent, off, tile_g, tile_e0, tile_cum = parallel._group(sel, Hkv, NB, BM, by_slot=False, stable=True)
+    for got, want in ((ent, want_ent), (off, want_off), (tile_cum, want_cum), (tile_g, want_g), (tile_e0, want_e0)):
         assert torch.equal(got.long().cpu(), want.long().cpu())
 
 
-@pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100, 32),
-                                              (0, 4, 2, 2, 5, 16), (64, 4, 4, 2, 3, 64)])
+@pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", GROUP_CASES)
 @pytest.mark.parametrize("copies,by_slot", [(8, True), (1, True), (8, False)])
 def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies, by_slot, monkeypatch):
-    """parallel._group_slots (the forward's counting sort by (slot, kv head, block)) against plain torch:
+    """parallel._group's counting sort (by (slot, kv head, block) for the forward) against plain torch:
     the same groups with the same members (their order inside a group is free), offsets and tile table;
     with 8 copies of the counters and with one (used for very many groups); and by (kv head, block) only,
     as the backward groups them."""
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "PLACE_COPIES", copies)
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
-    G, NG = Hq // Hkv, Hkv * NB
-    NK = S * NG if by_slot else NG
-    slot = torch.arange(S, device=DEV)[None, None, :] if by_slot else torch.zeros(1, 1, 1, dtype=torch.long, device=DEV)
-    key = torch.where(sel >= 0, slot * NG + sel + (torch.arange(Hq, device=DEV) // G * NB)[None, :, None], NK)
-    key = key.reshape(-1)
-    want_off = torch.searchsorted(key.sort().values, torch.arange(NK + 1, device=DEV, dtype=key.dtype))
-    tiles = (want_off.diff() + BM - 1) // BM
-    want_cum = torch.cat([tiles.new_zeros(1), tiles.cumsum(0)])
-    n_max = -(-n * Hq * S // BM) + NK
-    i = torch.arange(n_max, device=DEV)
-    want_g = torch.searchsorted(want_cum[1:], i, right=True).clamp(max=NK - 1)
-    want_e0 = torch.where(i < want_cum[-1], want_off[want_g] + (i - want_cum[want_g]) * BM, want_off[want_g + 1])
-    ent, off, tile_g, tile_e0, tile_cum = parallel._group_slots(sel, Hkv, NB, BM, by_slot=by_slot)
+    key, NK, want_off, want_cum, want_g, want_e0 = _groups_in_torch(sel, Hkv, NB, BM, by_slot)
+    ent, off, tile_g, tile_e0, tile_cum = parallel._group(sel, Hkv, NB, BM, by_slot=by_slot)
     for got, want in ((off, want_off), (tile_cum, want_cum), (tile_g, want_g), (tile_e0, want_e0)):
         assert torch.equal(got.long().cpu(), want.long().cpu())
     ent = ent[:int(want_off[-1])].long()

@@ -517,34 +517,6 @@ def _tile_range(starts: list, t0: int, t1: int):
     return bisect.bisect_left(starts, t0), bisect.bisect_left(starts, t1)
 
 
-def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int):
-    """Sort the chosen (row, slot) entries by (kv head, block), stably, on the device, without a host sync
-    (the backward with ``deterministic=True``: dK/dV then sum each group's rows in one fixed order).
-
-    sel int32 [n, Hq, S] -> ent int64 [n*Hq*S] (valid entries first, in group order), grp_off int64
-    [Hkv*NB + 1], and for each of an upper bound of tiles of BM entries its group id and first entry;
-    tiles past the last real one get an empty range (first entry == group end) and exit at once.
-    Five launches besides the sort (the host time of a short call is mostly launches).
-    """
-    n, Hq, S = sel.shape
-    G, NG = Hq // Hkv, Hkv * NB
-    dev = sel.device
-    n_ent = n * Hq * S
-    key = torch.empty(n_ent, dtype=torch.int32, device=dev)
-    if n_ent:
-        _group_keys[(triton.cdiv(n_ent, 1024),)](sel, key, n_ent, Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
-    key_sorted, ent = torch.sort(key, stable=True)
-    n_max = triton.cdiv(n_ent, BM) + NG                                         # >= real tiles
-    grp_off = torch.empty(NG + 1, dtype=torch.int64, device=dev)
-    tile_end = torch.empty(NG, dtype=torch.int64, device=dev)
-    tile_g = torch.empty(n_max, dtype=torch.int64, device=dev)
-    tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
-    _group_offsets[(triton.cdiv(NG + 1, 1024),)](key_sorted, grp_off, n_ent, NG, BLOCK=1024)
-    _tile_scan[(1,)](grp_off, tile_end, NG, BM=BM, BLOCK=1024)
-    _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_end, tile_g, tile_e0, NG, n_max, BM=BM, BLOCK=1024)
-    return ent, grp_off, tile_g, tile_e0
-
-
 @triton.jit
 def _group_keys(SEL, KEY, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
                 NG: tl.constexpr, BLOCK: tl.constexpr):
@@ -557,42 +529,18 @@ def _group_keys(SEL, KEY, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def _bisect(A, n, x, RIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """For each x, the first index i of the sorted A[0:n] with A[i] > x (RIGHT) or A[i] >= x; n if none.
-    A vectorised binary search of a fixed 40 rounds (n < 2^40)."""
+def _bisect_right(A, n, x, BLOCK: tl.constexpr):
+    """For each x, the first index i of the sorted A[0:n] with A[i] > x; n if none. A vectorised binary
+    search of a fixed 40 rounds (n < 2^40)."""
     lo = tl.zeros([BLOCK], tl.int64)
     hi = tl.zeros([BLOCK], tl.int64) + n
     for _ in range(40):
         mid = (lo + hi) // 2
         live = mid < hi
-        v = tl.load(A + mid, mask=live, other=0)
-        if RIGHT:
-            go = live & (v <= x)
-        else:
-            go = live & (v < x)
+        go = live & (tl.load(A + mid, mask=live, other=0) <= x)
         lo = tl.where(go, mid + 1, lo)
         hi = tl.where(go | ~live, hi, mid)
     return lo
-
-
-@triton.jit
-def _group_offsets(KEY, GRP_OFF, n_ent, NG, BLOCK: tl.constexpr):
-    """GRP_OFF[g] = first sorted entry whose key is >= g, g = 0..NG."""
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(GRP_OFF + g, _bisect(KEY, n_ent, g, False, BLOCK), mask=g <= NG)
-
-
-@triton.jit
-def _tile_scan(GRP_OFF, TILE_END, NG, BM: tl.constexpr, BLOCK: tl.constexpr):
-    """TILE_END[g] = tiles of BM entries in groups 0..g (inclusive prefix sum), one program."""
-    carry = tl.zeros([1], tl.int64).sum(0)
-    for c0 in range(0, NG, BLOCK):
-        g = c0 + tl.arange(0, BLOCK)
-        m = g < NG
-        cnt = tl.load(GRP_OFF + g + 1, mask=m, other=0) - tl.load(GRP_OFF + g, mask=m, other=0)
-        t = tl.cumsum((cnt + BM - 1) // BM, 0) + carry
-        tl.store(TILE_END + g, t, mask=m)
-        carry = tl.max(tl.where(m, t, carry), 0)
 
 
 @triton.jit
@@ -600,7 +548,7 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr,
     """Tile i: its group (the first g with TILE_END[g] > i) and first entry; past the last real tile an
     empty range of the last group."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    lo = _bisect(TILE_END, NG, i, True, BLOCK)
+    lo = _bisect_right(TILE_END, NG, i, BLOCK)
     real = lo < NG
     g = tl.minimum(lo, NG - 1)
     first_tile = tl.load(TILE_END + g - 1, mask=g > 0, other=0)
@@ -611,16 +559,19 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr,
     tl.store(TILE_E0 + i, e0, mask=m)
 
 
-def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool = True):
-    """The forward's grouping: the chosen (row, slot) entries by (slot, kv head, block), a counting sort
-    (``by_slot=False``: by (kv head, block), as ``_group`` but in no fixed order within a group).
+def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable: bool = False):
+    """The chosen (row, slot) entries grouped on the device, without a host sync: by (slot, kv head, block)
+    for the forward's one launch per slot, else by (kv head, block) as the backward reads them.
 
-    sel int32 [n, Hq, S] -> ent int32 (valid entries of each group together, in no fixed order: a row's
-    result does not depend on the other rows of its tile), grp_off int64 [S*NG + 1], the tile table
-    (group id and first entry of each of an upper bound of tiles of BM entries) and tile_cum int64
-    [S*NG + 1] (tiles before each group: slot s owns tiles tile_cum[s*NG] .. tile_cum[(s+1)*NG]).
-    4 bytes per entry besides sel; four launches and a memset, no sort.
+    sel int32 [n, Hq, S] -> ent (the valid entries' ids, each group's together), grp_off int64 [NK + 1],
+    the tile table (group id and first entry of each of an upper bound of tiles of BM entries; tiles past
+    the last real one get an empty range and exit at once) and tile_cum int64 [NK + 1] (tiles before each
+    group: slot s owns tiles tile_cum[s*NG] .. tile_cum[(s+1)*NG]). A counting sort (int32 ids, 4 bytes per
+    entry besides sel; in no fixed order within a group: a row's result does not depend on the other
+    rows of its tile); ``stable``: the ids by a stable sort instead (int64; the deterministic backward,
+    whose dK/dV sum each group's rows in entry order).
     """
+    assert not (stable and by_slot)
     n, Hq, S = sel.shape
     G, NG = Hq // Hkv, Hkv * NB
     NK = S * NG if by_slot else NG
@@ -628,7 +579,7 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool = 
     n_ent = n * Hq * S
     R = PLACE_COPIES if NK <= 1 << 20 else 1    # R copies of the counters: less contention (few groups)
     cnt = torch.zeros(R * NK, dtype=torch.int32, device=dev)
-    ent = torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
+    ent = None if stable else torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
     grp_off = torch.empty(NK + 1, dtype=torch.int64, device=dev)
     tile_cum = torch.empty(NK + 1, dtype=torch.int64, device=dev)
     n_max = triton.cdiv(n_ent, BM) + NK                                          # >= real tiles
@@ -639,7 +590,12 @@ def _group_slots(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool = 
     if n_ent:
         _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=False, **kw)
     _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=2048 // R)
-    if n_ent:
+    if stable:
+        key = torch.empty(n_ent, dtype=torch.int32, device=dev)
+        if n_ent:
+            _group_keys[grid](sel, key, n_ent, Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
+        ent = torch.sort(key, stable=True).indices
+    elif n_ent:
         _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=True, **kw)
     _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, BM=BM, BLOCK=1024)
     return ent, grp_off, tile_g, tile_e0, tile_cum
@@ -779,7 +735,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             sel_c.fill_(-1)
         i0, i1 = _tile_range(g_starts, t0, t1)
         _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
-        ent, grp_off, tile_g, tile_e0, tile_cum = _group_slots(sel_c, Hkv, NB, meta["BM"])
+        ent, grp_off, tile_g, tile_e0, tile_cum = _group(sel_c, Hkv, NB, meta["BM"], by_slot=True)
         grid = (triton.cdiv((t1 - t0) * Hq, meta["BM"]) + NG,)      # >= the tiles of one slot
         for s in range(S):
             _sparse_fwd[grid](
@@ -811,10 +767,9 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     sl2 = scale * LOG2E
     has_sparse = NB > 1 and topk > 1
     Sx = S if has_sparse else 0
-    # deterministic: a stable sort (dK/dV sum each group's rows in one order); else the counting sort
-    small = sel.numel() < 2**31                                       # int32 entry ids
-    group = _group if deterministic or not small else (lambda *a: _group_slots(*a, by_slot=False)[:4])
-    ent, grp_off, tile_g, tile_e0 = (group(sel, Hkv, NB, meta["BM"]) if has_sparse else
+    # deterministic (dK/dV sum each group's rows in one order) or past int32 entry ids: a stable sort
+    stable = deterministic or sel.numel() >= 2**31
+    ent, grp_off, tile_g, tile_e0 = (_group(sel, Hkv, NB, meta["BM"], False, stable)[:4] if has_sparse else
                                      (torch.zeros(1, dtype=torch.int64, device=q.device),
                                       torch.zeros(Hkv * NB + 1, dtype=torch.int64, device=q.device), None, None))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
