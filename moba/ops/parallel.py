@@ -163,7 +163,7 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
 @triton.jit
 def _sparse_fwd(Q, K, V, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START, BLK_END,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, t0, scale_log2, NB, NG, slot,
-                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                Hq: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 PREC: tl.constexpr, EVEN: tl.constexpr):
     """Slot ``slot`` of every row: one program per tile of gathered rows of one (slot, kv head, block)
@@ -741,7 +741,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             _sparse_fwd[grid](
                 q, k, v, out, lse, ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, G=G, S=S, D=D, DV=DV,
+                out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
                 EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel
 
