@@ -39,7 +39,7 @@ def main():
         if ev["action"] == "alloc":
             live[ev["addr"]] = ev
             cur += ev["size"]
-        elif ev["action"] in ("free_requested",) and ev["addr"] in live:
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
             cur -= live.pop(ev["addr"])["size"]
         if cur > best:
             best, at_peak = cur, dict(live)
