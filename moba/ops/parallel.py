@@ -588,7 +588,7 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     grid = (triton.cdiv(n_ent, 1024),)
     kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG if by_slot else 0, R=R, BLOCK=1024)
     if n_ent:
-        _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=False, **kw)
+        _slot_place[grid](sel, cnt, cnt if stable else ent, n_ent, NK, SCATTER=False, **kw)   # writes no ids
     _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=2048 // R)
     if stable:
         key = torch.empty(n_ent, dtype=torch.int32, device=dev)
