@@ -61,6 +61,19 @@ I)  # 5 as a curriculum: H's task at 2K with full attention, then fine-tuned at 
         --init runs/cur_2k/ckpt.pt ${v#*:} --out runs/cur_${v%%:*} > runs/cur_${v%%:*}.log 2>&1
     done
     grep -h "accuracy by depth" runs/cur_*.log ;;
+J)  # 5 as a curriculum on a small model (dim 256, 4 layers) that learns the plain induction format (<k> a c)
+    # first at 256 tokens (batch 64), then 2K, then fine-tuned at 16K with full, MoBA (512/3) and hybrid
+    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
+       --eval-batches 16 --block-size 512 --topk 3"
+    timeout 155 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 6000 \
+      --lr 3e-3 --max-minutes 2.0 --attn full --out runs/j256 > runs/j256.log 2>&1
+    timeout 100 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 2000 --lr 1e-3 --max-minutes 1.2 \
+      --attn full --init runs/j256/ckpt.pt --out runs/j2k > runs/j2k.log 2>&1
+    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 1"; do
+      timeout 90 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 1000 --lr 1e-3 \
+        --max-minutes 1.0 --init runs/j2k/ckpt.pt ${v#*:} --out runs/j16k_${v%%:*} > runs/j16k_${v%%:*}.log 2>&1
+    done
+    for f in runs/j*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

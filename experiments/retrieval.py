@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import moba  # noqa: E402
 
 
-def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vocab=0):
+def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vocab=0, v_mark=True):
     """Tokens [B, L], targets [B, L], answer positions, answers and needle depths (each [B, queries]).
 
     A window of the corpus gets ``pairs`` needles ``<k> a b <v> c`` at random depths; its last
@@ -40,8 +40,10 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vo
     vocabulary instead of code (the synthetic associative-recall setting). ``kv_vocab`` > 0 draws keys
     and values from only that many token ids each (keys distinct within a sequence while there are
     enough): a smaller copy task, closer to the associative-recall benchmarks small models learn.
+    ``v_mark=False`` drops the ``<v>`` marker (``<k> a c``, ``<q> a c``): the answer c directly follows the
+    key, the pattern an induction head copies (c is predicted at the query's last key token).
     """
-    n = key_len + 3                              # tokens of a needle or a query
+    n = key_len + 2 + v_mark                     # tokens of a needle or a query
     V = cfg.vocab
     K_MARK, V_MARK, Q_MARK = V - 1, V - 2, V - 3
     L = cfg.seq_len
@@ -65,10 +67,10 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vo
         slots = torch.randperm(body // n, generator=g)[:pairs] * n            # needle starts, no overlap
         for i in range(pairs):
             s = int(slots[i])
-            x[b, s:s + n] = torch.tensor([K_MARK, *keys[i].tolist(), V_MARK, vals[i]])
+            x[b, s:s + n] = torch.tensor([K_MARK, *keys[i].tolist(), *[V_MARK] * v_mark, vals[i]])
         for j, i in enumerate(torch.randperm(pairs, generator=g)[:queries].tolist()):
             t0 = body + n * j
-            x[b, t0:t0 + n] = torch.tensor([Q_MARK, *keys[i].tolist(), V_MARK, vals[i]])
+            x[b, t0:t0 + n] = torch.tensor([Q_MARK, *keys[i].tolist(), *[V_MARK] * v_mark, vals[i]])
             pos[b, j], ans[b, j], depth[b, j] = t0 + n - 2, vals[i], int(slots[i]) / L
     return x[:, :-1], x[:, 1:], pos, ans, depth
 
@@ -78,15 +80,14 @@ def answer_logits(logits, pos):
     return logits.gather(1, pos.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_len=2, background="code",
-                      kv_vocab=0):
+def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, **task):
     """Answer accuracy of every query of cfg.eval_batches batches, binned by the depth of its needle."""
     model.eval()
     g = torch.Generator().manual_seed(4321)
     hits, counts = torch.zeros(buckets), torch.zeros(buckets)
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
-            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, key_len, background, kv_vocab)
+            x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, **task)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 pred = answer_logits(model(x.to(device)), pos).argmax(-1).cpu()
             bins = (d * buckets).long().clamp(0, buckets - 1).flatten()
@@ -97,10 +98,10 @@ def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, key_
     return [h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())], counts.tolist()
 
 
-def gate_picks(model, data, cfg, device, pairs, queries, key_len=2, background="code", kv_vocab=0):
+def gate_picks(model, data, cfg, device, pairs, queries, **task):
     """Blocks chosen for the final query in every MoBA layer: {layer: int [H, topk]} and the needle's block."""
     g = torch.Generator().manual_seed(99)
-    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries, key_len, background, kv_vocab)
+    x, _, _, _, depth = make_batch(data, cfg, g, pairs, queries, **task)
     captured = {}
 
     def hook(layer):
@@ -129,14 +130,17 @@ def main(argv=None):
     p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the next-token loss on the rest")
     p.add_argument("--background", choices=("code", "random"), default="code")
     p.add_argument("--kv-vocab", type=int, default=0, help="token ids keys and values are drawn from (0: V/4)")
+    p.add_argument("--no-v-mark", action="store_true", help="needles <k> a c: the answer follows the key")
     p.add_argument("--init", default=None, help="a train.py checkpoint to fine-tune")
     args, rest = p.parse_known_args(argv)
     cfg, _, _ = T.parse(rest)
+    task = dict(key_len=args.key_len, background=args.background, kv_vocab=args.kv_vocab, v_mark=not args.no_v_mark)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _, train_data, val_data = T.build_data(cfg)
+    # random filler needs no corpus (nor the tokenizer's training on it)
+    _, train_data, val_data = T.build_data(cfg) if args.background == "code" else (None, None, None)
     model = T.GPT(cfg).to(device)
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
@@ -153,30 +157,30 @@ def main(argv=None):
         for gr in opt.param_groups:
             gr["lr"] = T.lr_at(step, cfg)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries, args.key_len, args.background,
-                                     args.kv_vocab)
+        x, y, pos, a, _ = make_batch(train_data, cfg, g, args.pairs, args.queries, **task)
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         lm = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        answer = F.cross_entropy(answer_logits(logits, pos).float().flatten(0, 1), a.to(device).flatten())
+        a_logits = answer_logits(logits, pos).float()
+        answer = F.cross_entropy(a_logits.flatten(0, 1), a.to(device).flatten())
         loss = args.lm_weight * lm + args.answer_weight * answer
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 10 == 0:
-            print(f"step {step + 1}/{cfg.steps}  lm {lm.item():.3f}  answer {answer.item():.3f}", flush=True)
-    acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, key_len=args.key_len,
-                                    background=args.background, kv_vocab=args.kv_vocab)
-    picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, args.key_len,
-                                     args.background, args.kv_vocab)
+            hit = (a_logits.argmax(-1).cpu() == a).float().mean().item()
+            print(f"step {step + 1}/{cfg.steps}  lm {lm.item():.3f}  answer {answer.item():.3f}  train acc {hit:.2f}",
+                  flush=True)
+    acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, **task)
+    picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, **task)
     torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")   # for --init
     print("accuracy by depth bucket:", " ".join("-" if x is None else f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                steps_done=steps_done,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
-               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, answers_per_bucket=counts, accuracy_by_depth=acc,
+               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, v_mark=task["v_mark"], answers_per_bucket=counts, accuracy_by_depth=acc,
                mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
