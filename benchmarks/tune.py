@@ -70,12 +70,23 @@ def kernel_ms(kind, T, bs, topk, fb, n=5):
     return sum(e.device_time_total for e in pr.key_averages() if e.key == KERNEL[kind]) / n / 1e3
 
 
+def compiled_regs(kind):
+    """Registers and spilled registers of the kind's kernel as last compiled (the config just run)."""
+    fn = getattr(parallel, KERNEL[kind])
+    kern = [k for cache in fn.device_caches.values() for k in cache[0].values()]
+    return (kern[-1].n_regs, kern[-1].n_spills) if kern else (None, None)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kinds", default=",".join(CANDIDATES))
     p.add_argument("--json", default=None)
     p.add_argument("--kernel-times", action="store_true", help="judge by the kernel's GPU time (profiler)")
+    p.add_argument("--configs", default=None,
+                   help="configs to try instead of the built-in list, e.g. '32,128,8,3;32,128,16,3' (one kind)")
     a = p.parse_args()
+    if a.configs:
+        CANDIDATES[a.kinds] = [tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
     best, log = {}, []
     for kind in a.kinds.split(","):
         res = []
@@ -90,8 +101,11 @@ def main():
                 ref = ms
             res.append((sum(m / r for m, r in zip(ms, ref)) / len(ms) if a.kernel_times else sum(ms), c))
             log.append(dict(kind=kind, config=c, ms=ms))
+            regs, spills = compiled_regs(kind)
+            log[-1].update(regs=regs, spills=spills)
             print(f"{kind} {c}: " + " / ".join(f"{m:.3f}" for m in ms) + " ms"
-                  + (f"  (relative {res[-1][0]:.3f})" if a.kernel_times else ""), flush=True)
+                  + (f"  (relative {res[-1][0]:.3f})" if a.kernel_times else "")
+                  + f"  regs {regs} spills {spills}", flush=True)
         parallel.CONFIG[kind] = None
         best[kind] = min(res)[1]
         print(f"best {kind}: {best[kind]}", flush=True)
