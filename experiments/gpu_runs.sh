@@ -74,6 +74,18 @@ J)  # 5 as a curriculum on a small model (dim 256, 4 layers) that learns the pla
         --max-minutes 1.0 --init runs/j2k/ckpt.pt ${v#*:} --out runs/j16k_${v%%:*} > runs/j16k_${v%%:*}.log 2>&1
     done
     for f in runs/j*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+K)  # J with more steps per stage (make_batch vectorised): 256 tokens 3 min, 2K 1.5 min, 16K 0.9 min each
+    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
+       --eval-batches 16 --block-size 512 --topk 3"
+    timeout 200 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 12000 \
+      --lr 3e-3 --max-minutes 3.0 --attn full --out runs/k256 > runs/k256.log 2>&1
+    timeout 110 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 1.5 \
+      --attn full --init runs/k256/ckpt.pt --out runs/k2k > runs/k2k.log 2>&1
+    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 1"; do
+      timeout 75 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 1200 --lr 1e-3 \
+        --max-minutes 0.9 --init runs/k2k/ckpt.pt ${v#*:} --out runs/k16k_${v%%:*} > runs/k16k_${v%%:*}.log 2>&1
+    done
+    for f in runs/k*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

@@ -55,23 +55,23 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vo
     else:
         x = torch.stack([data[s:s + L + 1] for s in torch.randint(0, data.numel() - L - 2, (cfg.batch,), generator=g)])
         x = x.clone()
-    pos = torch.zeros(cfg.batch, queries, dtype=torch.long)
-    ans, depth = torch.zeros_like(pos), torch.zeros(cfg.batch, queries)
-    for b in range(cfg.batch):
-        nk = min(kv_vocab, V // 4) if kv_vocab > 0 else V // 4
-        if key_len == 1 and nk >= pairs:           # distinct keys: every query has one answer
-            keys = (V // 4 + torch.randperm(nk, generator=g)[:pairs])[:, None]
-        else:
-            keys = torch.randint(V // 4, V // 4 + nk, (pairs, key_len), generator=g)
-        vals = torch.randint(V // 2, V // 2 + nk, (pairs,), generator=g)
-        slots = torch.randperm(body // n, generator=g)[:pairs] * n            # needle starts, no overlap
-        for i in range(pairs):
-            s = int(slots[i])
-            x[b, s:s + n] = torch.tensor([K_MARK, *keys[i].tolist(), *[V_MARK] * v_mark, vals[i]])
-        for j, i in enumerate(torch.randperm(pairs, generator=g)[:queries].tolist()):
-            t0 = body + n * j
-            x[b, t0:t0 + n] = torch.tensor([Q_MARK, *keys[i].tolist(), *[V_MARK] * v_mark, vals[i]])
-            pos[b, j], ans[b, j], depth[b, j] = t0 + n - 2, vals[i], int(slots[i]) / L
+    B = cfg.batch
+    nk = min(kv_vocab, V // 4) if kv_vocab > 0 else V // 4
+    if key_len == 1 and nk >= pairs:               # distinct keys: every query has one answer
+        keys = V // 4 + torch.rand(B, nk, generator=g).argsort(1)[:, :pairs, None]
+    else:
+        keys = torch.randint(V // 4, V // 4 + nk, (B, pairs, key_len), generator=g)
+    vals = torch.randint(V // 2, V // 2 + nk, (B, pairs), generator=g)
+    slots = torch.rand(B, body // n, generator=g).argsort(1)[:, :pairs] * n    # needle starts, no overlap
+    col = torch.full((B, pairs, 1), 0)
+    tok = torch.cat([col + K_MARK, keys, *[col + V_MARK] * v_mark, vals[..., None]], 2)        # [B, pairs, n]
+    x.scatter_(1, (slots[..., None] + torch.arange(n)).flatten(1), tok.flatten(1))
+    ask = torch.rand(B, pairs, generator=g).argsort(1)[:, :queries]            # which needle each query asks
+    qtok = tok.gather(1, ask[..., None].expand(-1, -1, n)).clone()
+    qtok[..., 0] = Q_MARK
+    x[:, body:body + n * queries] = qtok.flatten(1)
+    pos = (body + n * torch.arange(queries) + n - 2).expand(B, -1).clone()
+    ans, depth = vals.gather(1, ask), slots.gather(1, ask) / L
     return x[:, :-1], x[:, 1:], pos, ans, depth
 
 
