@@ -86,6 +86,16 @@ K)  # J with more steps per stage (make_batch vectorised): 256 tokens 3 min, 2K 
         --max-minutes 0.9 --init runs/k2k/ckpt.pt ${v#*:} --out runs/k16k_${v%%:*} > runs/k16k_${v%%:*}.log 2>&1
     done
     for f in runs/k*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+L)  # K's curriculum, then MoBA alone fine-tuned at 16K for 4 minutes (K gave it 0.9 minutes)
+    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
+       --eval-batches 16 --block-size 512 --topk 3"
+    timeout 170 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 12000 \
+      --lr 3e-3 --max-minutes 2.5 --attn full --out runs/l256 > runs/l256.log 2>&1
+    timeout 100 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 1.3 \
+      --attn full --init runs/l256/ckpt.pt --out runs/l2k > runs/l2k.log 2>&1
+    timeout 280 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
+      --max-minutes 4.0 --init runs/l2k/ckpt.pt --attn moba --out runs/l16k_moba > runs/l16k_moba.log 2>&1
+    for f in runs/l*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
