@@ -90,6 +90,42 @@ def main():
         print(f"| {n} | {d['device']} | {d['commit']} | {d.get('steps_done', d['cfg']['steps'])} "
               f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
 
+    # 5. retrieval as a curriculum (gpu_runs.sh K, L): 256 -> 2K with full attention, then 16K
+    cur = ["cur_k256", "cur_k2k", "cur_k16k_full", "cur_k16k_hybrid", "cur_k16k_moba", "cur_l256", "cur_l2k",
+           "cur_l16k_moba"]
+    print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for n in cur:
+        d = load(n)
+        c = d["cfg"]
+        att = c["attn"] + (f" {c['block_size']}/{c['topk']}" if c["attn"] == "moba" else "") + \
+            (f", last {c['full_last']} full" if c["attn"] == "moba" and c["full_last"] else "")
+        print(f"| {n} | {att} | {c['seq_len']} | {d['device']} | {d['commit']} | {d['steps_done']} | {d['wall_s']:.0f} "
+              f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
+    heat("retrieval_curriculum.png", [("full", "cur_k16k_full"), ("MoBA, last layer full", "cur_k16k_hybrid"),
+                                      ("MoBA (0.9 min)", "cur_k16k_moba"), ("MoBA (4 min)", "cur_l16k_moba")])
+
+
+def heat(fname, rows):
+    """Answer accuracy by needle depth, one row per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    acc = [[float("nan") if a is None else a for a in load(n)["accuracy_by_depth"]] for _, n in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 + 0.45 * len(rows)))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, r in enumerate(acc):
+        for j, a in enumerate(r):
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=7, color="w" if a < 0.5 else "k")
+    nb = len(acc[0])
+    ax.set_xticks(range(nb), [f"{(j + 0.5) / nb:.2f}" for j in range(nb)])
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_xlabel("depth of the queried needle (16K tokens)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(HERE / fname, dpi=120)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     main()
