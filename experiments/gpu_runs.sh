@@ -96,6 +96,17 @@ L)  # K's curriculum, then MoBA alone fine-tuned at 16K for 4 minutes (K gave it
     timeout 280 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
       --max-minutes 4.0 --init runs/l2k/ckpt.pt --attn moba --out runs/l16k_moba > runs/l16k_moba.log 2>&1
     for f in runs/l*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+M)  # L with finer blocks at the same sparsity: MoBA 128/12 (12 of 128 blocks) instead of 512/3 at 16K
+    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
+       --eval-batches 16"
+    timeout 170 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 12000 \
+      --lr 3e-3 --max-minutes 2.5 --attn full --out runs/m256 > runs/m256.log 2>&1
+    timeout 100 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 1.3 \
+      --attn full --init runs/m256/ckpt.pt --out runs/m2k > runs/m2k.log 2>&1
+    timeout 260 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
+      --max-minutes 3.6 --init runs/m2k/ckpt.pt --attn moba --block-size 128 --topk 12 --out runs/m16k_moba128 \
+      > runs/m16k_moba128.log 2>&1
+    for f in runs/m*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
