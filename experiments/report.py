@@ -92,7 +92,7 @@ def main():
 
     # 5. retrieval as a curriculum (gpu_runs.sh K, L): 256 -> 2K with full attention, then 16K
     cur = ["cur_k256", "cur_k2k", "cur_k16k_full", "cur_k16k_hybrid", "cur_k16k_moba", "cur_l256", "cur_l2k",
-           "cur_l16k_moba"]
+           "cur_l16k_moba", "cur_m256", "cur_m2k", "cur_m16k_moba128"]
     print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for n in cur:
@@ -103,7 +103,8 @@ def main():
         print(f"| {n} | {att} | {c['seq_len']} | {d['device']} | {d['commit']} | {d['steps_done']} | {d['wall_s']:.0f} "
               f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
     heat("retrieval_curriculum.png", [("full", "cur_k16k_full"), ("MoBA, last layer full", "cur_k16k_hybrid"),
-                                      ("MoBA (0.9 min)", "cur_k16k_moba"), ("MoBA (4 min)", "cur_l16k_moba")])
+                                      ("MoBA (0.9 min)", "cur_k16k_moba"), ("MoBA (4 min)", "cur_l16k_moba"),
+                                      ("MoBA 128/12 (3.6 min)", "cur_m16k_moba128")])
 
 
 def heat(fname, rows):
