@@ -312,7 +312,7 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK_START
           scale, scale_log2, NB,
           Hq: tl.constexpr, Hkv: tl.constexpr, G: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
           DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-          PREC: tl.constexpr, PREFETCH: tl.constexpr):
+          PREC: tl.constexpr):
     # kv head fastest: the key tiles of early blocks (chosen by the most rows under causal selection) of
     # every kv head start first, so that no heavy program starts late and holds up the end of the launch
     i_kt = tl.program_id(0) // Hkv
@@ -349,30 +349,22 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK_START
     i_gid = i_g * NB + i_b
     e_lo = tl.load(GRP_OFF + i_gid)
     e_hi = tl.load(GRP_OFF + i_gid + 1)
-    if PREFETCH:
-        # by hand, not by the compiler's pipeliner: the rows' ids are loaded two tiles ahead and their data
-        # one tile ahead, into registers, so that both loads overlap a tile's products. (Pipelined by the
-        # compiler, the data loads of a tile, which depend on its ids, were issued after the previous
-        # tile's products and waited for at once: the load latency was paid on every tile.)
-        f, m_e, row, t, h = _gathered_rows(ENT, e_lo, e_hi, S, Hq, BM)
-        f, m_e1, row1, t1, h1 = _gathered_rows(ENT, e_lo + BM, e_hi, S, Hq, BM)
-        b_qt, b_do, b_lse, b_dl = _rows_load(Q, DO, LSE, DELTA, t, h, row, m_e, sq_t, sq_h, sdo_t, sdo_h,
-                                             D, DV, BD, BDV)
-        for e0 in tl.range(e_lo, e_hi, BM, num_stages=1):
-            f, m_e2, row2, t2, h2 = _gathered_rows(ENT, e0 + 2 * BM, e_hi, S, Hq, BM)
-            b_qt1, b_do1, b_lse1, b_dl1 = _rows_load(Q, DO, LSE, DELTA, t1, h1, row1, m_e1, sq_t, sq_h, sdo_t,
-                                                     sdo_h, D, DV, BD, BDV)
-            ok = m_e[None, :] & m_n[:, None]
-            b_dk, b_dv = _dkdv_rows(b_dk, b_dv, b_k, b_v, b_qt, b_do, b_lse, b_dl, ok, scale_log2, PREC)
-            b_qt, b_do, b_lse, b_dl, m_e = b_qt1, b_do1, b_lse1, b_dl1, m_e1
-            m_e1, row1, t1, h1 = m_e2, row2, t2, h2
-    else:
-        for e0 in range(e_lo, e_hi, BM):
-            f, m_e, row, t, h = _gathered_rows(ENT, e0, e_hi, S, Hq, BM)
-            ok = m_e[None, :] & m_n[:, None]
-            b_qt, b_do, b_lse, b_dl = _rows_load(Q, DO, LSE, DELTA, t, h, row, m_e, sq_t, sq_h, sdo_t, sdo_h,
-                                                 D, DV, BD, BDV)
-            b_dk, b_dv = _dkdv_rows(b_dk, b_dv, b_k, b_v, b_qt, b_do, b_lse, b_dl, ok, scale_log2, PREC)
+    # by hand, not by the compiler's pipeliner: the rows' ids are loaded two tiles ahead and their data
+    # one tile ahead, into registers, so that both loads overlap a tile's products. (Pipelined by the
+    # compiler, the data loads of a tile, which depend on its ids, were issued after the previous
+    # tile's products and waited for at once: the load latency was paid on every tile.)
+    f, m_e, row, t, h = _gathered_rows(ENT, e_lo, e_hi, S, Hq, BM)
+    f, m_e1, row1, t1, h1 = _gathered_rows(ENT, e_lo + BM, e_hi, S, Hq, BM)
+    b_qt, b_do, b_lse, b_dl = _rows_load(Q, DO, LSE, DELTA, t, h, row, m_e, sq_t, sq_h, sdo_t, sdo_h,
+                                         D, DV, BD, BDV)
+    for e0 in tl.range(e_lo, e_hi, BM, num_stages=1):
+        f, m_e2, row2, t2, h2 = _gathered_rows(ENT, e0 + 2 * BM, e_hi, S, Hq, BM)
+        b_qt1, b_do1, b_lse1, b_dl1 = _rows_load(Q, DO, LSE, DELTA, t1, h1, row1, m_e1, sq_t, sq_h, sdo_t,
+                                                 sdo_h, D, DV, BD, BDV)
+        ok = m_e[None, :] & m_n[:, None]
+        b_dk, b_dv = _dkdv_rows(b_dk, b_dv, b_k, b_v, b_qt, b_do, b_lse, b_dl, ok, scale_log2, PREC)
+        b_qt, b_do, b_lse, b_dl, m_e = b_qt1, b_do1, b_lse1, b_dl1, m_e1
+        m_e1, row1, t1, h1 = m_e2, row2, t2, h2
     tl.store(DK + o_n[:, None] * sdk_t + i_g * sdk_h + o_d[None, :], (b_dk * scale).to(DK.dtype.element_ty),
              mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(DV_ + o_n[:, None] * sdv_t + i_g * sdv_h + o_dv[None, :], b_dv.to(DV_.dtype.element_ty),
@@ -481,7 +473,6 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
 # ----------------------------------------------------------------------------------------------------------
 # Tile sizes and launch options per kernel: (BM rows, BN keys, num_warps, num_stages); None: GPU_DEFAULT.
 # Benchmarks and tuning scripts (benchmarks/tune.py) may set these; see PERFLOG.md for what was measured.
-DKDV_PREFETCH = True     # _dkdv: gathered rows prefetched by hand (see the kernel; PERFLOG.md)
 KINDS = ("gate", "fwd", "own", "dkdv", "dq", "own_dq")
 CONFIG = dict.fromkeys(KINDS)
 GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (64, 64, 4, 3), "own": (64, 64, 4, 3),
@@ -813,7 +804,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
         _dkdv[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
                            own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
                            dv.stride(1), scale, sl2, NB, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k,
-                           PREFETCH=DKDV_PREFETCH, **launch_k)
+                           **launch_k)
     # dQ: chosen blocks (gathered tiles), then own block + sum
     dq_acc = dqp = None
     if has_sparse:
