@@ -5,6 +5,22 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT" runs
 D="--corpus stdlib+site --max-corpus-mb 150 --data-dir runs/data"
+# retrieval as a curriculum (stages J-M): full attention at 256 tokens, then 2K, then each 16K variant
+# (name:arguments) from the 2K model; stages as steps:minutes:timeout-seconds
+curriculum() {
+  local p=$1 s1=(${2//:/ }) s2=(${3//:/ }) s3=(${4//:/ }) v f; shift 4
+  local C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark
+           --eval-batches 16 --block-size 512 --topk 3"
+  timeout ${s1[2]} python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 \
+    --steps ${s1[0]} --lr 3e-3 --max-minutes ${s1[1]} --attn full --out runs/${p}256 > runs/${p}256.log 2>&1
+  timeout ${s2[2]} python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps ${s2[0]} --lr 1e-3 \
+    --max-minutes ${s2[1]} --attn full --init runs/${p}256/ckpt.pt --out runs/${p}2k > runs/${p}2k.log 2>&1
+  for v in "$@"; do
+    timeout ${s3[2]} python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps ${s3[0]} --lr 1e-3 \
+      --max-minutes ${s3[1]} --init runs/${p}2k/ckpt.pt ${v#*:} --out runs/${p}16k_${v%%:*} > runs/${p}16k_${v%%:*}.log 2>&1
+  done
+  for f in runs/${p}*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done
+}
 tr() { name=$1; shift; python3 experiments/train.py $D --out runs/$name "$@" > runs/$name.log 2>&1; tail -2 runs/$name.log; }
 case ${1:-A} in
 A)  # 1. loss parity at 8K (block 512, topk 3)
@@ -63,50 +79,15 @@ I)  # 5 as a curriculum: H's task at 2K with full attention, then fine-tuned at 
     grep -h "accuracy by depth" runs/cur_*.log ;;
 J)  # 5 as a curriculum on a small model (dim 256, 4 layers) that learns the plain induction format (<k> a c)
     # first at 256 tokens (batch 64), then 2K, then fine-tuned at 16K with full, MoBA (512/3) and hybrid
-    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
-       --eval-batches 16 --block-size 512 --topk 3"
-    timeout 155 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 6000 \
-      --lr 3e-3 --max-minutes 2.0 --attn full --out runs/j256 > runs/j256.log 2>&1
-    timeout 100 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 2000 --lr 1e-3 --max-minutes 1.2 \
-      --attn full --init runs/j256/ckpt.pt --out runs/j2k > runs/j2k.log 2>&1
-    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 1"; do
-      timeout 90 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 1000 --lr 1e-3 \
-        --max-minutes 1.0 --init runs/j2k/ckpt.pt ${v#*:} --out runs/j16k_${v%%:*} > runs/j16k_${v%%:*}.log 2>&1
-    done
-    for f in runs/j*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+    curriculum j 6000:2.0:155 2000:1.2:100 1000:1.0:90 "full:--attn full" "moba:--attn moba" \
+      "hybrid:--attn moba --full-last 1" ;;
 K)  # J with more steps per stage (make_batch vectorised): 256 tokens 3 min, 2K 1.5 min, 16K 0.9 min each
-    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
-       --eval-batches 16 --block-size 512 --topk 3"
-    timeout 200 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 12000 \
-      --lr 3e-3 --max-minutes 3.0 --attn full --out runs/k256 > runs/k256.log 2>&1
-    timeout 110 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 1.5 \
-      --attn full --init runs/k256/ckpt.pt --out runs/k2k > runs/k2k.log 2>&1
-    for v in "full:--attn full" "moba:--attn moba" "hybrid:--attn moba --full-last 1"; do
-      timeout 75 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 1200 --lr 1e-3 \
-        --max-minutes 0.9 --init runs/k2k/ckpt.pt ${v#*:} --out runs/k16k_${v%%:*} > runs/k16k_${v%%:*}.log 2>&1
-    done
-    for f in runs/k*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+    curriculum k 12000:3.0:200 3000:1.5:110 1200:0.9:75 "full:--attn full" "moba:--attn moba" \
+      "hybrid:--attn moba --full-last 1" ;;
 L)  # K's curriculum, then MoBA alone fine-tuned at 16K for 4 minutes (K gave it 0.9 minutes)
-    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
-       --eval-batches 16 --block-size 512 --topk 3"
-    timeout 170 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 12000 \
-      --lr 3e-3 --max-minutes 2.5 --attn full --out runs/l256 > runs/l256.log 2>&1
-    timeout 100 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 1.3 \
-      --attn full --init runs/l256/ckpt.pt --out runs/l2k > runs/l2k.log 2>&1
-    timeout 280 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
-      --max-minutes 4.0 --init runs/l2k/ckpt.pt --attn moba --out runs/l16k_moba > runs/l16k_moba.log 2>&1
-    for f in runs/l*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+    curriculum l 12000:2.5:170 3000:1.3:100 5000:4.0:280 "moba:--attn moba" ;;
 M)  # L with finer blocks at the same sparsity: MoBA 128/12 (12 of 128 blocks) instead of 512/3 at 16K
-    C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark \
-       --eval-batches 16"
-    timeout 170 python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 12000 \
-      --lr 3e-3 --max-minutes 2.5 --attn full --out runs/m256 > runs/m256.log 2>&1
-    timeout 100 python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 1.3 \
-      --attn full --init runs/m256/ckpt.pt --out runs/m2k > runs/m2k.log 2>&1
-    timeout 260 python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
-      --max-minutes 3.6 --init runs/m2k/ckpt.pt --attn moba --block-size 128 --topk 12 --out runs/m16k_moba128 \
-      > runs/m16k_moba128.log 2>&1
-    for f in runs/m*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done ;;
+    curriculum m 12000:2.5:170 3000:1.3:100 5000:3.6:260 "moba128:--attn moba --block-size 128 --topk 12" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
