@@ -85,3 +85,12 @@ def test_retrieval_smoke(tmp_path):
         assert all(V // 2 <= int(v_) < V // 2 + 8 for v_ in a[b])
         for j in range(2):
             assert y[b, int(pos[b, j])] == a[b, j]
+    # without the value marker: <k> a c in the body, <q> a c at the end, c predicted at the query's a
+    x, y, pos, a, d = ret.make_batch(None, c, g, 3, 2, key_len=1, background="random", kv_vocab=8, v_mark=False)
+    assert not (x == V - 2).any()
+    for b in range(c.batch):
+        for j in range(2):
+            p = int(pos[b, j])
+            s = int(round(float(d[b, j]) * c.seq_len))
+            assert x[b, p - 1] == V - 3 and x[b, s] == V - 1 and x[b, s + 1] == x[b, p] and y[b, p] == a[b, j]
+            assert x[b, s + 2] == a[b, j]
