@@ -64,7 +64,8 @@ def main():
     p.add_argument("configs", nargs="*", default=["32,128,8,3"])
     p.add_argument("--ttgir", default=None)
     a = p.parse_args()
-    print("| config (BM, BN, warps, stages) | registers | spill stores B | spill loads B | shared KiB |\n|---|---|---|---|---|")
+    print("| config (BM, BN, warps, stages) | registers | spill stores B | spill loads B | shared KiB |\n"
+          "|---|---|---|---|---|")
     for c in a.configs:
         regs, st, ld, shared, ttgir = compile_dkdv(*map(int, c.split(",")))
         print(f"| {c} | {regs} | {st} | {ld} | {shared / 1024:.0f} |", flush=True)

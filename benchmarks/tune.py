@@ -85,6 +85,8 @@ def main():
     p.add_argument("--configs", default=None,
                    help="configs to try instead of the built-in list, e.g. '32,128,8,3;32,128,16,3' (one kind)")
     a = p.parse_args()
+    if a.configs and a.kinds not in CANDIDATES:
+        p.error(f"--configs needs one kind in --kinds (one of {', '.join(CANDIDATES)}), got {a.kinds!r}")
     if a.configs:
         CANDIDATES[a.kinds] = [tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
     best, log = {}, []

@@ -180,7 +180,8 @@ def main(argv=None):
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                steps_done=steps_done,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
-               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, v_mark=task["v_mark"], answers_per_bucket=counts, accuracy_by_depth=acc,
+               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, v_mark=task["v_mark"], answers_per_bucket=counts,
+               accuracy_by_depth=acc,
                mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
