@@ -5,8 +5,8 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT" runs
 D="--corpus stdlib+site --max-corpus-mb 150 --data-dir runs/data"
-# retrieval as a curriculum (stages J-M): full attention at 256 tokens, then 2K, then each 16K variant
-# (name:arguments) from the 2K model; stages as steps:minutes:timeout-seconds
+# retrieval as a curriculum (stages J-N): full attention at 256 tokens, then 2K (attention: $S2, full by
+# default), then each 16K variant (name:arguments) from the 2K model; stages as steps:minutes:timeout-seconds
 curriculum() {
   local p=$1 s1=(${2//:/ }) s2=(${3//:/ }) s3=(${4//:/ }) v f; shift 4
   local C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark
@@ -14,7 +14,7 @@ curriculum() {
   timeout ${s1[2]} python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 \
     --steps ${s1[0]} --lr 3e-3 --max-minutes ${s1[1]} --attn full --out runs/${p}256 > runs/${p}256.log 2>&1
   timeout ${s2[2]} python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps ${s2[0]} --lr 1e-3 \
-    --max-minutes ${s2[1]} --attn full --init runs/${p}256/ckpt.pt --out runs/${p}2k > runs/${p}2k.log 2>&1
+    --max-minutes ${s2[1]} ${S2:---attn full} --init runs/${p}256/ckpt.pt --out runs/${p}2k > runs/${p}2k.log 2>&1
   for v in "$@"; do
     timeout ${s3[2]} python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps ${s3[0]} --lr 1e-3 \
       --max-minutes ${s3[1]} --init runs/${p}2k/ckpt.pt ${v#*:} --out runs/${p}16k_${v%%:*} > runs/${p}16k_${v%%:*}.log 2>&1
@@ -88,6 +88,12 @@ L)  # K's curriculum, then MoBA alone fine-tuned at 16K for 4 minutes (K gave it
     curriculum l 12000:2.5:170 3000:1.3:100 5000:4.0:280 "moba:--attn moba" ;;
 M)  # L with finer blocks at the same sparsity: MoBA 128/12 (12 of 128 blocks) instead of 512/3 at 16K
     curriculum m 12000:2.5:170 3000:1.3:100 5000:3.6:260 "moba128:--attn moba --block-size 128 --topk 12" ;;
+N)  # M's curriculum with MoBA already at 2K (block 128, topk 3: 3 of 16 blocks), then MoBA at 16K
+    S2="--attn moba --block-size 128 --topk 3" curriculum n 12000:2.2:150 3000:1.3:100 5000:2.0:150 \
+      "moba:--attn moba" "moba128:--attn moba --block-size 128 --topk 12" ;;
+O)  # N with stage 1 as long as K-M's (N's stopped at 6800 steps, 0.37), blocks of 128 at 2K and 16K
+    S2="--attn moba --block-size 128 --topk 3" curriculum o 12000:3.0:195 3000:1.5:110 5000:2.5:175 \
+      "moba128:--attn moba --block-size 128 --topk 12" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
