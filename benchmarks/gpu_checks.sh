@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -21,6 +21,17 @@ fi
 if [[ $what == decode || $what == all ]]; then
   timeout 200 python3 benchmarks/bench_decode.py --profile --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
   grep -E "^\||host|^ +[0-9.]+ ms" "$OUT/decode.log"; tail -2 "$OUT/decode.log"
+fi
+if [[ $what == gluon ]]; then
+  # EXPERIMENTAL Gluon dK/dV kernel (MOBA_DKDV_GLUON=1): its GPU test, then fb32k kernel times against the
+  # Triton kernel, ring depths 3 and 4
+  timeout 240 python3 -m pytest -q -x tests/test_gpu.py -k gluon -p no:cacheprovider > "$OUT/tests_gluon.log" 2>&1
+  tail -3 "$OUT/tests_gluon.log"
+  for g in "0 3" "1 3" "1 4"; do set -- $g
+    MOBA_DKDV_GLUON=$1 MOBA_GLUON_NS=$2 timeout 100 python3 benchmarks/bench_kernels.py --cases fb32k,fb8k --dense '' \
+      --profile > "$OUT/gluon_$1_$2.log" 2>&1
+    echo "gluon=$1 NS=$2"; grep -E "GPU kernels|_dkdv" "$OUT/gluon_$1_$2.log"
+  done
 fi
 if [[ $what == tune ]]; then
   timeout 300 python3 benchmarks/tune.py --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"

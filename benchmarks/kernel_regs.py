@@ -48,27 +48,41 @@ def compile_dkdv(BM, BN, warps, stages, Hq=32, Hkv=8, D=128, S=2):
     const = {(fn.arg_names.index(n),): v for n, v in cexpr.items()}
     kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})
+    regs, st, ld = ptxas_stats(kern.asm["ptx"])
+    return regs, st, ld, kern.metadata.shared, kern.asm["ttgir"]
+
+
+def ptxas_stats(ptx):
+    """(registers, spill store bytes, spill load bytes) that Triton's ptxas reports for sm_90a."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
-            f.write(kern.asm["ptx"])
+            f.write(ptx)
         out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True,
                              text=True).stderr
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups())
-    return regs, st, ld, kern.metadata.shared, kern.asm["ttgir"]
+    return regs, st, ld
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*", default=["32,128,8,3"])
     p.add_argument("--ttgir", default=None)
+    p.add_argument("--gluon", default=None, metavar="NS,NS..",
+                   help="also the Gluon kernel (gluon_dkdv.py) with these ring depths")
     a = p.parse_args()
     print("| config (BM, BN, warps, stages) | registers | spill stores B | spill loads B | shared KiB |\n"
           "|---|---|---|---|---|")
     for c in a.configs:
         regs, st, ld, shared, ttgir = compile_dkdv(*map(int, c.split(",")))
         print(f"| {c} | {regs} | {st} | {ld} | {shared / 1024:.0f} |", flush=True)
+    for ns in (a.gluon.split(",") if a.gluon else []):
+        from moba.ops import gluon_dkdv
+        kern = gluon_dkdv.compile_sm90(NS=int(ns))
+        regs, st, ld = ptxas_stats(kern.asm["ptx"])
+        print(f"| Gluon NS={ns} | {regs} | {st} | {ld} | {kern.metadata.shared / 1024:.0f} |", flush=True)
+        ttgir = kern.asm["ttgir"]
     if a.ttgir:
         with open(a.ttgir, "w") as f:
             f.write(ttgir)

@@ -12,7 +12,8 @@ Work is split the way the selection falls (see ../../PERFLOG.md for the why and 
   past) with an online softmax and merge the result into the output and log-sum-exp in place. A row
   has one entry per slot, so a launch never has two programs on one row: no atomics, no partial buffer.
 * backward: ``_dkdv`` (one program per key tile of a block and kv head: the block's own queries of
-  every head in the group, causally, then the gathered rows that chose it; no atomics), ``_sparse_dq``
+  every head in the group, causally, then the gathered rows that chose it; no atomics; on sm_90 its
+  Gluon twin ``gluon_dkdv.dkdv_kernel``, see ``DKDV_GLUON``), ``_sparse_dq``
   (gathered tiles; dQ per (row, slot) either atomically added into an fp32 accumulator or, with
   ``deterministic=True``, written to a buffer) and ``_own_dq`` (own block plus the sum over slots).
 
@@ -20,6 +21,7 @@ The forward runs in query chunks so that the selection and entry list stay under
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import triton
@@ -31,6 +33,12 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic contention / memory)
 SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / 16)
+# dK/dV by the Gluon kernel (gluon_dkdv.py; H100: 3.7 ms against `_dkdv`'s 5.0 at fb32k, PERFLOG 31) on
+# sm_90 with 16-bit inputs and D == DV in (64, 128): "1" (default) where its GPU test has covered it so far
+# (every sequence with as many queries as keys, not deterministic), "all" wherever it applies (to test it
+# further), "0" never. GLUON_NS: its ring of row tiles (4 measured 0.5% faster than 3).
+DKDV_GLUON = os.environ.get("MOBA_DKDV_GLUON", "1")
+GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
 
 
 MAX_HEAD_DIM = 128
@@ -765,6 +773,11 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     return out, lse, sel
 
 
+def _gluon_usable(q, D, DV, BN):
+    from .gluon_dkdv import usable
+    return usable(q, D, DV, BN)
+
+
 def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk: int, scale: float,
          deterministic: bool):
     T, Hq, D = q.shape
@@ -800,7 +813,14 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     blocks = torch.arange(NB, device=q.device)
     own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
     own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
-    if n_kt:
+    gluon = DKDV_GLUON == "all" or (DKDV_GLUON == "1" and not deterministic and lay.cu_q == lay.cu_k)
+    if n_kt and gluon and _gluon_usable(q, D, DV, BN):
+        from .gluon_dkdv import dkdv_kernel
+        dkdv_kernel[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start,
+                                   lt.blk_end, own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1),
+                                   dv.stride(0), dv.stride(1), scale, sl2, NB, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D,
+                                   BM=32, BN=BN, NS=GLUON_NS, num_warps=8)
+    elif n_kt:
         _dkdv[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
                            own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
                            dv.stride(1), scale, sl2, NB, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k,
