@@ -164,9 +164,13 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK
 
 
 def usable(q, D: int, DV: int, BN: int) -> bool:
-    """Inputs this kernel takes (else `parallel._dkdv`): CUDA sm_90, 16-bit, D == DV in (64, 128), BN 128."""
+    """Inputs this kernel takes (else `parallel._dkdv`): CUDA sm_90, 16-bit, D == DV in (64, 128), BN 128,
+    and the Triton it was written and tested with (3.6): Gluon is experimental and its API moves between
+    releases, so other versions keep the Triton kernel rather than risk a failed compile mid-backward."""
     import torch
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and D == DV and D in (64, 128)
+    import triton
+    return (triton.__version__.split(".")[:2] == ["3", "6"] and q.is_cuda
+            and torch.cuda.get_device_capability(q.device) == (9, 0) and D == DV and D in (64, 128)
             and q.dtype in (torch.bfloat16, torch.float16) and BN == 128)
 
 
