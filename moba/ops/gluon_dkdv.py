@@ -163,15 +163,18 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, ENT, GRP_OFF, KT_B, KT_N0, BLK
     gl.store(DV_ + o_no[:, None] * sdv_t + i_g * sdv_h + o_do[None, :], dv.to(DV_.dtype.element_ty), mask=m_o)
 
 
-def usable(q, D: int, DV: int, BN: int) -> bool:
+def usable(q, D: int, DV: int, BN: int, *tensors) -> bool:
     """Inputs this kernel takes (else `parallel._dkdv`): CUDA sm_90, 16-bit, D == DV in (64, 128), BN 128,
-    and the Triton it was written and tested with (3.6): Gluon is experimental and its API moves between
+    16-byte aligned rows (``cp.async`` copies 16 bytes at a time) of q and of ``tensors`` (k, v, dO), and
+    the Triton it was written and tested with (3.6): Gluon is experimental and its API moves between
     releases, so other versions keep the Triton kernel rather than risk a failed compile mid-backward."""
     import torch
     import triton
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+                  for t in (q,) + tensors)
     return (triton.__version__.split(".")[:2] == ["3", "6"] and q.is_cuda
             and torch.cuda.get_device_capability(q.device) == (9, 0) and D == DV and D in (64, 128)
-            and q.dtype in (torch.bfloat16, torch.float16) and BN == 128)
+            and q.dtype in (torch.bfloat16, torch.float16) and BN == 128 and aligned)
 
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", NS: int = 4, Hq: int = 32, Hkv: int = 8, S: int = 2,

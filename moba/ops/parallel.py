@@ -773,9 +773,9 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     return out, lse, sel
 
 
-def _gluon_usable(q, D, DV, BN):
+def _gluon_usable(q, D, DV, BN, *tensors):
     from .gluon_dkdv import usable
-    return usable(q, D, DV, BN)
+    return usable(q, D, DV, BN, *tensors)
 
 
 def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk: int, scale: float,
@@ -814,7 +814,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
     own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
     gluon = DKDV_GLUON == "all" or (DKDV_GLUON == "1" and not deterministic and lay.cu_q == lay.cu_k)
-    if n_kt and gluon and _gluon_usable(q, D, DV, BN):
+    if n_kt and gluon and _gluon_usable(q, D, DV, BN, k, v, do):
         from .gluon_dkdv import dkdv_kernel
         dkdv_kernel[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start,
                                    lt.blk_end, own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1),
