@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from moba.ops import parallel  # noqa: E402
+from moba.ops.utils import sm90_signature  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
@@ -35,17 +36,7 @@ def compile_dkdv(BM, BN, warps, stages, Hq=32, Hkv=8, D=128, S=2):
     """(registers, spill store bytes, spill load bytes, shared bytes, ttgir) of one config."""
     fn = parallel._dkdv
     cexpr = dict(Hq=Hq, Hkv=Hkv, G=Hq // Hkv, S=S, D=D, DV=D, BM=BM, BN=BN, BD=D, BDV=D, PREC="tf32")
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n in cexpr:
-            sig[n] = "constexpr"
-        elif n in ("scale", "scale_log2"):
-            sig[n] = "fp32"
-        elif n in STRIDES:
-            sig[n], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-        else:
-            sig[n], attrs[(i,)] = POINTERS.get(n, "*i64"), [["tt.divisibility", 16]]
-    const = {(fn.arg_names.index(n),): v for n, v in cexpr.items()}
+    sig, const, attrs = sm90_signature(fn, cexpr, {n: t[1:] for n, t in POINTERS.items()}, STRIDES)
     kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})
     regs, st, ld = ptxas_stats(kern.asm["ptx"])

@@ -184,20 +184,12 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", NS: int = 4, Hq: int = 32, H
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    from .utils import sm90_signature
     fn = dkdv_kernel
     cexpr = dict(Hq=Hq, Hkv=Hkv, G=Hq // Hkv, S=S, D=D, BM=32, BN=128, NS=NS)
     ints = {"sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "sdo_t", "sdo_h", "sdk_t", "sdk_h", "sdv_t", "sdv_h", "NB"}
     ptrs = {"Q": dtype, "K": dtype, "V": dtype, "DO": dtype, "DK": dtype, "DV_": dtype, "LSE": "fp32",
             "DELTA": "fp32", "ENT": ent}
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n in cexpr:
-            sig[n] = "constexpr"
-        elif n in ("scale", "scale_log2"):
-            sig[n] = "fp32"
-        else:
-            sig[n] = "i32" if n in ints else "*" + ptrs.get(n, "i64")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    const = {(fn.arg_names.index(n),): v for n, v in cexpr.items()}
+    sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints)
     return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 8})

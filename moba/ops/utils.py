@@ -245,3 +245,20 @@ def validate(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scal
 def pack(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, D] -> [B*T, H, D] (a view when possible)."""
     return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+def sm90_signature(fn, cexpr: dict, ptrs: dict, ints, floats=("scale", "scale_log2")):
+    """(signature, constexprs, attributes) to compile the Triton or Gluon kernel ``fn`` ahead of time
+    (`triton.compile` for sm_90, no GPU): ``cexpr`` its constexpr values, ``ptrs`` element types of its
+    pointers by name (any other argument not in ``ints``/``floats`` is an int64 table), ``ints`` its int32
+    arguments; pointers and ints are declared 16-divisible as at a launch with aligned tensors."""
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in cexpr:
+            sig[n] = "constexpr"
+        elif n in floats:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32" if n in ints else "*" + ptrs.get(n, "i64")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, {(fn.arg_names.index(n),): v for n, v in cexpr.items()}, attrs
