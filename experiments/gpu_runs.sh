@@ -94,6 +94,12 @@ N)  # M's curriculum with MoBA already at 2K (block 128, topk 3: 3 of 16 blocks)
 O)  # N with stage 1 as long as K-M's (N's stopped at 6800 steps, 0.37), blocks of 128 at 2K and 16K
     S2="--attn moba --block-size 128 --topk 3" curriculum o 12000:3.0:195 3000:1.5:110 5000:2.5:175 \
       "moba128:--attn moba --block-size 128 --topk 12" ;;
+P)  # O with needles written 8 times in a row from the 2K stage on (24-token needles: 8x their share of a
+    # block's mean key), MoBA from 2K on; Q: the same with full attention throughout (the baseline)
+    S2="--attn moba --block-size 128 --topk 3 --needle-repeat 8" curriculum p 12000:3.0:195 3000:1.5:110 \
+      5000:2.5:175 "moba128:--attn moba --block-size 128 --topk 12 --needle-repeat 8" ;;
+Q)  S2="--attn full --needle-repeat 8" curriculum q 12000:3.0:195 3000:1.5:110 1200:1.0:75 \
+      "full:--attn full --needle-repeat 8" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import moba  # noqa: E402
 
 
-def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vocab=0, v_mark=True):
+def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vocab=0, v_mark=True, repeat=1):
     """Tokens [B, L], targets [B, L], answer positions, answers and needle depths (each [B, queries]).
 
     A window of the corpus gets ``pairs`` needles ``<k> a b <v> c`` at random depths; its last
@@ -42,13 +42,16 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vo
     enough): a smaller copy task, closer to the associative-recall benchmarks small models learn.
     ``v_mark=False`` drops the ``<v>`` marker (``<k> a c``, ``<q> a c``): the answer c directly follows the
     key, the pattern an induction head copies (c is predicted at the query's last key token).
+    ``repeat`` > 1 writes each needle that many times in a row (a needle "sentence" of repeat * n tokens,
+    as the paper's needles are sentences): its share of a block's mean key grows with it, the signal
+    MoBA's gate has to find it by.
     """
     n = key_len + 2 + v_mark                     # tokens of a needle or a query
     V = cfg.vocab
     K_MARK, V_MARK, Q_MARK = V - 1, V - 2, V - 3
     L = cfg.seq_len
     body = L + 1 - n * queries                   # needles live in x[:, :body]
-    if queries > pairs or body < n * pairs:
+    if queries > pairs or body < n * repeat * pairs:
         raise ValueError(f"seq_len {L} is too short for {pairs} needles and {queries} queries")
     if background == "random":
         x = torch.randint(0, V // 4, (cfg.batch, L + 1), generator=g)
@@ -62,10 +65,11 @@ def make_batch(data, cfg, g, pairs, queries, key_len=2, background="code", kv_vo
     else:
         keys = torch.randint(V // 4, V // 4 + nk, (B, pairs, key_len), generator=g)
     vals = torch.randint(V // 2, V // 2 + nk, (B, pairs), generator=g)
-    slots = torch.rand(B, body // n, generator=g).argsort(1)[:, :pairs] * n    # needle starts, no overlap
+    span = n * repeat
+    slots = torch.rand(B, body // span, generator=g).argsort(1)[:, :pairs] * span    # needle starts, no overlap
     col = torch.full((B, pairs, 1), 0)
     tok = torch.cat([col + K_MARK, keys, *[col + V_MARK] * v_mark, vals[..., None]], 2)        # [B, pairs, n]
-    x.scatter_(1, (slots[..., None] + torch.arange(n)).flatten(1), tok.flatten(1))
+    x.scatter_(1, (slots[..., None] + torch.arange(span)).flatten(1), tok.repeat(1, 1, repeat).flatten(1))
     ask = torch.rand(B, pairs, generator=g).argsort(1)[:, :queries]            # which needle each query asks
     qtok = tok.gather(1, ask[..., None].expand(-1, -1, n)).clone()
     qtok[..., 0] = Q_MARK
@@ -131,10 +135,15 @@ def main(argv=None):
     p.add_argument("--background", choices=("code", "random"), default="code")
     p.add_argument("--kv-vocab", type=int, default=0, help="token ids keys and values are drawn from (0: V/4)")
     p.add_argument("--no-v-mark", action="store_true", help="needles <k> a c: the answer follows the key")
+    p.add_argument("--needle-repeat", type=int, default=1,
+                   help="write each needle this many times in a row (a longer needle, more of its block's mean)")
     p.add_argument("--init", default=None, help="a train.py checkpoint to fine-tune")
     args, rest = p.parse_known_args(argv)
     cfg, _, _ = T.parse(rest)
-    task = dict(key_len=args.key_len, background=args.background, kv_vocab=args.kv_vocab, v_mark=not args.no_v_mark)
+    if args.needle_repeat < 1:
+        raise ValueError(f"--needle-repeat must be >= 1, got {args.needle_repeat}")
+    task = dict(key_len=args.key_len, background=args.background, kv_vocab=args.kv_vocab, v_mark=not args.no_v_mark,
+                repeat=args.needle_repeat)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     out = pathlib.Path(cfg.out)
@@ -180,7 +189,8 @@ def main(argv=None):
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                steps_done=steps_done,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
-               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, v_mark=task["v_mark"], answers_per_bucket=counts,
+               lm_weight=args.lm_weight, kv_vocab=args.kv_vocab, v_mark=task["v_mark"], needle_repeat=args.needle_repeat,
+               answers_per_bucket=counts,
                accuracy_by_depth=acc,
                mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
                gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)

@@ -94,3 +94,12 @@ def test_retrieval_smoke(tmp_path):
             s = int(round(float(d[b, j]) * c.seq_len))
             assert x[b, p - 1] == V - 3 and x[b, s] == V - 1 and x[b, s + 1] == x[b, p] and y[b, p] == a[b, j]
             assert x[b, s + 2] == a[b, j]
+    # needles written 3 times in a row: <k> a c <k> a c <k> a c at the depth the query's answer names
+    x, y, pos, a, d = ret.make_batch(None, c, g, 3, 2, key_len=1, background="random", kv_vocab=8, v_mark=False,
+                                     repeat=3)
+    for b in range(c.batch):
+        assert int((x[b] == V - 1).sum()) == 9
+        for j in range(2):
+            p, s = int(pos[b, j]), int(round(float(d[b, j]) * c.seq_len))
+            assert y[b, p] == a[b, j] and all(x[b, s + 3 * r] == V - 1 and x[b, s + 3 * r + 1] == x[b, p]
+                                              and x[b, s + 3 * r + 2] == a[b, j] for r in range(3))
