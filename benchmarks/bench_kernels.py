@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
@@ -108,8 +109,12 @@ def main():
     a = p.parse_args()
     H, Hkv, D, dt = a.heads, a.kv_heads, a.head_dim, torch.bfloat16
     commit = source_commit()
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-               commit=commit, dtype="bf16", heads=H, kv_heads=Hkv, head_dim=D)
+    from moba.ops import parallel
+    # which kernels ran: the switches of moba/ops/parallel.py (environment variables MOBA_*)
+    switches = {n: getattr(parallel, n) for n in dir(parallel) if n.endswith("_GLUON") or n.startswith("GLUON_")}
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               date=time.strftime("%Y-%m-%d"), commit=commit, dtype="bf16", heads=H, kv_heads=Hkv, head_dim=D,
+               switches=switches)
     print(env, flush=True)
     dense_cache, rows = {}, []
     for name in a.cases.split(","):
