@@ -23,8 +23,8 @@ if [[ $what == decode || $what == all ]]; then
   grep -E "^\||host|^ +[0-9.]+ ms" "$OUT/decode.log"; tail -2 "$OUT/decode.log"
 fi
 if [[ $what == gluon ]]; then
-  # EXPERIMENTAL Gluon dK/dV kernel (MOBA_DKDV_GLUON=1): its GPU test, then fb32k kernel times against the
-  # Triton kernel, ring depths 3 and 4
+  # the Gluon dK/dV kernel (on by default on sm_90; MOBA_DKDV_GLUON=0 is the Triton one): its GPU tests, then
+  # fb32k/fb8k kernel times of the Triton kernel and of the Gluon one with rings of 3 and 4
   timeout 240 python3 -m pytest -q -x tests/test_gpu.py -k gluon -p no:cacheprovider > "$OUT/tests_gluon.log" 2>&1
   tail -3 "$OUT/tests_gluon.log"
   for g in "0 3" "1 3" "1 4"; do set -- $g

@@ -27,8 +27,8 @@ from moba.ops import parallel  # noqa: E402
 from moba.ops.utils import sm90_signature  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-            "DK": "*bf16", "DV_": "*bf16", "ENT": "*i32"}          # the other pointers are int64 tables
+POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "DO": "bf16", "LSE": "fp32", "DELTA": "fp32",
+            "DK": "bf16", "DV_": "bf16", "ENT": "i32"}              # the other pointers are int64 tables
 STRIDES = {"sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "sdo_t", "sdo_h", "sdk_t", "sdk_h", "sdv_t", "sdv_h", "NB"}
 
 
@@ -36,7 +36,7 @@ def compile_dkdv(BM, BN, warps, stages, Hq=32, Hkv=8, D=128, S=2):
     """(registers, spill store bytes, spill load bytes, shared bytes, ttgir) of one config."""
     fn = parallel._dkdv
     cexpr = dict(Hq=Hq, Hkv=Hkv, G=Hq // Hkv, S=S, D=D, DV=D, BM=BM, BN=BN, BD=D, BDV=D, PREC="tf32")
-    sig, const, attrs = sm90_signature(fn, cexpr, {n: t[1:] for n, t in POINTERS.items()}, STRIDES)
+    sig, const, attrs = sm90_signature(fn, cexpr, POINTERS, STRIDES)
     kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})
     regs, st, ld = ptxas_stats(kern.asm["ptx"])

@@ -814,17 +814,14 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
     own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
     gluon = DKDV_GLUON == "all" or (DKDV_GLUON == "1" and not deterministic and lay.cu_q == lay.cu_k)
+    args = (q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end, own_q0, own_q1,
+            lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, sl2, NB)
     if n_kt and gluon and _gluon_usable(q, D, DV, BN, k, v, do):
         from .gluon_dkdv import dkdv_kernel
-        dkdv_kernel[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start,
-                                   lt.blk_end, own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1),
-                                   dv.stride(0), dv.stride(1), scale, sl2, NB, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D,
-                                   BM=32, BN=BN, NS=GLUON_NS, num_warps=8)
+        dkdv_kernel[(n_kt * Hkv,)](*args, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, BM=32, BN=BN, NS=GLUON_NS,
+                                   num_warps=8)
     elif n_kt:
-        _dkdv[(n_kt * Hkv,)](q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end,
-                           own_q0, own_q1, lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
-                           dv.stride(1), scale, sl2, NB, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k,
-                           **launch_k)
+        _dkdv[(n_kt * Hkv,)](*args, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k, **launch_k)
     # dQ: chosen blocks (gathered tiles), then own block + sum
     dq_acc = dqp = None
     if has_sparse:
