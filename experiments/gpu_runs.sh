@@ -11,10 +11,12 @@ curriculum() {
   local p=$1 s1=(${2//:/ }) s2=(${3//:/ }) s3=(${4//:/ }) v f; shift 4
   local C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark
            --eval-batches 16 --block-size 512 --topk 3"
-  timeout ${s1[2]} python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 --batch 64 \
-    --steps ${s1[0]} --lr 3e-3 --max-minutes ${s1[1]} --attn full --out runs/${p}256 > runs/${p}256.log 2>&1
+  # FROM=<checkpoint>: skip stage 1 and start stage 2 from it (another curriculum's stage 1)
+  [[ -n ${FROM:-} ]] || timeout ${s1[2]} python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 \
+    --batch 64 --steps ${s1[0]} --lr 3e-3 --max-minutes ${s1[1]} --attn full --out runs/${p}256 > runs/${p}256.log 2>&1
   timeout ${s2[2]} python3 experiments/retrieval.py $C --seq-len 2048 --batch 16 --steps ${s2[0]} --lr 1e-3 \
-    --max-minutes ${s2[1]} ${S2:---attn full} --init runs/${p}256/ckpt.pt --out runs/${p}2k > runs/${p}2k.log 2>&1
+    --max-minutes ${s2[1]} ${S2:---attn full} --init ${FROM:-runs/${p}256/ckpt.pt} --out runs/${p}2k \
+    > runs/${p}2k.log 2>&1
   for v in "$@"; do
     timeout ${s3[2]} python3 experiments/retrieval.py $C --seq-len 16384 --batch 4 --steps ${s3[0]} --lr 1e-3 \
       --max-minutes ${s3[1]} --init runs/${p}2k/ckpt.pt ${v#*:} --out runs/${p}16k_${v%%:*} > runs/${p}16k_${v%%:*}.log 2>&1
@@ -95,10 +97,12 @@ O)  # N with stage 1 as long as K-M's (N's stopped at 6800 steps, 0.37), blocks 
     S2="--attn moba --block-size 128 --topk 3" curriculum o 12000:3.0:195 3000:1.5:110 5000:2.5:175 \
       "moba128:--attn moba --block-size 128 --topk 12" ;;
 P)  # O with needles written 8 times in a row from the 2K stage on (24-token needles: 8x their share of a
-    # block's mean key), MoBA from 2K on; Q: the same with full attention throughout (the baseline)
-    S2="--attn moba --block-size 128 --topk 3 --needle-repeat 8" curriculum p 12000:3.0:195 3000:1.5:110 \
-      5000:2.5:175 "moba128:--attn moba --block-size 128 --topk 12 --needle-repeat 8" ;;
-Q)  S2="--attn full --needle-repeat 8" curriculum q 12000:3.0:195 3000:1.5:110 1200:1.0:75 \
+    # block's mean key), MoBA from 2K on; Q (the next call, same machine): the same with full attention from
+    # P's stage 1 (the baseline). The 2K stage's limit leaves room for its evaluation (P's first try lost it).
+    S2="--attn moba --block-size 128 --topk 3 --needle-repeat 8" curriculum p 12000:3.0:195 3000:1.5:135 \
+      5000:2.5:190 "moba128:--attn moba --block-size 128 --topk 12 --needle-repeat 8" ;;
+Q)  [[ -f runs/p256/ckpt.pt ]] && export FROM=runs/p256/ckpt.pt
+    S2="--attn full --needle-repeat 8" curriculum q 12000:3.0:195 3000:1.5:135 1200:1.0:100 \
       "full:--attn full --needle-repeat 8" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \

@@ -91,10 +91,12 @@ def main():
               f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
 
     # 5. retrieval as a curriculum (gpu_runs.sh K-M): 256 -> 2K with full attention, then 16K; N, O: MoBA
-    # already at 2K
+    # already at 2K; P, Q: repeated needles
     cur = ["cur_k256", "cur_k2k", "cur_k16k_full", "cur_k16k_hybrid", "cur_k16k_moba", "cur_l256", "cur_l2k",
            "cur_l16k_moba", "cur_m256", "cur_m2k", "cur_m16k_moba128", "cur_n256", "cur_n2k", "cur_n16k_moba",
-           "cur_n16k_moba128", "cur_o256", "cur_o2k", "cur_o16k_moba128"]
+           "cur_n16k_moba128", "cur_o256", "cur_o2k", "cur_o16k_moba128",
+           # P, Q: needles written 8 times in a row from 2K on; Q (full) starts from P's stage 1
+           "cur_p256", "cur_p2k", "cur_p16k_moba128", "cur_q2k", "cur_q16k_full"]
     print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for n in cur:
@@ -107,7 +109,9 @@ def main():
     heat("retrieval_curriculum.png", [("full", "cur_k16k_full"), ("MoBA, last layer full", "cur_k16k_hybrid"),
                                       ("MoBA (0.9 min)", "cur_k16k_moba"), ("MoBA (4 min)", "cur_l16k_moba"),
                                       ("MoBA 128/12 (3.6 min)", "cur_m16k_moba128"),
-                                      ("MoBA-trained 2K, 128/12 (2.5 min)", "cur_o16k_moba128")])
+                                      ("MoBA-trained 2K, 128/12 (2.5 min)", "cur_o16k_moba128"),
+                                      ("needles x8: full", "cur_q16k_full"),
+                                      ("needles x8: MoBA-trained 2K, 128/12", "cur_p16k_moba128")])
 
 
 def heat(fname, rows):

@@ -182,9 +182,10 @@ def main(argv=None):
             hit = (a_logits.argmax(-1).cpu() == a).float().mean().item()
             print(f"step {step + 1}/{cfg.steps}  lm {lm.item():.3f}  answer {answer.item():.3f}  train acc {hit:.2f}",
                   flush=True)
+    # saved before the evaluation, so that a stage cut short by its time limit still feeds the next (--init)
+    torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")
     acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, **task)
     picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, **task)
-    torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")   # for --init
     print("accuracy by depth bucket:", " ".join("-" if x is None else f"{x:.2f}" for x in acc))
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                steps_done=steps_done,

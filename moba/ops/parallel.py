@@ -34,9 +34,9 @@ LN2 = 0.6931471805599453
 PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic contention / memory)
 SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / 16)
 # dK/dV by the Gluon kernel (gluon_dkdv.py; H100: 3.7 ms against `_dkdv`'s 5.0 at fb32k, PERFLOG 31) on
-# sm_90 with 16-bit inputs and D == DV in (64, 128): "1" (default) where its GPU test has covered it so far
-# (every sequence with as many queries as keys, not deterministic), "all" wherever it applies (to test it
-# further), "0" never. GLUON_NS: its ring of row tiles (4 measured 0.5% faster than 3).
+# sm_90 with 16-bit inputs and D == DV in (64, 128): "1" (default; "all" is the same) wherever it applies
+# (its GPU test covers Tq == Tk, Tq < Tk, packed and deterministic batches), "0" never. GLUON_NS: its ring of
+# row tiles (4 measured 0.5% faster than 3).
 DKDV_GLUON = os.environ.get("MOBA_DKDV_GLUON", "1")
 GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
 
@@ -813,7 +813,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     blocks = torch.arange(NB, device=q.device)
     own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
     own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
-    gluon = DKDV_GLUON == "all" or (DKDV_GLUON == "1" and not deterministic and lay.cu_q == lay.cu_k)
+    gluon = DKDV_GLUON in ("1", "all")
     args = (q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end, own_q0, own_q1,
             lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, sl2, NB)
     if n_kt and gluon and _gluon_usable(q, D, DV, BN, k, v, do):
