@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pathlib
 import sys
 import sysconfig
@@ -282,6 +283,14 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def save_checkpoint(ck: pathlib.Path, model, opt, step: int, history: list, wall: float, cfg: Config):
+    """Written to a temporary file and renamed, so that a run killed while saving keeps its last checkpoint."""
+    tmp = ck.with_suffix(".tmp")
+    torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, history=history, wall=wall,
+                    cfg=dataclasses.asdict(cfg)), tmp)
+    os.replace(tmp, ck)
+
+
 def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = None):
     """Train (or resume) and return the evaluation history; ``stop_at`` ends this run early at a step
     (as a time limit would: runs longer than one GPU job chain through --resume)."""
@@ -335,13 +344,11 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
                                 wall_s=wall))
             log(f"eval step {step}: val loss {vl:.4f}  by position bucket "
                 + " ".join(f"{b:.3f}" for b in buckets))
-            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, history=history,
-                            wall=wall, cfg=dataclasses.asdict(cfg)), ck)
+            save_checkpoint(ck, model, opt, step, history, wall, cfg)
     if out_of_time:
         log(f"stopped by --max-minutes at step {step} of {cfg.steps}")
     elif step < cfg.steps:
-        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, history=history,
-                        wall=wall, cfg=dataclasses.asdict(cfg)), ck)
+        save_checkpoint(ck, model, opt, step, history, wall, cfg)
         return history
     (out / "history.json").write_text(json.dumps(dict(cfg=dataclasses.asdict(cfg), history=history, **run_info(device),
                                                       steps_done=step, stopped_early=out_of_time), indent=1))
