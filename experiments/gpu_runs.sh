@@ -107,13 +107,15 @@ Q)  [[ -f runs/p256/ckpt.pt ]] && export FROM=runs/p256/ckpt.pt
 R)  # 1. loss parity at 3x the tokens (6000 steps of 4 x 8K = 197M tokens), seed 0, full then MoBA; each
     # resumes from its last checkpoint (every 250 steps): call R again on the warm machine until both
     # runs print their last evaluation. SECONDS_LEFT (default 540) bounds this call's training.
+    # SEED=n: another seed (runs s8k6k_<attn>_seed<n>)
     end=$((SECONDS + ${SECONDS_LEFT:-540}))
     for a in full moba; do
-      [[ -f runs/s8k6k_$a/history.json ]] && continue
+      n=s8k6k_$a${SEED:+_seed$SEED}
+      [[ -f runs/$n/history.json ]] && continue
       left=$((end - SECONDS)); (( left > 30 )) || break
       timeout $left python3 experiments/train.py $D --preset s8k --steps 6000 --max-minutes 0 --attn $a \
-        --out runs/s8k6k_$a --resume >> runs/s8k6k_$a.log 2>&1
-      grep "^eval" runs/s8k6k_$a.log | tail -2
+        --seed ${SEED:-0} --out runs/$n --resume >> runs/$n.log 2>&1
+      grep "^eval" runs/$n.log | tail -2
     done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \

@@ -69,6 +69,11 @@ def main():
     seeds = ["s8k_full_seed1_h100", "s8k_moba_seed1_h100"]   # the MoBA run was cut by its time guard at 1848
     table(seeds, step=1750, title="8K, seed 1, compared at step 1750")
     table(["s8k_full_seed2_h100", "s8k_moba_seed2_h100"], title="8K, seed 2")
+    # the same at 3x the tokens (6000 steps, gpu_runs.sh R), seeds 0 and 1
+    long8 = [f"s8k6k_{a}{s}_h100" for s in ("", "_seed1") for a in ("full", "moba")]
+    plot("loss_8k_6000.png", "8K context, block 512, topk 3, 6000 steps (seeds 0, 1)", "tokens seen (M)",
+         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in long8])
+    table(long8, title="8K, 6000 steps")
 
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
