@@ -104,6 +104,13 @@ P)  # O with needles written 8 times in a row from the 2K stage on (24-token nee
 Q)  [[ -f runs/p256/ckpt.pt ]] && export FROM=runs/p256/ckpt.pt
     S2="--attn full --needle-repeat 8" curriculum q 12000:3.0:195 3000:1.5:135 1200:1.0:100 \
       "full:--attn full --needle-repeat 8" ;;
+S)  # O's curriculum with blocks of 32 instead of 128 (same sparsity: 12 of 64 blocks at 2K, 48 of 512 at 16K):
+    # a needle is 1/32 of its block's mean instead of 1/128; T (the next call, same machine): full attention
+    # at 2K and 16K from S's stage 1, the baseline
+    S2="--attn moba --block-size 32 --topk 12" curriculum s 12000:3.0:195 3000:1.5:135 5000:2.5:190 \
+      "moba32:--attn moba --block-size 32 --topk 48" ;;
+T)  [[ -f runs/s256/ckpt.pt ]] && export FROM=runs/s256/ckpt.pt
+    S2="--attn full" curriculum t 12000:3.0:195 3000:1.5:135 1200:1.0:100 "full:--attn full" ;;
 R)  # 1. loss parity at 3x the tokens (6000 steps of 4 x 8K = 197M tokens), seed 0, full then MoBA; each
     # resumes from its last checkpoint (every 250 steps): call R again on the warm machine until both
     # runs print their last evaluation. SECONDS_LEFT (default 540) bounds this call's training.

@@ -27,3 +27,30 @@ def test_gluon_dkdv_compiles_for_sm90(D, dtype, NS, ent):
     r = subprocess.run([sys.executable, "-c", CODE.format(D=D, dtype=dtype, NS=NS, ent=ent)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+WS_CODE = """
+import os, subprocess, tempfile
+from moba.ops import gluon_fwd_ws
+from triton.backends.nvidia import compiler as c
+k = gluon_fwd_ws.compile_sm90(D={D}, dtype="{dtype}", NS={NS}, even={even})
+ptx = k.asm["ptx"]
+assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, "no wgmma / TMA copy in the PTX"
+assert 0 < k.metadata.shared <= 227 * 1024, k.metadata.shared
+d = tempfile.mkdtemp(); p = os.path.join(d, "k.ptx"); open(p, "w").write(ptx)
+ptxas = os.path.join(os.path.dirname(c.__file__), "bin", "ptxas")
+out = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.devnull], capture_output=True, text=True)
+assert out.returncode == 0, out.stderr
+assert "C751" not in out.stderr, out.stderr      # ptxas serializing the wgmmas would undo the kernel's point
+print("ok", k.metadata.shared)
+"""
+
+
+@pytest.mark.parametrize("D,dtype,NS,even", [(128, "bf16", 2, True), (64, "fp16", 3, False)])
+def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even):
+    """The warp-specialized forward (gluon_fwd_ws.py): TMA copies and wgmmas, within an H100's shared memory,
+    no wgmma serialization."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", WS_CODE.format(D=D, dtype=dtype, NS=NS, even=even)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -114,3 +114,32 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     got = _errors(lambda a, b, c, return_lse: moba.moba_attention(a, b, c, 128, 3, return_lse=True), q, k, v,
                   lambda a, b, c, return_lse: moba.naive_moba_attention(a, b, c, 128, 3, return_lse=True))
     assert max(got) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lens_q,lens_k,Hq,Hkv,D,bs,topk", [
+    ([3001], [3001], 8, 2, 128, 128, 5),                 # ragged tail
+    ([700, 1, 1500, 90], [700, 1, 1500, 90], 6, 3, 64, 96, 4),   # packed; block not a multiple of 128
+    ([300, 17, 1], [900, 400, 64], 8, 2, 128, 64, 4),     # Tq < Tk; blocks shorter than a key tile
+    ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
+], ids=lambda x: str(x))
+def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
+    """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90): the fp64 reference's
+    output and log-sum-exp within the Triton kernel's error (outputs NaN-poisoned), and the gradients through
+    it within the reference's tolerance."""
+    from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
+    q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
+    if not (gluon_dkdv.usable(q, D, D, 128) and gluon_fwd_ws.usable(k[0], v[0])):
+        pytest.skip("the Gluon kernels need sm_90")
+    ref, ref_lse = moba.naive_moba_attention(q.double(), k.double(), v.double(), bs, topk, return_lse=True, **extra)
+    monkeypatch.setattr(parallel, "FWD_GLUON", "0")
+    tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
+    monkeypatch.setattr(parallel, "FWD_GLUON", "ws")
+    glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
+    assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
+    assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3
+    assert rel_err(glu_lse, ref_lse) <= 1.2 * rel_err(tri_lse, ref_lse) + 1e-4
+    got = _errors(lambda a, b, c, return_lse: moba.moba_attention(a, b, c, bs, topk, return_lse=True, **extra),
+                  q, k, v, lambda a, b, c, return_lse: moba.naive_moba_attention(a, b, c, bs, topk, return_lse=True,
+                                                                                 **extra))
+    assert max(got) < 2e-2, got

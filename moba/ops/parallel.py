@@ -11,6 +11,7 @@ Work is split the way the selection falls (see ../../PERFLOG.md for the why and 
   kv head, block) group; the rows attend the whole block (no mask: chosen blocks are strictly in the
   past) with an online softmax and merge the result into the output and log-sum-exp in place. A row
   has one entry per slot, so a launch never has two programs on one row: no atomics, no partial buffer.
+  On sm_90 its warp-specialized Gluon twin ``gluon_fwd_ws.sparse_fwd_ws_kernel`` (see ``FWD_GLUON``).
 * backward: ``_dkdv`` (one program per key tile of a block and kv head: the block's own queries of
   every head in the group, causally, then the gathered rows that chose it; no atomics; on sm_90 its
   Gluon twin ``gluon_dkdv.dkdv_kernel``, see ``DKDV_GLUON``), ``_sparse_dq``
@@ -39,6 +40,12 @@ SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least;
 # row tiles (4 measured 0.5% faster than 3).
 DKDV_GLUON = os.environ.get("MOBA_DKDV_GLUON", "1")
 GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
+# The chosen blocks' forward by the warp-specialized Gluon kernel (gluon_fwd_ws.py: a TMA loader warp, two
+# consumer warpgroups; H100: 1.64 s against `_sparse_fwd`'s 1.92 at fwd1m, 2% faster at 8K/32K, PERFLOG 35)
+# where it applies (sm_90, 16-bit, D == DV in (64, 128), K/V as [T, Hkv * D] rows): "ws" (default), "0" never.
+# GLUON_WS_NS: its ring of 128-key tiles (2 and 3 measured the same).
+FWD_GLUON = os.environ.get("MOBA_FWD_GLUON", "ws")
+GLUON_WS_NS = int(os.environ.get("MOBA_GLUON_WS_NS", "2"))
 
 
 MAX_HEAD_DIM = 128
@@ -751,6 +758,10 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
     if not sparse or not T:
         return out, lse, sel
+    ws = None
+    if FWD_GLUON == "ws" and _gluon_usable(q, D, DV, 128, k, v, out):
+        from . import gluon_fwd_ws
+        ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
     if means is None:   # fp32 block means: once per call, not per query chunk
         means = block_means(k, lay, lt)
     g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
@@ -762,9 +773,16 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             sel_c.fill_(-1)
         i0, i1 = _tile_range(g_starts, t0, t1)
         _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
-        ent, grp_off, tile_g, tile_e0, tile_cum = _group(sel_c, Hkv, NB, meta["BM"], by_slot=True)
-        grid = (triton.cdiv((t1 - t0) * Hq, meta["BM"]) + NG,)      # >= the tiles of one slot
+        bm = 128 if ws else meta["BM"]
+        ent, grp_off, tile_g, tile_e0, tile_cum = _group(sel_c, Hkv, NB, bm, by_slot=True)
+        grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         for s in range(S):
+            if ws:
+                gluon_fwd_ws.sparse_fwd_ws_kernel[grid](
+                    q, *ws, out, lse, ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end,
+                    q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D,
+                    BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4)
+                continue
             _sparse_fwd[grid](
                 q, k, v, out, lse, ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
