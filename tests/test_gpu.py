@@ -124,7 +124,8 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
 def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
-    """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90): the fp64 reference's
+    """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
+    or more; forced here for every block size): the fp64 reference's
     output and log-sum-exp within the Triton kernel's error (outputs NaN-poisoned), and the gradients through
     it within the reference's tolerance."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
@@ -134,7 +135,7 @@ def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, to
     ref, ref_lse = moba.naive_moba_attention(q.double(), k.double(), v.double(), bs, topk, return_lse=True, **extra)
     monkeypatch.setattr(parallel, "FWD_GLUON", "0")
     tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
-    monkeypatch.setattr(parallel, "FWD_GLUON", "ws")
+    monkeypatch.setattr(parallel, "FWD_GLUON", "all")   # blocks under 128 keys too
     glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
     assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
     assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3

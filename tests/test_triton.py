@@ -82,6 +82,7 @@ def test_triton_inference_in_several_query_chunks(monkeypatch):
     """Force tiny selection chunks: the forward must give the same answer chunk by chunk."""
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "SELECT_BYTES", 1)
+    monkeypatch.setattr(parallel, "FILL_BYTES", 0)        # no minimum of rows per chunk either
     q, k, v, extra = make_inputs([150, 70], [150, 70], 2, 1, 16, dtype=torch.float32, device=DEV)
     ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3, **extra)
     with torch.no_grad():
@@ -101,6 +102,7 @@ def test_triton_each_kernel_with_its_own_tile_sizes(monkeypatch, cfg):
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "CONFIG", dict(cfg))
     monkeypatch.setattr(parallel, "SELECT_BYTES", 1)       # several query chunks, cut at 128 rows
+    monkeypatch.setattr(parallel, "FILL_BYTES", 0)
     q, k, v, extra = make_inputs([150, 1, 200], [150, 9, 200], 4, 2, 16, dtype=torch.float32, device=DEV)
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
 
@@ -134,9 +136,12 @@ GROUP_CASES = [(100, 4, 2, 3, 7, 16), (1, 2, 1, 1, 2, 128), (300, 8, 2, 5, 1100,
 
 
 @pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", GROUP_CASES)
-def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
-    """parallel._group with ``stable`` (the deterministic backward: a stable sort) against plain torch."""
+@pytest.mark.parametrize("spans", [8, 0], ids=["scan1", "scan_split"])
+def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, spans, monkeypatch):
+    """parallel._group with ``stable`` (the deterministic backward: a stable sort) against plain torch; its
+    scan in one program and split over spans of groups."""
     from moba.ops import parallel
+    monkeypatch.setattr(parallel, "SCAN_SPANS", spans)
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
     key, NK, want_off, want_cum, want_g, want_e0 = _groups_in_torch(sel, Hkv, NB, BM, False)
     _, want_ent = torch.sort(key, stable=True)
@@ -146,14 +151,16 @@ def test_triton_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM):
 
 
 @pytest.mark.parametrize("n,Hq,Hkv,S,NB,BM", GROUP_CASES)
-@pytest.mark.parametrize("copies,by_slot", [(8, True), (1, True), (8, False)])
-def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies, by_slot, monkeypatch):
+@pytest.mark.parametrize("copies,by_slot,spans", [(8, True, 8), (1, True, 8), (8, False, 8), (8, True, 0),
+                                                  (1, True, 0)])
+def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies, by_slot, spans, monkeypatch):
     """parallel._group's counting sort (by (slot, kv head, block) for the forward) against plain torch:
     the same groups with the same members (their order inside a group is free), offsets and tile table;
     with 8 copies of the counters and with one (used for very many groups); and by (kv head, block) only,
-    as the backward groups them."""
+    as the backward groups them; the scan in one program and (spans 0) split over spans of groups."""
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "PLACE_COPIES", copies)
+    monkeypatch.setattr(parallel, "SCAN_SPANS", spans)
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
     key, NK, want_off, want_cum, want_g, want_e0 = _groups_in_torch(sel, Hkv, NB, BM, by_slot)
     ent, off, tile_g, tile_e0, tile_cum = parallel._group(sel, Hkv, NB, BM, by_slot=by_slot)

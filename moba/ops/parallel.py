@@ -34,6 +34,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic contention / memory)
 SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / 16)
+SCAN_SPANS = 8           # `_group`'s scan: one program up to this many spans of groups, else one per span
+FILL_BYTES = 1 << 28     # ... or as many rows as fill its groups' tiles by half, up to this much
 # dK/dV by the Gluon kernel (gluon_dkdv.py; H100: 3.7 ms against `_dkdv`'s 5.0 at fb32k, PERFLOG 31) on
 # sm_90 with 16-bit inputs and D == DV in (64, 128): "1" (default; "all" is the same) wherever it applies
 # (its GPU test covers Tq == Tk, Tq < Tk, packed and deterministic batches), "0" never. GLUON_NS: its ring of
@@ -42,7 +44,8 @@ DKDV_GLUON = os.environ.get("MOBA_DKDV_GLUON", "1")
 GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
 # The chosen blocks' forward by the warp-specialized Gluon kernel (gluon_fwd_ws.py: a TMA loader warp, two
 # consumer warpgroups; H100: 1.64 s against `_sparse_fwd`'s 1.92 at fwd1m, 2% faster at 8K/32K, PERFLOG 35)
-# where it applies (sm_90, 16-bit, D == DV in (64, 128), K/V as [T, Hkv * D] rows): "ws" (default), "0" never.
+# where it applies (sm_90, 16-bit, D == DV in (64, 128), K/V as [T, Hkv * D] rows): "ws" (default) for blocks of
+# at least 128 keys (its key tiles are 128 rows), "all" for every block size, "0" never.
 # GLUON_WS_NS: its ring of 128-key tiles (2 and 3 measured the same).
 FWD_GLUON = os.environ.get("MOBA_FWD_GLUON", "ws")
 GLUON_WS_NS = int(os.environ.get("MOBA_GLUON_WS_NS", "2"))
@@ -623,7 +626,15 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG if by_slot else 0, R=R, BLOCK=1024)
     if n_ent:
         _slot_place[grid](sel, cnt, cnt if stable else ent, n_ent, NK, SCATTER=False, **kw)   # writes no ids
-    _slot_scan[(1,)](cnt, grp_off, tile_cum, NK, BM=BM, R=R, BLOCK=2048 // R)
+    blk = 2048 // R
+    n_span = triton.cdiv(NK, blk)
+    if n_span > SCAN_SPANS:     # many groups (small blocks, many slots): the scan in parallel spans
+        part = torch.empty(n_span, 2, dtype=torch.int64, device=dev)
+        _scan_part[(n_span,)](cnt, part, NK, BM=BM, R=R, BLOCK=blk)
+        base = part.cumsum(0) - part
+        _slot_scan[(n_span,)](cnt, grp_off, tile_cum, base, NK, BM=BM, R=R, BLOCK=blk, SPLIT=True)
+    else:
+        _slot_scan[(1,)](cnt, grp_off, tile_cum, cnt, NK, BM=BM, R=R, BLOCK=blk, SPLIT=False)
     if stable:
         key = torch.empty(n_ent, dtype=torch.int32, device=dev)
         if n_ent:
@@ -652,16 +663,38 @@ def _slot_place(SEL, CNT, ENT, n_ent, NK, Hq: tl.constexpr, S: tl.constexpr, G: 
 
 
 @triton.jit
-def _slot_scan(CNT, GRP_OFF, TILE_CUM, NK, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: GRP_OFF = exclusive prefix sum of the counts (summed over the R copies), CNT[r, g] :=
-    the first position of copy r's entries in group g (the scatter's cursors); TILE_CUM[g + 1] = tiles
-    of BM entries in groups 0..g, TILE_CUM[0] = 0."""
-    c_e = tl.zeros([1], tl.int64).sum(0)
-    c_t = tl.zeros([1], tl.int64).sum(0)
+def _scan_part(CNT, PART, NK, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """Per span of BLOCK groups (one program each): its entries and its tiles of BM entries, into PART[2 * pid + 0/1]
+    (the first pass of `_slot_scan`'s split form)."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     o_r = tl.arange(0, R)
-    for c0 in range(0, NK, BLOCK):
+    c = tl.sum(tl.load(CNT + o_r[:, None] * NK + g[None, :], mask=g[None, :] < NK, other=0).to(tl.int64), 0)
+    tl.store(PART + 2 * tl.program_id(0), tl.sum(c, 0))
+    tl.store(PART + 2 * tl.program_id(0) + 1, tl.sum((c + BM - 1) // BM, 0))
+
+
+@triton.jit
+def _slot_scan(CNT, GRP_OFF, TILE_CUM, BASE, NK, BM: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """GRP_OFF = exclusive prefix sum of the counts (summed over the R copies), CNT[r, g] := the first position
+    of copy r's entries in group g (the scatter's cursors); TILE_CUM[g + 1] = tiles of BM entries in groups
+    0..g, TILE_CUM[0] = 0. One program over all groups, or (SPLIT) one per span of BLOCK groups starting from
+    BASE[2 * pid + 0/1], the entries and tiles before its span (`_scan_part`, then an exclusive cumsum)."""
+    pid = tl.program_id(0)
+    if SPLIT:
+        c_e = tl.load(BASE + 2 * pid)
+        c_t = tl.load(BASE + 2 * pid + 1)
+        lo = pid * BLOCK
+        hi = tl.minimum(lo + BLOCK, NK)
+    else:
+        c_e = tl.zeros([1], tl.int64).sum(0)
+        c_t = tl.zeros([1], tl.int64).sum(0)
+        lo = 0
+        hi = NK
+    o_r = tl.arange(0, R)
+    for c0 in range(lo, hi, BLOCK):
         g = c0 + tl.arange(0, BLOCK)
-        m = g < NK
+        m = g < hi
         p = CNT + o_r[:, None] * NK + g[None, :]
         c2 = tl.load(p, mask=m[None, :], other=0).to(tl.int64)          # [R, BLOCK]
         c = tl.sum(c2, 0)
@@ -672,8 +705,9 @@ def _slot_scan(CNT, GRP_OFF, TILE_CUM, NK, BM: tl.constexpr, R: tl.constexpr, BL
         tl.store(TILE_CUM + 1 + g, c_t + tl.cumsum(n_t, 0), mask=m)
         c_e += tl.sum(c, 0)
         c_t += tl.sum(n_t, 0)
-    tl.store(GRP_OFF + NK, c_e)
-    tl.store(TILE_CUM, c_t * 0)
+    if pid == tl.num_programs(0) - 1:
+        tl.store(GRP_OFF + NK, c_e)
+        tl.store(TILE_CUM, c_t * 0)
 
 
 @triton.jit
@@ -751,17 +785,22 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             q, k, v, out, lse, q0, q1, p0, kb,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
-    # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
+    ws = None
+    if sparse and (FWD_GLUON == "all" or FWD_GLUON == "ws" and lay.block_size >= 128) and _gluon_usable(q, D, DV, 128, k, v, out):
+        from . import gluon_fwd_ws
+        ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
+    bm = 128 if ws else meta["BM"]
     per_row = Hq * max(S, 1) * 8                                   # sel + entry id, int32 each
     budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
-    chunk = min(T, max(128, (budget // per_row) // 128 * 128), (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
+    # ... but enough rows that a (slot, kv head, block) group gets half a tile of them on average: with small
+    # blocks and few heads, short chunks leave every tile nearly empty and multiply the launches (PERFLOG 36)
+    fill = min(Hkv * NB * bm // (2 * Hq), FILL_BYTES // per_row)
+    chunk = min(T, max(128, (budget // per_row) // 128 * 128, -(-fill // 128) * 128),
+                (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
+    # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
     sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
     if not sparse or not T:
         return out, lse, sel
-    ws = None
-    if FWD_GLUON == "ws" and _gluon_usable(q, D, DV, 128, k, v, out):
-        from . import gluon_fwd_ws
-        ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
     if means is None:   # fp32 block means: once per call, not per query chunk
         means = block_means(k, lay, lt)
     g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
@@ -773,7 +812,6 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             sel_c.fill_(-1)
         i0, i1 = _tile_range(g_starts, t0, t1)
         _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
-        bm = 128 if ws else meta["BM"]
         ent, grp_off, tile_g, tile_e0, tile_cum = _group(sel_c, Hkv, NB, bm, by_slot=True)
         grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         for s in range(S):
