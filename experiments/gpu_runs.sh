@@ -109,6 +109,9 @@ S)  # O's curriculum with blocks of 32 instead of 128 (same sparsity: 12 of 64 b
     # at 2K and 16K from S's stage 1, the baseline
     S2="--attn moba --block-size 32 --topk 12" curriculum s 12000:3.0:195 3000:1.5:135 5000:2.5:190 \
       "moba32:--attn moba --block-size 32 --topk 48" ;;
+U)  # S again after the small-block fix of PERFLOG 36 (blocks of 32 trained ~9x faster), stages cut to fit a call
+    S2="--attn moba --block-size 32 --topk 12" curriculum u 12000:2.7:180 3000:1.3:120 5000:2.3:170 \
+      "moba32:--attn moba --block-size 32 --topk 48" ;;
 T)  [[ -f runs/s256/ckpt.pt ]] && export FROM=runs/s256/ckpt.pt
     S2="--attn full" curriculum t 12000:3.0:195 3000:1.5:135 1200:1.0:100 "full:--attn full" ;;
 R)  # 1. loss parity at 3x the tokens (6000 steps of 4 x 8K = 197M tokens), seed 0, full then MoBA; each
