@@ -101,7 +101,9 @@ def main():
            "cur_l16k_moba", "cur_m256", "cur_m2k", "cur_m16k_moba128", "cur_n256", "cur_n2k", "cur_n16k_moba",
            "cur_n16k_moba128", "cur_o256", "cur_o2k", "cur_o16k_moba128",
            # P, Q: needles written 8 times in a row from 2K on; Q (full) starts from P's stage 1
-           "cur_p256", "cur_p2k", "cur_p16k_moba128", "cur_q2k", "cur_q16k_full"]
+           "cur_p256", "cur_p2k", "cur_p16k_moba128", "cur_q2k", "cur_q16k_full",
+           # S, U: blocks of 32 from 2K on (U after the small-block kernel fix: ~9x faster steps)
+           "cur_s256", "cur_s2k", "cur_s16k_moba32", "cur_u256", "cur_u2k", "cur_u16k_moba32"]
     print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for n in cur:
@@ -116,7 +118,8 @@ def main():
                                       ("MoBA 128/12 (3.6 min)", "cur_m16k_moba128"),
                                       ("MoBA-trained 2K, 128/12 (2.5 min)", "cur_o16k_moba128"),
                                       ("needles x8: full", "cur_q16k_full"),
-                                      ("needles x8: MoBA-trained 2K, 128/12", "cur_p16k_moba128")])
+                                      ("needles x8: MoBA-trained 2K, 128/12", "cur_p16k_moba128"),
+                                      ("MoBA-trained 2K, 32/48 (U)", "cur_u16k_moba32")])
 
 
 def heat(fname, rows):

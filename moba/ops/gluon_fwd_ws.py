@@ -96,6 +96,7 @@ def _consumer(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, e0, e1, live, t0,
     o_do = gl.arange(0, D, layout=gl.SliceLayout(0, mma_o))
     p_o = O + t_o[:, None] * so_t + h_o[:, None] * so_h + o_do[None, :]
     m_o = m_r[:, None] & (o_do[None, :] < D)
+    # the merge of `parallel._sparse_fwd`, line for line (a Gluon kernel cannot call a Triton jit function)
     b_lo = gl.load(LSE + t_o * Hq + h_o, mask=m_r, other=0.) * 1.4426950408889634
     b_oo = gl.load(p_o, mask=m_o, other=0.).to(gl.float32)
     b_lb = gl.convert_layout(b_m + gl.log2(b_l), ro)
