@@ -7,10 +7,10 @@ OUT=${OUT:-out}; mkdir -p "$OUT" runs
 D="--corpus stdlib+site --max-corpus-mb 150 --data-dir runs/data"
 # retrieval as a curriculum (stages J-N): full attention at 256 tokens, then 2K (attention: $S2, full by
 # default), then each 16K variant (name:arguments) from the 2K model; stages as steps:minutes:timeout-seconds
+RC="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark
+    --eval-batches 16 --block-size 512 --topk 3"     # the retrieval task of the curricula
 curriculum() {
-  local p=$1 s1=(${2//:/ }) s2=(${3//:/ }) s3=(${4//:/ }) v f; shift 4
-  local C="--pairs 16 --queries 16 --key-len 1 --background random --lm-weight 0 --kv-vocab 32 --no-v-mark
-           --eval-batches 16 --block-size 512 --topk 3"
+  local p=$1 s1=(${2//:/ }) s2=(${3//:/ }) s3=(${4//:/ }) v f C=$RC; shift 4
   # FROM=<checkpoint>: skip stage 1 and start stage 2 from it (another curriculum's stage 1)
   [[ -n ${FROM:-} ]] || timeout ${s1[2]} python3 experiments/retrieval.py $C --pairs 8 --queries 8 --seq-len 256 \
     --batch 64 --steps ${s1[0]} --lr 3e-3 --max-minutes ${s1[1]} --attn full --out runs/${p}256 > runs/${p}256.log 2>&1
@@ -111,6 +111,17 @@ S)  # O's curriculum with blocks of 32 instead of 128 (same sparsity: 12 of 64 b
       "moba32:--attn moba --block-size 32 --topk 48" ;;
 U)  # S again after the small-block fix of PERFLOG 36 (blocks of 32 trained ~9x faster), stages cut to fit a call
     S2="--attn moba --block-size 32 --topk 12" curriculum u 12000:2.7:180 3000:1.3:120 5000:2.3:170 \
+      "moba32:--attn moba --block-size 32 --topk 48" ;;
+V1) # a stage 1 that reaches ~0.8 (P, S, U stopped at 0.37 after 7-8K steps): 256 tokens, full attention, 8.5 minutes;
+    # then V2 on the same warm machine (call it at once: the machine keeps runs/ only while warm)
+    timeout 560 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
+      --lr 3e-3 --max-minutes 8.5 --attn full --out runs/v256 > runs/v256.log 2>&1
+    echo "runs/v256.log: $(grep -h 'step ' runs/v256.log | tail -1)"; grep -h "accuracy by depth" runs/v256.log ;;
+V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
+    [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
+    export FROM=runs/v256/ckpt.pt
+    S2="--attn full" curriculum vf 0:0:0 3000:1.5:120 1200:1.0:100 "full:--attn full"
+    S2="--attn moba --block-size 32 --topk 12" curriculum vm 0:0:0 3000:1.5:120 5000:2.3:170 \
       "moba32:--attn moba --block-size 32 --topk 48" ;;
 T)  [[ -f runs/s256/ckpt.pt ]] && export FROM=runs/s256/ckpt.pt
     S2="--attn full" curriculum t 12000:3.0:195 3000:1.5:135 1200:1.0:100 "full:--attn full" ;;
