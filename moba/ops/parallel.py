@@ -785,8 +785,9 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             q, k, v, out, lse, q0, q1, p0, kb,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
-    ws = None
-    if sparse and (FWD_GLUON == "all" or FWD_GLUON == "ws" and lay.block_size >= 128) and _gluon_usable(q, D, DV, 128, k, v, out):
+    ws = None    # the Gluon forward's K/V descriptors, where it runs (FWD_GLUON)
+    wanted = FWD_GLUON == "all" or FWD_GLUON == "ws" and lay.block_size >= 128
+    if sparse and wanted and _gluon_usable(q, D, DV, 128, k, v, out):
         from . import gluon_fwd_ws
         ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
     bm = 128 if ws else meta["BM"]
@@ -814,18 +815,17 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
         ent, grp_off, tile_g, tile_e0, tile_cum = _group(sel_c, Hkv, NB, bm, by_slot=True)
         grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
+        tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
             if ws:
                 gluon_fwd_ws.sparse_fwd_ws_kernel[grid](
-                    q, *ws, out, lse, ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end,
-                    q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D,
-                    BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4)
-                continue
-            _sparse_fwd[grid](
-                q, k, v, out, lse, ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
-                EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
+                    q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
+                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4)
+            else:
+                _sparse_fwd[grid](
+                    q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                    v.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
+                    EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel
 
 
