@@ -116,7 +116,6 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     assert max(got) < 2e-2
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("lens_q,lens_k,Hq,Hkv,D,bs,topk", [
     ([3001], [3001], 8, 2, 128, 128, 5),                 # ragged tail
@@ -124,10 +123,9 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([300, 17, 1], [900, 400, 64], 8, 2, 128, 64, 4),     # Tq < Tk; blocks shorter than a key tile
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
-def test_gpu_gluon_fwd_ws(monkeypatch, overlap, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
+def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
-    or more; forced here for every block size), with and without FA3's intra-warpgroup overlap: the fp64
-    reference's
+    or more; forced here for every block size): the fp64 reference's
     output and log-sum-exp within the Triton kernel's error (outputs NaN-poisoned), and the gradients through
     it within the reference's tolerance."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
@@ -138,7 +136,6 @@ def test_gpu_gluon_fwd_ws(monkeypatch, overlap, dtype, lens_q, lens_k, Hq, Hkv, 
     monkeypatch.setattr(parallel, "FWD_GLUON", "0")
     tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
     monkeypatch.setattr(parallel, "FWD_GLUON", "all")   # blocks under 128 keys too
-    monkeypatch.setattr(parallel, "GLUON_WS_OVERLAP", overlap)
     glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
     assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
     assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3

@@ -17,9 +17,8 @@ only at mbarriers:
 
 Same grid and tables as `_sparse_fwd` (tile table built with BM = 128). Requires D == DV in (64, 128),
 16-bit inputs, K and V with unit stride over D and a head stride of D (the [T, Hkv * D] view), 16-byte
-aligned (`usable`); elsewhere the Triton kernel runs. Each consumer still waits for its own S = Q K^T before
-its softmax: FA3's intra-warpgroup overlap (S of the next tile issued before this tile's softmax) is the
-next step.
+aligned (`usable`); elsewhere the Triton kernel runs. Each consumer waits for its own S = Q K^T before its
+softmax; FA3's intra-warpgroup overlap was measured slower here (PERFLOG 37).
 """
 from __future__ import annotations
 
@@ -86,12 +85,13 @@ def _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq: gl.
 @gluon.jit
 def _consumer(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, e0, e1, live, t0, ks, ke, n_tiles, sq_t, sq_h,
               so_t, so_h, scale_log2, Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
-              BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr, OVERLAP: gl.constexpr):
+              BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr):
     """One warpgroup: rows r0 .. r0 + BM of the tile (BM = 64) against every key tile, then the merge.
 
-    OVERLAP (FA3's intra-warpgroup overlap): S of key tile j is issued together with the P V product of tile
-    j - 1, and tile j's softmax runs while that product is on the tensor cores; otherwise each tile's
-    softmax waits for its own S and its P V product retires before the next tile starts."""
+    Each tile's softmax waits for its own S and its P V product retires before the next tile starts. FA3's
+    intra-warpgroup overlap (S of tile j issued with tile j-1's P V product, the softmax under it) was tried
+    (commit e195f42) and measured slower on an H100 at 8K, 32K and 1M (PERFLOG 37); not profiled, but
+    plausibly the two consumer warpgroups already hide each other's softmax."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
@@ -104,73 +104,33 @@ def _consumer(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, e0, e1, live, t0,
     acc = gl.zeros([BM, D], gl.float32, layout=mma_o)
     b_m = gl.full([BM], float("-inf"), gl.float32, layout=rs)
     b_l = gl.zeros([BM], gl.float32, layout=rs)
-    if OVERLAP:
-        if n_tiles > 0:     # programs past the slot's tiles have none (the loader copies nothing for them)
-            # tile 0: S, softmax; its P V product goes out with tile 1's S
-            mbarrier.wait(ready.index(0), 0)
-            st = hopper.warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            st = hopper.warpgroup_mma_wait(0, deps=[st])
-            st = st * scale_log2
-            if not EVEN:
-                o_n = ks + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-                st = gl.where((o_n < ke)[None, :], st, float("-inf"))
-            b_m = gl.max(st, 1)
-            p = gl.exp2(st - b_m[:, None])
-            b_l = gl.sum(p, 1)
-            pa = gl.convert_layout(p.to(dt), dot_a)
-            for j in range(1, n_tiles):
-                s = j % NS
-                sp = (j - 1) % NS
-                mbarrier.wait(ready.index(s), (j // NS) & 1)
-                st = hopper.warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                acc = hopper.warpgroup_mma(pa, v_s.index(sp), acc, is_async=True)
-                st = hopper.warpgroup_mma_wait(1, deps=[st])          # S_j retired; P_{j-1} V_{j-1} may still run
-                st = st * scale_log2
-                if not EVEN:
-                    o_n = ks + j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-                    st = gl.where((o_n < ke)[None, :], st, float("-inf"))
-                m_new = gl.maximum(b_m, gl.max(st, 1))
-                p = gl.exp2(st - m_new[:, None])
-                alpha = gl.exp2(b_m - m_new)
-                b_l = b_l * alpha + gl.sum(p, 1)
-                b_m = m_new
-                acc = hopper.warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(empty.index(sp), count=1)
-                acc = acc * gl.convert_layout(alpha, ro)[:, None]
-                pa = gl.convert_layout(p.to(dt), dot_a)
-            sl = (n_tiles - 1) % NS
-            acc = hopper.warpgroup_mma(pa, v_s.index(sl), acc, is_async=True)
-            acc = hopper.warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(empty.index(sl), count=1)
-            _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq, S, D, BM, ro, mma_o)
-    else:
-        for j in range(n_tiles):
-            s = j % NS
-            mbarrier.wait(ready.index(s), (j // NS) & 1)
-            st = hopper.warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            st = hopper.warpgroup_mma_wait(0, deps=[st])
-            st = st * scale_log2
-            if not EVEN:
-                o_n = ks + j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-                st = gl.where((o_n < ke)[None, :], st, float("-inf"))
-            m_new = gl.maximum(b_m, gl.max(st, 1))
-            p = gl.exp2(st - m_new[:, None])
-            alpha = gl.exp2(b_m - m_new)
-            b_l = b_l * alpha + gl.sum(p, 1)
-            b_m = m_new
-            acc = acc * gl.convert_layout(alpha, ro)[:, None]
-            pa = gl.convert_layout(p.to(dt), dot_a)
-            acc = hopper.warpgroup_mma(pa, v_s.index(s), acc, is_async=True)
-            acc = hopper.warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(empty.index(s), count=1)
-        _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq, S, D, BM, ro, mma_o)
+    for j in range(n_tiles):
+        s = j % NS
+        mbarrier.wait(ready.index(s), (j // NS) & 1)
+        st = hopper.warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        st = hopper.warpgroup_mma_wait(0, deps=[st])
+        st = st * scale_log2
+        if not EVEN:
+            o_n = ks + j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
+            st = gl.where((o_n < ke)[None, :], st, float("-inf"))
+        m_new = gl.maximum(b_m, gl.max(st, 1))
+        p = gl.exp2(st - m_new[:, None])
+        alpha = gl.exp2(b_m - m_new)
+        b_l = b_l * alpha + gl.sum(p, 1)
+        b_m = m_new
+        acc = acc * gl.convert_layout(alpha, ro)[:, None]
+        pa = gl.convert_layout(p.to(dt), dot_a)
+        acc = hopper.warpgroup_mma(pa, v_s.index(s), acc, is_async=True)
+        acc = hopper.warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index(s), count=1)
+    _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq, S, D, BM, ro, mma_o)
 
 
 @gluon.jit
 def sparse_fwd_ws_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START, BLK_END,
                          sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot,
                          Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
-                         EVEN: gl.constexpr, OVERLAP: gl.constexpr = False):
+                         EVEN: gl.constexpr):
     """One program per tile of 128 gathered rows (two warpgroups of 64) of one slot's group (kv head,
     block). Launched with num_warps=4 (the first consumer); the second consumer and the loader are worker
     partitions."""
@@ -203,9 +163,9 @@ def sparse_fwd_ws_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_C
 
     gl.warp_specialize([
         (_consumer, (Q, O, LSE, ENT, q0_s, k_s, v_s, ready, empty, 0, e0, e1, live, t0, ks, ke, n_tiles, sq_t, sq_h,
-                     so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS, EVEN, OVERLAP)),
+                     so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS, EVEN)),
         (_consumer, (Q, O, LSE, ENT, q1_s, k_s, v_s, ready, empty, BM, e0, e1, live, t0, ks, ke, n_tiles, sq_t, sq_h,
-                     so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS, EVEN, OVERLAP)),
+                     so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS, EVEN)),
         (_loader, (k_desc, v_desc, k_s, v_s, ready, empty, ks.to(gl.int32), (i_g * D).to(gl.int32), n_tiles, BN, NS)),
     ], [4, 1], [232, 40])
     for i in gl.static_range(NS):
@@ -227,8 +187,7 @@ def usable(k, v) -> bool:
                for x in (k, v))
 
 
-def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True,
-                 overlap: bool = False):
+def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True):
     """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`)."""
     import torch
     import triton
@@ -237,7 +196,7 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
     from triton.runtime.jit import mangle_type
     from .utils import sm90_signature
     fn = sparse_fwd_ws_kernel
-    cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, OVERLAP=overlap)
+    cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even)
     ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot"}
     ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))

@@ -49,9 +49,6 @@ GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
 # GLUON_WS_NS: its ring of 128-key tiles (2 and 3 measured the same).
 FWD_GLUON = os.environ.get("MOBA_FWD_GLUON", "ws")
 GLUON_WS_NS = int(os.environ.get("MOBA_GLUON_WS_NS", "2"))
-# GLUON_WS_OVERLAP: FA3's intra-warpgroup overlap in that kernel (S of key tile j issued with tile j-1's P V
-# product, softmax under the product), "1" on, "0" off.
-GLUON_WS_OVERLAP = os.environ.get("MOBA_GLUON_WS_OVERLAP", "0") == "1"
 
 
 MAX_HEAD_DIM = 128
@@ -823,8 +820,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             if ws:
                 gluon_fwd_ws.sparse_fwd_ws_kernel[grid](
                     q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
-                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0,
-                    OVERLAP=GLUON_WS_OVERLAP, num_warps=4)
+                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4)
             else:
                 _sparse_fwd[grid](
                     q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
