@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 import moba  # noqa: E402
-from moba.bench import pair_fraction, profile_call, source_commit  # noqa: E402
+from moba.bench import cuda_graph, pair_fraction, profile_call, source_commit  # noqa: E402
 from moba.ops.utils import validate, pack  # noqa: E402
 
 K, M = 1024, 1024 * 1024
@@ -104,6 +104,8 @@ def main():
     p.add_argument("--dense", default="cudnn,flash", help="dense backends to time ('' for none)")
     p.add_argument("--flash-max", type=int, default=128 * K, help="time the flash backend up to this T")
     p.add_argument("--json", default=None)
+    p.add_argument("--graph", action="store_true",
+                   help="forward cases under 256K: also time MoBA and the dense backends replayed from a CUDA graph")
     p.add_argument("--profile", action="store_true",
                    help="per MoBA case: host time per call and the GPU kernels' share (torch.profiler)")
     a = p.parse_args()
@@ -128,18 +130,25 @@ def main():
                 be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[dn]
                 try:
                     fn = step(dense_fn(be), q, k, v, fb)
-                    dense_cache[key] = (timeit(fn, long), peak(fn))
+                    dense_cache[key] = (timeit(fn, long), peak(fn),
+                                        timeit(cuda_graph(fn)[0]) if a.graph and not (fb or long) else float("nan"))
                 except RuntimeError as e:
                     print(f"  {dn} failed at T={T}: {str(e).splitlines()[0][:120]}", flush=True)
-                    dense_cache[key] = (float("nan"), float("nan"))
+                    dense_cache[key] = (float("nan"),) * 3
                 torch.cuda.empty_cache()
-            row[f"{dn}_ms"], row[f"{dn}_peak_gib"] = dense_cache[key]
+            row[f"{dn}_ms"], row[f"{dn}_peak_gib"], g_ms = dense_cache[key]
+            if g_ms == g_ms:
+                row[f"{dn}_graph_ms"] = g_ms
         fn = step(lambda a_, b_, c_: moba.moba_attention(a_, b_, c_, bs, topk), q, k, v, fb)
         row["moba_ms"] = timeit(fn, long)
         row["moba_peak_gib"] = peak(fn)
         dense = [row[f"{d}_ms"] for d in a.dense.split(",") if f"{d}_ms" in row and row[f"{d}_ms"] == row[f"{d}_ms"]]
         row["best_dense_ms"] = min(dense) if dense else float("nan")
         row["speedup"] = row["best_dense_ms"] / row["moba_ms"]
+        if a.graph and not (fb or long):
+            row["moba_graph_ms"] = timeit(cuda_graph(fn)[0])   # no host work: the kernels alone
+            g_dense = [row[f"{d}_graph_ms"] for d in a.dense.split(",") if f"{d}_graph_ms" in row]
+            row["speedup_graph"] = min(g_dense) / row["moba_graph_ms"] if g_dense else float("nan")
         flops = 4 * D * H * row["frac_pairs"] * T * (T + 1) / 2 * (3.5 if fb else 1.0)
         row["moba_eff_tflops"] = flops / row["moba_ms"] / 1e9
         if not fb:   # the gate alone: block means + the Triton top-k kernel
@@ -164,6 +173,15 @@ def main():
               f"{r.get('cudnn_ms', float('nan')):.2f} | {r.get('flash_ms', float('nan')):.2f} | {r['moba_ms']:.2f} | "
               f"{r['speedup']:.2f}x | {r['moba_eff_tflops']:.0f} | {r.get('gate_ms', float('nan')):.2f} | "
               f"{r.get('cudnn_peak_gib', float('nan')):.2f} / {r['moba_peak_gib']:.2f} |")
+    if any("moba_graph_ms" in r for r in rows):
+        print()
+        print("| case | cuDNN graph ms | flash graph ms | MoBA graph ms | speedup (graphs) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            if "moba_graph_ms" in r:
+                print(f"| {r['case']} | {r.get('cudnn_graph_ms', float('nan')):.3f} | "
+                      f"{r.get('flash_graph_ms', float('nan')):.3f} | {r['moba_graph_ms']:.3f} | "
+                      f"{r['speedup_graph']:.2f}x |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

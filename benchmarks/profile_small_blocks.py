@@ -1,12 +1,21 @@
 """Where one forward+backward of MoBA goes with small blocks at the same sparsity (CUDA): the retrieval
 experiments' attention shape (16K tokens x batch 4, 4 query / 2 KV heads, D 64, bf16), blocks of 128, 64
-and 32 with 12, 24 and 48 chosen blocks. Prints `moba.bench.profile_call`'s host and per-kernel GPU times."""
+and 32 with 12, 24 and 48 chosen blocks. Prints `moba.bench.profile_call`'s host and per-kernel GPU times, and
+the peak memory of one forward+backward (allocated above the inputs) against SDPA's cuDNN backend."""
 import argparse
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import moba
-from moba.bench import profile_call
+from moba.bench import peak_bytes, profile_call
+
+
+def cudnn(q, k, v):
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
 def main():
@@ -21,7 +30,22 @@ def main():
     for c in a.configs.split(","):
         bs, topk = (int(x) for x in c.split(":"))
         print(f"block {bs}, topk {topk}: B={B} T={T} Hq={Hq} Hkv={Hkv} D={D} bf16, forward+backward", flush=True)
-        profile_call(lambda: moba.moba_attention(q, k, v, bs, topk).sum().backward(), top=10)
+        step = lambda: moba.moba_attention(q, k, v, bs, topk).sum().backward()   # noqa: E731
+        profile_call(step, top=10)
+        for x in (q, k, v):
+            x.grad = None
+        m = peak_bytes(step, q.device) / 2**30
+        for x in (q, k, v):
+            x.grad = None
+        try:
+            c = peak_bytes(lambda: cudnn(q, k, v).sum().backward(), q.device) / 2**30
+        except RuntimeError as e:
+            print("  cuDNN failed:", str(e).splitlines()[0][:120])
+            c = float("nan")
+        for x in (q, k, v):
+            x.grad = None
+        print(f"  peak GiB (forward+backward, above the inputs): MoBA {m:.3f}, cuDNN {c:.3f} ({m / c:.2f}x)",
+              flush=True)
 
 
 if __name__ == "__main__":

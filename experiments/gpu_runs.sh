@@ -117,6 +117,17 @@ V1) # a stage 1 that reaches ~0.8 (P, S, U stopped at 0.37 after 7-8K steps): 25
     timeout 560 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
       --lr 3e-3 --max-minutes 8.5 --attn full --out runs/v256 > runs/v256.log 2>&1
     echo "runs/v256.log: $(grep -h 'step ' runs/v256.log | tail -1)"; grep -h "accuracy by depth" runs/v256.log ;;
+W1) # V1 with four seeds side by side (the 256-token model leaves the GPU mostly idle; 16 CPU cores): V1 stalled
+    # at 0.39 (seed 0, 19.5K steps) where K-M-O reached 0.71-0.90; the best of the four becomes runs/v256 for V2
+    for s in 1 2 3 4; do
+      timeout 560 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
+        --lr 3e-3 --max-minutes 8.3 --attn full --seed $s --out runs/w256_$s > runs/w256_$s.log 2>&1 &
+    done
+    wait
+    best=$(python3 -c "import json; r = {s: json.load(open(f'runs/w256_{s}/retrieval.json'))['mean_accuracy']
+for s in (1, 2, 3, 4)}; print(r, file=__import__('sys').stderr); print(max(r, key=r.get))")
+    rm -rf runs/v256; cp -r runs/w256_$best runs/v256; cp runs/v256/ckpt.pt "$OUT/"; echo "best: seed $best"
+    for s in 1 2 3 4; do echo "runs/w256_$s.log: $(grep -h 'step ' runs/w256_$s.log | tail -1)"; done ;;
 V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
     [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
     export FROM=runs/v256/ckpt.pt
@@ -135,6 +146,17 @@ R)  # 1. loss parity at 3x the tokens (6000 steps of 4 x 8K = 197M tokens), seed
       [[ -f runs/$n/history.json ]] && continue
       left=$((end - SECONDS)); (( left > 30 )) || break
       timeout $left python3 experiments/train.py $D --preset s8k --steps 6000 --max-minutes 0 --attn $a \
+        --seed ${SEED:-0} --out runs/$n --resume >> runs/$n.log 2>&1
+      grep "^eval" runs/$n.log | tail -2
+    done ;;
+R2) # 4. the hybrids at R's scale (6000 steps, seed 0), resumable as R: MoBA for 90% of the steps then full; MoBA
+    # with the last 2 layers full. Compare with R's full (1.9785) and MoBA (2.0206)
+    end=$((SECONDS + ${SECONDS_LEFT:-540}))
+    for v in "until90:--attn moba --moba-until 0.9" "last2:--attn moba --full-last 2"; do
+      n=s8k6k_${v%%:*}${SEED:+_seed$SEED}
+      [[ -f runs/$n/history.json ]] && continue
+      left=$((end - SECONDS)); (( left > 30 )) || break
+      timeout $left python3 experiments/train.py $D --preset s8k --steps 6000 --max-minutes 0 ${v#*:} \
         --seed ${SEED:-0} --out runs/$n --resume >> runs/$n.log 2>&1
       grep "^eval" runs/$n.log | tail -2
     done ;;

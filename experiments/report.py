@@ -71,9 +71,15 @@ def main():
     table(["s8k_full_seed2_h100", "s8k_moba_seed2_h100"], title="8K, seed 2")
     # the same at 3x the tokens (6000 steps, gpu_runs.sh R), seeds 0 and 1
     long8 = [f"s8k6k_{a}{s}_h100" for s in ("", "_seed1") for a in ("full", "moba")]
+    hyb8 = ["s8k6k_until90_h100", "s8k6k_last2_h100"]     # 4. the hybrids at this scale (gpu_runs.sh R2), seed 0
     plot("loss_8k_6000.png", "8K context, block 512, topk 3, 6000 steps (seeds 0, 1)", "tokens seen (M)",
          [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in long8])
-    table(long8, title="8K, 6000 steps")
+    plot("hybrid_8k_6000.png", "8K, 6000 steps, seed 0: full, MoBA and the hybrids", "tokens seen (M)",
+         [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in [
+             ("full", "s8k6k_full_h100"), ("MoBA", "s8k6k_moba_h100"),
+             ("MoBA, then full for the last 10%", "s8k6k_until90_h100"),
+             ("MoBA, last 2 layers full", "s8k6k_last2_h100")]])
+    table(long8 + hyb8, title="8K, 6000 steps")
 
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
@@ -103,7 +109,14 @@ def main():
            # P, Q: needles written 8 times in a row from 2K on; Q (full) starts from P's stage 1
            "cur_p256", "cur_p2k", "cur_p16k_moba128", "cur_q2k", "cur_q16k_full",
            # S, U: blocks of 32 from 2K on (U after the small-block kernel fix: ~9x faster steps)
-           "cur_s256", "cur_s2k", "cur_s16k_moba32", "cur_u256", "cur_u2k", "cur_u16k_moba32"]
+           "cur_s256", "cur_s2k", "cur_s16k_moba32", "cur_u256", "cur_u2k", "cur_u16k_moba32",
+           # V (seed 0) and W (best of seeds 1-4): full and MoBA 32 from one shared stage-1 checkpoint; steps 0:
+           # evaluated at 16K without training
+           "cur_v0_256", "cur_v0_2k_full", "cur_v0_16k_full", "cur_v0_16k_moba32",
+           "cur_w256_seed1", "cur_w256_seed2", "cur_w256_seed3", "cur_w256_seed4", "cur_w2k_full", "cur_w16k_full",
+           "cur_w16k_full_lr3e-4", "cur_w16k_full_lr1e-4", "cur_w2k_moba32", "cur_w16k_moba32",
+           "cur_w16k_zeroshot_vf2k_full", "cur_w16k_zeroshot_vf2k_moba32", "cur_w16k_zeroshot_vm2k_full",
+           "cur_w16k_zeroshot_vm2k_moba32"]
     print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for n in cur:
@@ -120,6 +133,12 @@ def main():
                                       ("needles x8: full", "cur_q16k_full"),
                                       ("needles x8: MoBA-trained 2K, 128/12", "cur_p16k_moba128"),
                                       ("MoBA-trained 2K, 32/48 (U)", "cur_u16k_moba32")])
+    heat("retrieval_shared_stage1.png", [
+        ("full 2K model, full, lr 1e-3", "cur_w16k_full"), ("full 2K model, full, lr 3e-4", "cur_w16k_full_lr3e-4"),
+        ("full 2K model, full, lr 1e-4", "cur_w16k_full_lr1e-4"), ("MoBA 2K model, MoBA 32/48", "cur_w16k_moba32"),
+        ("full 2K model, full, untrained at 16K", "cur_w16k_zeroshot_vf2k_full"),
+        ("MoBA 2K model, full, untrained at 16K", "cur_w16k_zeroshot_vm2k_full"),
+        ("MoBA 2K model, MoBA, untrained at 16K", "cur_w16k_zeroshot_vm2k_moba32")])
 
 
 def heat(fname, rows):

@@ -72,6 +72,22 @@ def profile_call(fn, top: int = 14) -> dict:
                 kernels={e.key[:90]: e.device_time_total / 5 / 1e3 for e in ev[:top]})
 
 
+def cuda_graph(fn, warmup: int = 3):
+    """fn captured in a CUDA graph after warm-up calls on a side stream: (replay, the captured call's output).
+    Replaying reruns fn's kernels on whatever its input tensors hold then, without any host work but one
+    launch: what a caller that captures its step (torch.compile's "reduce-overhead", a serving engine) pays."""
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g.replay, out
+
+
 def _mallopt(mmap_threshold: int) -> None:
     try:
         import ctypes

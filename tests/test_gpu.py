@@ -144,3 +144,20 @@ def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, to
                   q, k, v, lambda a, b, c, return_lse: moba.naive_moba_attention(a, b, c, bs, topk, return_lse=True,
                                                                                  **extra))
     assert max(got) < 2e-2, got
+
+
+def test_gpu_forward_captures_in_a_cuda_graph():
+    """The forward has no host synchronisation: captured in a CUDA graph (`moba.bench.cuda_graph`), its replay
+    on new inputs (copied into the captured tensors) equals an eager call on them bitwise.
+    (benchmarks/host_profile.py made the same capture on an H100; this test itself has not yet run on a GPU.)"""
+    from moba.bench import cuda_graph
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3000, h, 128, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+    replay, out = cuda_graph(lambda: moba.moba_attention(q, k, v, 256, 3), warmup=2)
+    for x in (q, k, v):
+        x.copy_(torch.randn_like(x))
+    replay()
+    torch.cuda.synchronize()
+    want = moba.moba_attention(q, k, v, 256, 3)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, want)
