@@ -13,13 +13,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 import moba  # noqa: E402
-from moba.bench import cuda_graph, pair_fraction, profile_call, source_commit  # noqa: E402
+from moba.bench import cuda_graph, dense_causal, pair_fraction, peak_bytes, profile_call, source_commit  # noqa: E402
 from moba.ops.utils import validate, pack  # noqa: E402
 
 K, M = 1024, 1024 * 1024
@@ -58,12 +57,7 @@ def timeit(fn, long=False):
 
 
 def peak(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return peak_bytes(fn, torch.device("cuda")) / 2**30
 
 
 def make(T, H, Hkv, D, dtype, grad):
@@ -88,11 +82,7 @@ def step(f, q, k, v, fwd_bwd):
 
 
 def dense_fn(backend):
-    def f(q, k, v):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
-    return f
+    return lambda q, k, v: dense_causal(q, k, v, backend)
 
 
 def main():

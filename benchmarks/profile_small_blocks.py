@@ -5,17 +5,10 @@ the peak memory of one forward+backward (allocated above the inputs) against SDP
 import argparse
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 import moba
-from moba.bench import peak_bytes, profile_call
-
-
-def cudnn(q, k, v):
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+from moba.bench import dense_causal, peak_bytes, profile_call
 
 
 def main():
@@ -38,7 +31,8 @@ def main():
         for x in (q, k, v):
             x.grad = None
         try:
-            c = peak_bytes(lambda: cudnn(q, k, v).sum().backward(), q.device) / 2**30
+            cudnn = lambda: dense_causal(q, k, v, SDPBackend.CUDNN_ATTENTION).sum().backward()   # noqa: E731
+            c = peak_bytes(cudnn, q.device) / 2**30
         except RuntimeError as e:
             print("  cuDNN failed:", str(e).splitlines()[0][:120])
             c = float("nan")

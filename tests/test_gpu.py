@@ -125,9 +125,8 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
 ], ids=lambda x: str(x))
 def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
-    or more; forced here for every block size): the fp64 reference's
-    output and log-sum-exp within the Triton kernel's error (outputs NaN-poisoned), and the gradients through
-    it within the reference's tolerance."""
+    or more; forced here for every block size): the fp64 reference's output and log-sum-exp within the Triton
+    kernel's error (outputs NaN-poisoned), and the gradients through it within the reference's tolerance."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
     if not (gluon_dkdv.usable(q, D, D, 128) and gluon_fwd_ws.usable(k[0], v[0])):
