@@ -160,6 +160,21 @@ R2) # 4. the hybrids at R's scale (6000 steps, seed 0), resumable as R: MoBA for
         --seed ${SEED:-0} --out runs/$n --resume >> runs/$n.log 2>&1
       grep "^eval" runs/$n.log | tail -2
     done ;;
+R3) # 1. loss parity at a second, smaller model size (dim 256, 4 layers, 4 query / 1 KV heads of 64: 4.9M
+    # parameters) at R's tokens (6000 steps of 4 x 8K), seed 0: full and MoBA side by side on one GPU (the
+    # second starts once the first has built the corpus), resumable as R
+    end=$((SECONDS + ${SECONDS_LEFT:-540}))
+    M="--preset s8k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0 --seed ${SEED:-0}"
+    pids=()
+    for a in full moba; do
+      n=s8k6k_small_$a${SEED:+_seed$SEED}
+      [[ -f runs/$n/history.json ]] && continue
+      timeout $((end - SECONDS)) python3 experiments/train.py $D $M --attn $a --out runs/$n --resume >> runs/$n.log 2>&1 &
+      pids+=($!)
+      for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
+    done
+    for p in "${pids[@]}"; do wait $p; done
+    for a in full moba; do echo "$a: $(grep -h "^eval" runs/s8k6k_small_$a${SEED:+_seed$SEED}.log | tail -1)"; done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

@@ -80,6 +80,16 @@ def main():
              ("MoBA, then full for the last 10%", "s8k6k_until90_h100"),
              ("MoBA, last 2 layers full", "s8k6k_last2_h100")]])
     table(long8 + hyb8, title="8K, 6000 steps")
+    # a second, smaller model size (dim 256, 4 layers, 4.92M parameters) at the same tokens, seeds 0-2 (R3, H200)
+    small = [f"s8k6k_small_{a}{s}_h200" for s in ("", "_seed1", "_seed2") for a in ("full", "moba")]
+    plot("loss_8k_6000_small.png", "8K, 6000 steps, 4.92M parameters (seeds 0-2)", "tokens seen (M)",
+         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in small])
+    table(small, title="8K, 6000 steps, 4.92M parameters")
+    for size, names in (("26.75M", long8), ("4.92M", small)):
+        pairs = [(final(f)[1]["val_loss"], final(m)[1]["val_loss"]) for f, m in zip(names[::2], names[1::2])]
+        gaps = ", ".join(f"{100 * (m / f - 1):+.1f}%" for f, m in pairs)
+        mf, mm = (sum(x) / len(pairs) for x in zip(*pairs))
+        print(f"{size}: MoBA vs full per seed {gaps}; means {mf:.4f} / {mm:.4f} ({100 * (mm / mf - 1):+.2f}%)")
 
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]

@@ -148,7 +148,7 @@ def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, to
 def test_gpu_forward_captures_in_a_cuda_graph():
     """The forward has no host synchronisation: captured in a CUDA graph (`moba.bench.cuda_graph`), its replay
     on new inputs (copied into the captured tensors) equals an eager call on them bitwise.
-    (benchmarks/host_profile.py made the same capture on an H100; this test itself has not yet run on a GPU.)"""
+    (benchmarks/host_profile.py made the same capture on an H100.)"""
     from moba.bench import cuda_graph
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 3000, h, 128, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
@@ -160,3 +160,35 @@ def test_gpu_forward_captures_in_a_cuda_graph():
     want = moba.moba_attention(q, k, v, 256, 3)
     assert torch.isfinite(out).all()
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_gpu_forward_backward_captures_in_a_cuda_graph(deterministic):
+    """A training step's attention (forward and backward) captured in a CUDA graph replays on new inputs to the
+    eager gradients: bitwise with ``deterministic=True``, to the atomics' rounding otherwise."""
+    from moba.bench import cuda_graph
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3000, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (8, 2, 2))
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        moba.moba_attention(q, k, v, 256, 3, deterministic=deterministic).float().square().sum().backward()
+        return q.grad, k.grad, v.grad
+
+    replay, grads = cuda_graph(step, warmup=2)
+    with torch.no_grad():
+        for x in (q, k, v):
+            x.copy_(torch.randn_like(x))
+    replay()
+    torch.cuda.synchronize()
+    got = [g.clone() for g in grads]
+    want = step()
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        if deterministic:
+            assert torch.equal(a, b)
+        else:
+            assert rel_err(a, b) < 1e-2
+

@@ -63,12 +63,15 @@ def test_triton_deterministic_grads_repeat_bitwise():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("replace_s", [16, 1], ids=["rounds", "replace"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_gate_matches_torch_gate(dtype):
+def test_triton_gate_matches_torch_gate(dtype, replace_s, monkeypatch):
+    """Both forms of the gate's running top-k (S rounds per chunk; the replacement scan and a final sort)."""
     from moba.ops import gate, parallel
     from moba.ops.utils import pack, validate
+    monkeypatch.setattr(parallel, "GATE_REPLACE_S", replace_s)
     q, k, v, extra = make_inputs([150, 3, 90], [150, 3, 90], 4, 2, 32, dtype=dtype, device=DEV)
-    for topk in (2, 4, 7):
+    for topk in (2, 4, 7, 17):
         lay, _ = validate(q, k, v, 8, topk, **extra)
         lt = lay.tensors(q.device)
         want = gate.select_past_blocks(pack(q), pack(k), lay, lt, topk)
@@ -184,3 +187,21 @@ def test_triton_block_means_match_torch(dtype):
         got = parallel.block_means(pack(k), lay, lt)
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.allclose(got, want.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit,dtype", [(2**15, torch.int16), (8, torch.int32)], ids=["int16", "int32"])
+def test_triton_kept_selection_dtype_and_gradients(limit, dtype, monkeypatch):
+    """The selection kept for the backward is int16 while every block id fits, else int32; the op's fake shapes
+    (torch.compile) agree, and the gradients match the reference either way."""
+    from moba.ops import custom, utils
+    monkeypatch.setattr(utils, "SEL16_LIMIT", limit)
+    q, k, v, extra = make_inputs([40, 1, 67], [40, 1, 67], 4, 2, 16, dtype=torch.float32, device=DEV)
+    cu = extra["cu_seqlens"]
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    args = (q, k, v, cu, cu, 8, 3, 0.25, "triton", False, True, None)
+    _, _, sel = custom.moba_fwd(*args)
+    assert sel.dtype == dtype and sel.shape == (108, 4, 2)
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+        assert custom.moba_fwd(*args)[2].dtype == dtype
+    check_against_reference(q.detach(), k.detach(), v.detach(), 8, 3, "triton", 2e-4, extra)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import gate, grouped
-from .utils import make_layout, pack
+from .utils import make_layout, pack, sel_dtype
 
 
 def _lse_dtype(q):
@@ -24,6 +24,7 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
     Hkv, Dv = k.shape[2], v.shape[3]
     qp, kp, vp = pack(q), pack(k), pack(v)
     lt = lay.tensors(q.device)
+    sdt = sel_dtype(B, k.shape[1], block_size, cu_k)
     if backend == "triton":
         from . import decode, parallel
         qp, kp, vp = (x if x.stride(-1) == 1 else x.contiguous() for x in (qp, kp, vp))
@@ -33,7 +34,8 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
             out, lse = decode.decode(qp, kp, vp, lay, lt, topk, scale, means)
             sel = None
         else:
-            out, lse, sel = parallel._fwd(qp, kp, vp, lay, lt, topk, scale, keep=keep_sel, means=means)
+            out, lse, sel = parallel._fwd(qp, kp, vp, lay, lt, topk, scale, keep=keep_sel, means=means,
+                                           sel_dtype=sdt)
             if keep_sel and sel.shape[2] < max(topk - 1, 1):   # short sequences: fewer slots than topk - 1
                 sel = torch.nn.functional.pad(sel, (0, max(topk - 1, 1) - sel.shape[2]), value=-1)
     else:
@@ -41,8 +43,9 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
         if sel.shape[2] == 0:
             sel = torch.full((sel.shape[0], Hq, 1), -1, dtype=torch.int32, device=q.device)
         out, lse = grouped.forward(qp, kp, vp, grouped.make_plan(sel, lay, lt, Hkv), scale)
+        sel = sel.to(sdt)
     if not keep_sel or sel is None:
-        sel = torch.empty(0, Hq, max(topk - 1, 1), dtype=torch.int32, device=q.device)
+        sel = torch.empty(0, Hq, max(topk - 1, 1), dtype=sdt, device=q.device)
     return out.view(B, Tq, Hq, Dv).to(q.dtype), lse.view(B, Tq, Hq).to(_lse_dtype(q)), sel
 
 
@@ -51,7 +54,8 @@ def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Opti
              topk: int, scale: float, backend: str, deterministic: bool, keep_sel: bool,
              means: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """-> out [B, Tq, Hq, Dv] (q's dtype), lse [B, Tq, Hq] (fp32; fp64 for fp64 inputs), and the selection kept for backward
-    (int32 [B*Tq, Hq, max(topk-1, 1)] global block ids, or empty when ``keep_sel`` is False)."""
+    ([B*Tq, Hq, max(topk-1, 1)] global block ids, int16 where they fit (``utils.sel_dtype``) else int32; empty
+    when ``keep_sel`` is False)."""
     out, lse, sel = _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means)
     return out, lse, sel
 
@@ -61,7 +65,8 @@ def _(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, deterministic, keep
     B, Tq, Hq, _ = q.shape
     out = q.new_empty(B, Tq, Hq, v.shape[3])
     lse = q.new_empty(B, Tq, Hq, dtype=_lse_dtype(q))
-    sel = q.new_empty(B * Tq if keep_sel else 0, Hq, max(topk - 1, 1), dtype=torch.int32)
+    sdt = sel_dtype(B, k.shape[1], block_size, cu_k)
+    sel = q.new_empty(B * Tq if keep_sel else 0, Hq, max(topk - 1, 1), dtype=sdt)
     return out, lse, sel
 
 

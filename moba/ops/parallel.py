@@ -36,6 +36,7 @@ PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic con
 SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / 16)
 SCAN_SPANS = 8           # `_group`'s scan: one program up to this many spans of groups, else one per span
 FILL_BYTES = 1 << 28     # ... or as many rows as fill its groups' tiles by half, up to this much
+GATE_REPLACE_S = int(os.environ.get("MOBA_GATE_REPLACE_S", "32"))   # `_gate_topk`'s replacement scan from this many slots
 # dK/dV by the Gluon kernel (gluon_dkdv.py; H100: 3.7 ms against `_dkdv`'s 5.0 at fb32k, PERFLOG 31) on
 # sm_90 with 16-bit inputs and D == DV in (64, 128): "1" (default; "all" is the same) wherever it applies
 # (its GPU test covers Tq == Tk, Tq < Tk, packed and deterministic batches), "0" never. GLUON_NS: its ring of
@@ -124,6 +125,52 @@ def _topk_merge(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr, R: tl.
 
 
 @triton.jit
+def _topk_replace(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr):
+    """The S best of (kept [R, SP], chunk [R, BNB]) as a set, in no order: while some row's best remaining
+    candidate beats its worst kept score, that candidate replaces it. Rounds per chunk: the most replacements
+    of any row (at most min(S, BNB), few once a row's best S are found), against ``_topk_merge``'s S. The
+    candidates' block ids exceed every kept id, so a candidate enters only on a strictly higher score and the
+    worst kept is the lowest score, ties to the higher id: the same set as ``_topk_merge`` keeps."""
+    BIG: tl.constexpr = 2147483647
+    o_s = tl.arange(0, SP)
+    o_bi = o_b.to(tl.int32)
+    valid = (o_s < S)[None, :]
+    c_mx = tl.max(b_sc, 1)
+    w_v = tl.min(tl.where(valid, b_bv, float("inf")), 1)
+    go = c_mx > w_v
+    while tl.max(go.to(tl.int32), 0) > 0:
+        c_id = tl.min(tl.where(b_sc == c_mx[:, None], o_bi[None, :], BIG), 1)
+        low = valid & (b_bv == w_v[:, None])
+        w_id = tl.max(tl.where(low, b_bi, -1), 1)                        # empty slots: BIG, the first of them
+        w_slot = tl.min(tl.where(low & (b_bi == w_id[:, None]), o_s[None, :], SP), 1)
+        upd = go[:, None] & (o_s[None, :] == w_slot[:, None])
+        b_bv = tl.where(upd, c_mx[:, None], b_bv)
+        b_bi = tl.where(upd, c_id[:, None], b_bi)
+        b_sc = tl.where(go[:, None] & (o_bi[None, :] == c_id[:, None]), float("-inf"), b_sc)
+        c_mx = tl.max(b_sc, 1)
+        w_v = tl.min(tl.where(valid, b_bv, float("inf")), 1)
+        go = c_mx > w_v
+    return b_bv, b_bi
+
+
+@triton.jit
+def _topk_sort(b_bv, b_bi, S: tl.constexpr, SP: tl.constexpr, R: tl.constexpr):
+    """Kept scores/ids [R, SP] (a set) by decreasing score, ties to the lower block id: S rounds, once."""
+    BIG: tl.constexpr = 2147483647
+    o_s = tl.arange(0, SP)
+    b_nv = tl.full([R, SP], float("-inf"), tl.float32)
+    b_ni = tl.full([R, SP], BIG, tl.int32)
+    b_bv = tl.where((o_s < S)[None, :], b_bv, float("-inf"))
+    for r in range(S):
+        b_mx = tl.max(b_bv, 1)
+        idx = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
+        b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
+        b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
+        b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
+    return b_nv, b_ni
+
+
+@triton.jit
 def _online_softmax(b_s, p_v, m_v, b_m, b_l, b_acc, PREC: tl.constexpr, SAFE: tl.constexpr):
     """One key tile of a streaming softmax: scores ``b_s`` [R, BN] (log2 units, -inf where masked), the
     V tile at pointers ``p_v`` [BN, BDV] (mask ``m_v``, loaded after the scores as before) and the running
@@ -145,8 +192,10 @@ def _online_softmax(b_s, p_v, m_v, b_m, b_l, b_acc, PREC: tl.constexpr, SAFE: tl
 def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                sq_t, sq_h, sm_b, sm_h, t0, block_size,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
-               BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    """Top S earlier blocks per (query, head) by <q, block mean>, kept in registers (no score matrix).
+               BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+               REPLACE: tl.constexpr):
+    """Top S earlier blocks per (query, head) by <q, block mean>, kept in registers (no score matrix): S rounds
+    of max extraction per chunk of BNB blocks, or (REPLACE, many slots) a replacement scan and one sort.
 
     Scores are fp32; for 16-bit q the fp32 means are split into hi + lo 16-bit parts so that the tensor
     cores give nearly fp32-exact scores. Ties go to the lower block id. Output by decreasing score.
@@ -172,9 +221,14 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         b_sc = _mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT, PREC)   # [BM, BNB]
         ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
         b_sc = tl.where(ok, b_sc, float("-inf"))
-        b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, BM)
+        if REPLACE:
+            b_bv, b_bi = _topk_replace(b_bv, b_bi, b_sc, o_b, S, SP)
+        else:
+            b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, BM)
+    if REPLACE:
+        b_bv, b_bi = _topk_sort(b_bv, b_bi, S, SP, BM)
     b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
-    tl.store(SEL + (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :], b_out,
+    tl.store(SEL + (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :], b_out.to(SEL.dtype.element_ty),
              mask=m_m[:, None] & (o_s[None, :] < S))
 
 
@@ -759,14 +813,16 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
         q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
         means.stride(0), means.stride(1), t0, lay.block_size, Hq=Hq, G=Hq // Hkv, S=S,
         SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"],
-        SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], **launch)
+        SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], REPLACE=S >= GATE_REPLACE_S, **launch)
 
 
-def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None):
+def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None,
+         sel_dtype=torch.int32):
     """Own block first (``_own_fwd`` writes every row's first result), then per query chunk the gate, the
     grouping by (slot, kv head, block) and one ``_sparse_fwd`` launch per slot that merges the chosen
     blocks into the output in place: no partial-output buffer. Chunks bound the selection and the entry
-    list (``SELECT_BYTES``, or q's size / 16)."""
+    list (``SELECT_BYTES``, or q's size / 16). The selection is kept (``keep``) as ``sel_dtype``: int16 halves it
+    where the block ids fit (``utils.sel_dtype``)."""
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     # no row has more than (its sequence's blocks - 1) earlier blocks: fewer slots, same selection
@@ -791,7 +847,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         from . import gluon_fwd_ws
         ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
     bm = 128 if ws else meta["BM"]
-    per_row = Hq * max(S, 1) * 8                                   # sel + entry id, int32 each
+    per_row = Hq * max(S, 1) * 8                                   # sel + entry id (at most int32 each)
     budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
     # ... but enough rows that a (slot, kv head, block) group gets half a tile of them on average: with small
     # blocks and few heads, short chunks leave every tile nearly empty and multiply the launches (PERFLOG 36)
@@ -799,7 +855,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     chunk = min(T, max(128, (budget // per_row) // 128 * 128, -(-fill // 128) * 128),
                 (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
-    sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=torch.int32, device=q.device)
+    sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=sel_dtype, device=q.device)
     if not sparse or not T:
         return out, lse, sel
     if means is None:   # fp32 block means: once per call, not per query chunk
@@ -849,7 +905,6 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
         _delta[(triton.cdiv(T * Hq, 64),)](out, do, dl, delta, T * Hq, out.stride(0), out.stride(1), do.stride(0),
                                            do.stride(1), Hq=Hq, DV=DV, BR=64, BDV=meta["BDV"],
                                            HAS_DLSE=dlse is not None)
-    dq = new_empty(T, Hq, D, dtype=q.dtype, device=q.device)
     dk = new_empty(Tk, Hkv, D, dtype=k.dtype, device=q.device)
     dv = new_empty(Tk, Hkv, DV, dtype=v.dtype, device=q.device)
     sl2 = scale * LOG2E
@@ -889,6 +944,9 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
                                       tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB,
                                       Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None,
                                       EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
+    # the entry ids are dead now: dQ's output takes their place (peak: entry ids + dQ's fp32 sum, not both + dQ)
+    del ent, grp_off, tile_g, tile_e0, args
+    dq = new_empty(T, Hq, D, dtype=q.dtype, device=q.device)
     (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
     if q0.numel():
         dummy = torch.zeros(1, dtype=torch.float32, device=q.device)

@@ -57,6 +57,17 @@ def _check_cu(name: str, cu, total: int, device: torch.device) -> list[int]:
     return vals
 
 
+SEL16_LIMIT = 2**15   # block ids below this are kept as int16 (tests lower it to reach the int32 path)
+
+
+def sel_dtype(B: int, Tk: int, block_size: int, cu_k) -> torch.dtype:
+    """dtype of the selection kept for the backward (global block ids, -1 for none): int16 while every
+    block id fits, else int32. Decided from shapes alone (at most ``B * Tk // block_size`` whole blocks
+    plus one partial block per sequence), so that torch.compile's fake shapes agree with the real op."""
+    n_seq = B if cu_k is None else cu_k.numel() - 1
+    return torch.int16 if B * Tk // block_size + n_seq < SEL16_LIMIT else torch.int32
+
+
 @dataclass
 class Layout:
     """Packed-sequence geometry (host lists plus device tensors)."""
