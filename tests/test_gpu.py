@@ -123,11 +123,14 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([300, 17, 1], [900, 400, 64], 8, 2, 128, 64, 4),     # Tq < Tk; blocks shorter than a key tile
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
-def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
+@pytest.mark.parametrize("persist", ["1", "0"], ids=["persistent", "per_tile"])
+def test_gpu_gluon_fwd_ws(monkeypatch, persist, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
-    or more; forced here for every block size): the fp64 reference's output and log-sum-exp within the Triton
-    kernel's error (outputs NaN-poisoned), and the gradients through it within the reference's tolerance."""
+    or more; forced here for every block size), in both forms: the fp64 reference's output and log-sum-exp
+    within the Triton kernel's error (outputs NaN-poisoned), the gradients through it within the reference's
+    tolerance, and the persistent form bitwise equal to the one-program-per-tile form."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
+    monkeypatch.setattr(parallel, "GLUON_WS_PERSIST", persist)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
     if not (gluon_dkdv.usable(q, D, D, 128) and gluon_fwd_ws.usable(k[0], v[0])):
         pytest.skip("the Gluon kernels need sm_90")
@@ -143,6 +146,10 @@ def test_gpu_gluon_fwd_ws(monkeypatch, dtype, lens_q, lens_k, Hq, Hkv, D, bs, to
                   q, k, v, lambda a, b, c, return_lse: moba.naive_moba_attention(a, b, c, bs, topk, return_lse=True,
                                                                                  **extra))
     assert max(got) < 2e-2, got
+    if persist == "1":
+        monkeypatch.setattr(parallel, "GLUON_WS_PERSIST", "0")
+        one, one_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
+        assert torch.equal(glu, one) and torch.equal(glu_lse, one_lse)
 
 
 def test_gpu_forward_captures_in_a_cuda_graph():

@@ -50,6 +50,11 @@ GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
 # GLUON_WS_NS: its ring of 128-key tiles (2 and 3 measured the same).
 FWD_GLUON = os.environ.get("MOBA_FWD_GLUON", "ws")
 GLUON_WS_NS = int(os.environ.get("MOBA_GLUON_WS_NS", "2"))
+# GLUON_WS_PERSIST: "1" its persistent form (one program per SM looping over the tiles; H100: 0.430 -> 0.372 ms at
+# fwd8k, 1.774 -> 1.482 at fwd32k, PERFLOG 40), "0" (default until its GPU tests have passed) one program per tile.
+GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "0")
+# Timing ablations of the Gluon forward (benchmarks only, results wrong when set; gluon_fwd_ws.py): a bit mask
+WS_ABLATE = int(os.environ.get("MOBA_WS_ABLATE", "0"))
 
 
 MAX_HEAD_DIM = 128
@@ -873,16 +878,25 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
-            if ws:
-                gluon_fwd_ws.sparse_fwd_ws_kernel[grid](
+            if ws and GLUON_WS_PERSIST == "1" and not WS_ABLATE:
+                gluon_fwd_ws.sparse_fwd_ws_persistent_kernel[(min(grid[0], _sm_count(q.device)),)](
                     q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
                     NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4)
+            elif ws:
+                gluon_fwd_ws.sparse_fwd_ws_kernel[grid](
+                    q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
+                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, ABL=WS_ABLATE,
+                    num_warps=4)
             else:
                 _sparse_fwd[grid](
                     q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                     v.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
                     EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel
+
+
+def _sm_count(device) -> int:
+    return cached(("sm_count", str(device)), lambda: torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _gluon_usable(q, D, DV, BN, *tensors):
