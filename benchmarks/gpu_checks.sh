@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -31,6 +31,17 @@ if [[ $what == gluon ]]; then
     MOBA_DKDV_GLUON=$1 MOBA_GLUON_NS=$2 timeout 100 python3 benchmarks/bench_kernels.py --cases fb32k,fb8k --dense '' \
       --profile > "$OUT/gluon_$1_$2.log" 2>&1
     echo "gluon=$1 NS=$2"; grep -E "GPU kernels|_dkdv" "$OUT/gluon_$1_$2.log"
+  done
+fi
+if [[ $what == persist ]]; then
+  # the persistent Gluon forward (PERFLOG 40, opt-in): its GPU tests (both forms against the reference, and
+  # bitwise equal to each other; compiling them takes minutes on a fresh machine), then fwd8k/fwd32k/fb32k A/B
+  timeout 400 python3 -m pytest -q -x tests/test_gpu.py -k gluon_fwd_ws -p no:cacheprovider > "$OUT/tests_persist.log" 2>&1
+  tail -3 "$OUT/tests_persist.log"
+  for p in 0 1; do
+    MOBA_GLUON_WS_PERSIST=$p timeout 100 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
+      --graph --profile --json "$OUT/persist_$p.json" > "$OUT/persist_$p.log" 2>&1
+    echo "persist=$p"; grep -E "^\| f|sparse_fwd_ws|GPU kernels" "$OUT/persist_$p.log"
   done
 fi
 if [[ $what == tune ]]; then
