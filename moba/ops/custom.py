@@ -43,7 +43,7 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
         if sel.shape[2] == 0:
             sel = torch.full((sel.shape[0], Hq, 1), -1, dtype=torch.int32, device=q.device)
         out, lse = grouped.forward(qp, kp, vp, grouped.make_plan(sel, lay, lt, Hkv), scale)
-        sel = sel.to(sdt)
+        sel = sel.to(sdt) if keep_sel else sel
     if not keep_sel or sel is None:
         sel = torch.empty(0, Hq, max(topk - 1, 1), dtype=sdt, device=q.device)
     return out.view(B, Tq, Hq, Dv).to(q.dtype), lse.view(B, Tq, Hq).to(_lse_dtype(q)), sel
