@@ -175,6 +175,15 @@ R3) # 1. loss parity at a second, smaller model size (dim 256, 4 layers, 4 query
     done
     for p in "${pids[@]}"; do wait $p; done
     for a in full moba; do echo "$a: $(grep -h "^eval" runs/s8k6k_small_$a${SEED:+_seed$SEED}.log | tail -1)"; done ;;
+R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsity (block 128, topk 12: 1536 keys per
+    # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position
+    end=$((SECONDS + ${SECONDS_LEFT:-540}))
+    n=s8k6k_moba128${SEED:+_seed$SEED}
+    if [[ ! -f runs/$n/history.json ]]; then
+      timeout $((end - SECONDS)) python3 experiments/train.py $D --preset s8k --steps 6000 --max-minutes 0 --attn moba \
+        --block-size 128 --topk 12 --seed ${SEED:-0} --out runs/$n --resume >> runs/$n.log 2>&1
+    fi
+    grep "^eval" runs/$n.log | tail -2 ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
