@@ -31,18 +31,20 @@ def table(names, step=None, title=""):
               f"| {h['wall_s']:.0f} | {h['val_loss']:.4f} | {h['buckets'][-1]:.4f} |")
 
 
-def plot(fname, title, xlabel, series):
-    """One line chart of validation loss: series is [(label, xs, ys, marker size)]."""
+def plot(fname, title, xlabel, series, ylabel="validation loss", zero_line=False, legend_size=None):
+    """One line chart (validation loss unless told): series is [(label, xs, ys, marker size)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, xs, ys, ms in series:
         ax.plot(xs, ys, marker="o", ms=ms, label=label)
+    if zero_line:
+        ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(HERE / fname, dpi=120)
     plt.close(fig)
@@ -63,10 +65,6 @@ def gap_by_position(long8, small, hyb8):
     """MoBA's loss vs full attention's per position bucket (1K each of 8K) at 6000 steps, seed by seed and the mean;
     the first bucket (positions < 1024: two blocks of 512, which topk 3 always covers) reads exactly the same keys
     under both, so its gap is the runs' difference that has nothing to do with what MoBA leaves out."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     def gaps(pairs):
         rows = []
         for f, m in pairs:
@@ -76,23 +74,17 @@ def gap_by_position(long8, small, hyb8):
 
     print("\n| model | pairs | " + " | ".join(f"{i}-{i + 1}K" for i in range(8)) + " |\n|---|---|"
           + "---|" * 8)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = [i + 0.5 for i in range(8)]
+    series = []
     for label, pairs in (("26.75M, MoBA (2 seeds)", list(zip(long8[::2], long8[1::2]))),
                          ("4.92M, MoBA (3 seeds)", list(zip(small[::2], small[1::2]))),
                          ("26.75M, MoBA then full 10%", [(long8[0], hyb8[0])]),
                          ("26.75M, last 2 layers full", [(long8[0], hyb8[1])])):
         rows, mean = gaps(pairs)
         print(f"| {label} | {len(rows)} | " + " | ".join(f"{g:+.2f}%" for g in mean) + " |")
-        ax.plot(xs, mean, marker="o", ms=4, label=label)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("position (K tokens), bucket centre")
-    ax.set_ylabel("loss vs full attention (%)")
-    ax.set_title("8K, 6000 steps: gap to full attention by position")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(HERE / "gap_by_position_8k.png", dpi=120)
-    plt.close(fig)
+        series.append((label, [i + 0.5 for i in range(8)], mean, 4))
+    plot("gap_by_position_8k.png", "8K, 6000 steps: gap to full attention by position",
+         "position (K tokens), bucket centre", series, ylabel="loss vs full attention (%)", zero_line=True,
+         legend_size=7)
 
 
 def main():

@@ -268,10 +268,10 @@ def _consumer_p(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     step = gl.num_programs(0)
-    i_t = t_lo + gl.program_id(0)
-    e0, e1, live, _g, ks, ke, n_kt = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, i_t, t_hi, NG, NB, BN)
+    e0, e1, live, _g, ks, ke, n_kt = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                                                t_lo + gl.program_id(0), t_hi, NG, NB, BN)
     c = (t_lo * 0).to(gl.int32)          # key tiles consumed so far (as the loader counts them)
-    for _it in range(t_lo + gl.program_id(0), t_hi, step):
+    for i_t in range(t_lo + gl.program_id(0), t_hi, step):
         _gather_q(Q, ENT, q_s, r0, e0, e1, live, t0, sq_t, sq_h, Hq, S, D, BM, 0)
         # the next tile's table entries now: their loads complete under this tile's key loop
         n_e0, n_e1, n_live, _g, n_ks, n_ke, n_n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
@@ -279,7 +279,6 @@ def _consumer_p(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0
         acc, b_m, b_l, c = _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN, NS, EVEN)
         _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq, S, D, BM, ro, mma_o, 0)
         e0, e1, live, ks, ke, n_kt = n_e0, n_e1, n_live, n_ks, n_ke, n_n
-        i_t += step
 
 
 @gluon.jit

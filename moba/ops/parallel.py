@@ -159,23 +159,6 @@ def _topk_replace(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
-def _topk_sort(b_bv, b_bi, S: tl.constexpr, SP: tl.constexpr, R: tl.constexpr):
-    """Kept scores/ids [R, SP] (a set) by decreasing score, ties to the lower block id: S rounds, once."""
-    BIG: tl.constexpr = 2147483647
-    o_s = tl.arange(0, SP)
-    b_nv = tl.full([R, SP], float("-inf"), tl.float32)
-    b_ni = tl.full([R, SP], BIG, tl.int32)
-    b_bv = tl.where((o_s < S)[None, :], b_bv, float("-inf"))
-    for r in range(S):
-        b_mx = tl.max(b_bv, 1)
-        idx = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
-        b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
-        b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
-        b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
-    return b_nv, b_ni
-
-
-@triton.jit
 def _online_softmax(b_s, p_v, m_v, b_m, b_l, b_acc, PREC: tl.constexpr, SAFE: tl.constexpr):
     """One key tile of a streaming softmax: scores ``b_s`` [R, BN] (log2 units, -inf where masked), the
     V tile at pointers ``p_v`` [BN, BDV] (mask ``m_v``, loaded after the scores as before) and the running
@@ -200,7 +183,7 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                REPLACE: tl.constexpr):
     """Top S earlier blocks per (query, head) by <q, block mean>, kept in registers (no score matrix): S rounds
-    of max extraction per chunk of BNB blocks, or (REPLACE, many slots) a replacement scan and one sort.
+    of max extraction per chunk of BNB blocks, or (REPLACE, many slots) a replacement scan and S rounds once.
 
     Scores are fp32; for 16-bit q the fp32 means are split into hi + lo 16-bit parts so that the tensor
     cores give nearly fp32-exact scores. Ties go to the lower block id. Output by decreasing score.
@@ -230,8 +213,9 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
             b_bv, b_bi = _topk_replace(b_bv, b_bi, b_sc, o_b, S, SP)
         else:
             b_bv, b_bi = _topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, BM)
-    if REPLACE:
-        b_bv, b_bi = _topk_sort(b_bv, b_bi, S, SP, BM)
+    if REPLACE:   # the kept set in order: S rounds of `_topk_merge` against an empty chunk (scores -inf)
+        b_bv, b_bi = _topk_merge(b_bv, b_bi, tl.full([BM, 2], float("-inf"), tl.float32),
+                                 tl.full([2], BIG, tl.int32), S, SP, BM)
     b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
     tl.store(SEL + (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :], b_out.to(SEL.dtype.element_ty),
              mask=m_m[:, None] & (o_s[None, :] < S))
@@ -851,6 +835,10 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     if sparse and wanted and _gluon_usable(q, D, DV, 128, k, v, out):
         from . import gluon_fwd_ws
         ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
+        # its persistent form (at most one program per SM) or one program per tile (which takes the ablations)
+        persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
+        ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
+        ws_opts = {} if persist else dict(ABL=WS_ABLATE)
     bm = 128 if ws else meta["BM"]
     per_row = Hq * max(S, 1) * 8                                   # sel + entry id (at most int32 each)
     budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
@@ -878,15 +866,11 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
-            if ws and GLUON_WS_PERSIST == "1" and not WS_ABLATE:
-                gluon_fwd_ws.sparse_fwd_ws_persistent_kernel[(min(grid[0], _sm_count(q.device)),)](
+            if ws:
+                ws_kernel[(min(grid[0], _sm_count(q.device)),) if persist else grid](
                     q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
-                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4)
-            elif ws:
-                gluon_fwd_ws.sparse_fwd_ws_kernel[grid](
-                    q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
-                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, ABL=WS_ABLATE,
-                    num_warps=4)
+                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4,
+                    **ws_opts)
             else:
                 _sparse_fwd[grid](
                     q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
