@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -42,6 +42,19 @@ if [[ $what == persist ]]; then
     MOBA_GLUON_WS_PERSIST=$p timeout 100 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
       --graph --profile --json "$OUT/persist_$p.json" > "$OUT/persist_$p.log" 2>&1
     echo "persist=$p"; grep -E "^\| f|sparse_fwd_ws|GPU kernels" "$OUT/persist_$p.log"
+  done
+fi
+if [[ $what == own ]]; then
+  # the own block by the Gluon kernel (PERFLOG 41, opt-in): its GPU tests with both Gluon forward forms, then A/B
+  timeout 420 python3 -m pytest -q -x tests/test_gpu.py -k "gluon_fwd_ws or gluon_own" -p no:cacheprovider \
+    > "$OUT/tests_own.log" 2>&1
+  tail -3 "$OUT/tests_own.log"
+  for o in 0 1; do
+    MOBA_GLUON_OWN=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
+      --graph --profile --json "$OUT/own_$o.json" > "$OUT/own_$o.log" 2>&1
+    MOBA_GLUON_OWN=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile \
+      --json "$OUT/own1m_$o.json" > "$OUT/own1m_$o.log" 2>&1
+    echo "own=$o"; grep -hE "^\| f|own_fwd|_block_means|GPU kernels" "$OUT/own_$o.log" "$OUT/own1m_$o.log"
   done
 fi
 if [[ $what == tune ]]; then

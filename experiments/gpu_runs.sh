@@ -176,14 +176,20 @@ R3) # 1. loss parity at a second, smaller model size (dim 256, 4 layers, 4 query
     for p in "${pids[@]}"; do wait $p; done
     for a in full moba; do echo "$a: $(grep -h "^eval" runs/s8k6k_small_$a${SEED:+_seed$SEED}.log | tail -1)"; done ;;
 R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsity (block 128, topk 12: 1536 keys per
-    # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position
+    # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position;
+    # side by side on the same GPU, the same for R3's 4.92M model (compare with its full 2.3520 and MoBA 2.3254)
     end=$((SECONDS + ${SECONDS_LEFT:-540}))
-    n=s8k6k_moba128${SEED:+_seed$SEED}
-    if [[ ! -f runs/$n/history.json ]]; then
-      timeout $((end - SECONDS)) python3 experiments/train.py $D --preset s8k --steps 6000 --max-minutes 0 --attn moba \
-        --block-size 128 --topk 12 --seed ${SEED:-0} --out runs/$n --resume >> runs/$n.log 2>&1
-    fi
-    grep "^eval" runs/$n.log | tail -2 ;;
+    M="--preset s8k --steps 6000 --max-minutes 0 --attn moba --block-size 128 --topk 12 --seed ${SEED:-0}"
+    pids=()
+    for v in "moba128:" "small_moba128:--dim 256 --layers 4 --heads 4 --kv-heads 1"; do
+      n=s8k6k_${v%%:*}${SEED:+_seed$SEED}
+      [[ -f runs/$n/history.json ]] && continue
+      timeout $((end - SECONDS)) python3 experiments/train.py $D $M ${v#*:} --out runs/$n --resume >> runs/$n.log 2>&1 &
+      pids+=($!)
+      for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
+    done
+    for p in "${pids[@]}"; do wait $p; done
+    for n in moba128 small_moba128; do echo "$n: $(grep -h "^eval" runs/s8k6k_$n${SEED:+_seed$SEED}.log | tail -1)"; done ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

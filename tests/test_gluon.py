@@ -33,7 +33,7 @@ WS_CODE = """
 import os, subprocess, tempfile
 from moba.ops import gluon_fwd_ws
 from triton.backends.nvidia import compiler as c
-k = gluon_fwd_ws.compile_sm90(D={D}, dtype="{dtype}", NS={NS}, even={even}, persistent={persistent})
+k = gluon_fwd_ws.compile_sm90(D={D}, dtype="{dtype}", NS={NS}, even={even}, persistent={persistent}, own={own})
 ptx = k.asm["ptx"]
 assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, "no wgmma / TMA copy in the PTX"
 assert 0 < k.metadata.shared <= 227 * 1024, k.metadata.shared
@@ -46,13 +46,15 @@ print("ok", k.metadata.shared)
 """
 
 
-@pytest.mark.parametrize("D,dtype,NS,even,persistent", [(128, "bf16", 2, True, True), (64, "fp16", 3, False, True),
-                                                        (128, "bf16", 2, False, False)])
-def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even, persistent):
-    """The warp-specialized forward (gluon_fwd_ws.py), both forms: TMA copies and wgmmas, within an H100's shared
-    memory, no wgmma serialization."""
+@pytest.mark.parametrize("D,dtype,NS,even,persistent,own", [(128, "bf16", 2, True, True, False),
+                                                            (64, "fp16", 3, False, True, False),
+                                                            (128, "bf16", 2, False, False, False),
+                                                            (128, "bf16", 2, True, True, True)])
+def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even, persistent, own):
+    """The warp-specialized forward (gluon_fwd_ws.py), both forms, and its own-block kernel: TMA copies and
+    wgmmas, within an H100's shared memory, no wgmma serialization."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", WS_CODE.format(D=D, dtype=dtype, NS=NS, even=even,
-                                                             persistent=persistent)], env=env,
+                                                             persistent=persistent, own=own)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -123,14 +123,17 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([300, 17, 1], [900, 400, 64], 8, 2, 128, 64, 4),     # Tq < Tk; blocks shorter than a key tile
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
-@pytest.mark.parametrize("persist", ["1", "0"], ids=["persistent", "per_tile"])
-def test_gpu_gluon_fwd_ws(monkeypatch, persist, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
+@pytest.mark.parametrize("persist,own", [("1", "1"), ("1", "0"), ("0", "0")],
+                         ids=["persistent_own", "persistent", "per_tile"])
+def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
-    or more; forced here for every block size), in both forms: the fp64 reference's output and log-sum-exp
-    within the Triton kernel's error (outputs NaN-poisoned), the gradients through it within the reference's
-    tolerance, and the persistent form bitwise equal to the one-program-per-tile form."""
+    or more; forced here for every block size), in both forms, with the own block by `_own_fwd` or by its Gluon
+    twin (`own_fwd_ws_persistent_kernel`): the fp64 reference's output and log-sum-exp within the Triton
+    kernels' error (outputs NaN-poisoned), the gradients through it within the reference's tolerance, and the
+    persistent form bitwise equal to the one-program-per-tile form."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
     monkeypatch.setattr(parallel, "GLUON_WS_PERSIST", persist)
+    monkeypatch.setattr(parallel, "GLUON_OWN", own)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
     if not (gluon_dkdv.usable(q, D, D, 128) and gluon_fwd_ws.usable(k[0], v[0])):
         pytest.skip("the Gluon kernels need sm_90")
@@ -146,10 +149,30 @@ def test_gpu_gluon_fwd_ws(monkeypatch, persist, dtype, lens_q, lens_k, Hq, Hkv, 
                   q, k, v, lambda a, b, c, return_lse: moba.naive_moba_attention(a, b, c, bs, topk, return_lse=True,
                                                                                  **extra))
     assert max(got) < 2e-2, got
-    if persist == "1":
+    if persist == "1" and own == "0":
         monkeypatch.setattr(parallel, "GLUON_WS_PERSIST", "0")
         one, one_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
         assert torch.equal(glu, one) and torch.equal(glu_lse, one_lse)
+
+
+@pytest.mark.parametrize("lens_q,lens_k,bs,topk", [([2500], [2500], 256, 1), ([100, 333], [1000, 333], 128, 1),
+                                                   ([5000], [5000], 512, 3)], ids=lambda x: str(x))
+def test_gpu_gluon_own_block(monkeypatch, lens_q, lens_k, bs, topk):
+    """The own block by the Gluon kernel (GLUON_OWN): block-local attention (topk 1: nothing else runs) with a
+    ragged tail, Tq < Tk with unaligned query tiles, and the fwd8k shape's blocks; fp64 reference within the
+    Triton kernel's error."""
+    from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
+    q, k, v, extra = make_inputs(lens_q, lens_k, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
+    if not (gluon_dkdv.usable(q, 128, 128, 128) and gluon_fwd_ws.usable(k[0], v[0])):
+        pytest.skip("the Gluon kernels need sm_90")
+    ref, ref_lse = moba.naive_moba_attention(q.double(), k.double(), v.double(), bs, topk, return_lse=True, **extra)
+    monkeypatch.setattr(parallel, "GLUON_OWN", "0")
+    tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
+    monkeypatch.setattr(parallel, "GLUON_OWN", "1")
+    glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, **extra)
+    assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
+    assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3
+    assert rel_err(glu_lse, ref_lse) <= 1.2 * rel_err(tri_lse, ref_lse) + 1e-4
 
 
 def test_gpu_forward_captures_in_a_cuda_graph():

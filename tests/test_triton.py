@@ -205,3 +205,30 @@ def test_triton_kept_selection_dtype_and_gradients(limit, dtype, monkeypatch):
     with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
         assert custom.moba_fwd(*args)[2].dtype == dtype
     check_against_reference(q.detach(), k.detach(), v.detach(), 8, 3, "triton", 2e-4, extra)
+
+
+@pytest.mark.parametrize("lens_q,lens_k,bs", [([3001], [3001], 128), ([700, 1, 1500, 90], [700, 1, 1500, 90], 96),
+                                              ([300, 17, 1, 0], [900, 400, 64, 5], 64), ([200], [1000], 448)],
+                         ids=lambda x: str(x))
+def test_own_tiles_cover_every_row_once_inside_one_block(lens_q, lens_k, bs):
+    """The Gluon own-block kernel's work list (`parallel._own_tiles`; the kernel itself runs in test_gpu.py): every
+    query row in exactly one tile of <= 128 rows, all rows of a tile in the same own block (the kernel reads one
+    block start per tile), longest tiles (most keys up to the last row) first."""
+    from moba.ops import parallel
+    from moba.ops.utils import validate
+    q, k, v, extra = make_inputs(lens_q, lens_k, 2, 1, 16, dtype=torch.float32, device="cpu")
+    lay, _ = validate(q, k, v, bs, 3, **extra)
+    q0, q1, p0, kb = (x.tolist() for x in parallel._own_tiles(lay, "cpu"))
+    lt = lay.tensors("cpu")
+    own = lt.own_block.tolist()
+    rows, keys = [], []
+    for a, b, p, s in zip(q0, q1, p0, kb):
+        assert 0 < b - a <= 128
+        assert len({own[r] for r in range(a, b)}) == 1, (a, b)
+        assert lt.q_pos[a].item() == p
+        lo = s + (p - s) // bs * bs
+        assert lt.q_pos[b - 1].item() < lo + bs
+        rows.extend(range(a, b))
+        keys.append(p + (b - a) - lo)
+    assert sorted(rows) == list(range(sum(lens_q)))
+    assert keys == sorted(keys, reverse=True)

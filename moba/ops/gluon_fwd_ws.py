@@ -106,10 +106,11 @@ def _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq: gl.
 
 @gluon.jit
 def _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_tiles, scale_log2, D: gl.constexpr, BM: gl.constexpr,
-            BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr):
+            BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr, CAUSAL: gl.constexpr = False, p_first=0):
     """The online softmax of this warpgroup's rows in ``q_s`` over the block's key tiles, which arrive in ring slots
     ``c % NS`` on (c, c + 1, ...): -> (acc, running max, running sum, c after the last tile). Each tile's softmax
-    waits for its own S and its P V product retires before the next tile starts."""
+    waits for its own S and its P V product retires before the next tile starts. CAUSAL (the own block): row r
+    (key position p_first + r) reads keys <= its position; the first key tile holds a key every row may read."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
@@ -129,6 +130,11 @@ def _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_tiles, scale_log2, D: gl.c
         if not EVEN:
             o_n = ks + j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
             st = gl.where((o_n < ke)[None, :], st, float("-inf"))
+        if CAUSAL:
+            if ks + j * BN + BN - 1 > p_first:     # a tile past the first row's position: the diagonal
+                o_n = ks + j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
+                o_p = p_first + gl.arange(0, BM, layout=rs)
+                st = gl.where(o_n[None, :] <= o_p[:, None], st, float("-inf"))
         m_new = gl.maximum(b_m, gl.max(st, 1))
         p = gl.exp2(st - m_new[:, None])
         alpha = gl.exp2(b_m - m_new)
@@ -304,6 +310,91 @@ def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE
     _release(ready, empty, NS)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the own block: `parallel._own_fwd` in the same form (persistent, TMA loader, two consumer warpgroups)
+# ----------------------------------------------------------------------------------------------------------
+# `_own_fwd` took 0.163 ms of fwd8k's 0.672 (PERFLOG 41): 4096 programs of 1-8 key tiles of 64, the same short-program
+# pattern. Here tiles of 128 queries that never cross a block edge (`parallel._own_tiles` cuts them there and
+# orders them longest first), one per (tile, head), looped over by one program per SM.
+@gluon.jit
+def _own_info(TQ0, TQ1, TP0, TKB, i, n, block_size, Hq: gl.constexpr, BN: gl.constexpr):
+    """Work item i = tile * Hq + head (past n: an empty one) -> (first row, end row, first row's key position, own
+    block start, head, key tiles)."""
+    ok = i < n
+    i_c = gl.where(ok, i, 0)
+    i_t = i_c // Hq
+    q0 = gl.load(TQ0 + i_t)
+    q1 = gl.load(TQ1 + i_t)
+    p0 = gl.load(TP0 + i_t)
+    kb = gl.load(TKB + i_t)
+    lo = kb + ((p0 - kb) // block_size) * block_size
+    n_kt = gl.where(ok, gl.cdiv(p0 + (q1 - q0) - lo, BN), 0).to(gl.int32)
+    return q0, q1, p0, lo, i_c % Hq, n_kt
+
+
+@gluon.jit
+def _loader_own(k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq: gl.constexpr,
+                G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
+    c = (n * 0).to(gl.int32)
+    for i in range(gl.program_id(0), n, gl.num_programs(0)):
+        q0, q1, p0, lo, i_h, n_kt = _own_info(TQ0, TQ1, TP0, TKB, i, n, block_size, Hq, BN)
+        c = _load_block(k_desc, v_desc, k_s, v_s, ready, empty, c, lo.to(gl.int32), ((i_h // G) * D).to(gl.int32),
+                        n_kt, BN, NS)
+
+
+@gluon.jit
+def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t,
+                  so_h, scale_log2, Hq: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  NS: gl.constexpr):
+    """One warpgroup: rows r0 .. r0 + BM of each of its tiles against the own block's keys up to the tile's last
+    position (causal), written to O and LSE (the first result of every row; the chosen blocks merge in after)."""
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    ro: gl.constexpr = gl.SliceLayout(1, mma_o)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    step = gl.num_programs(0)
+    q0, q1, p0, lo, i_h, n_kt = _own_info(TQ0, TQ1, TP0, TKB, gl.program_id(0), n, block_size, Hq, BN)
+    c = (n * 0).to(gl.int32)
+    for i in range(gl.program_id(0), n, step):
+        o_m = q0 + r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
+        o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+        q_s.store(gl.load(Q + o_m.to(gl.int64)[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                          mask=(o_m < q1)[:, None] & (o_d[None, :] < D), other=0.))
+        hopper.fence_async_shared()
+        # the next item's table entries now: their loads complete under this item's key loop
+        n_q0, n_q1, n_p0, n_lo, n_h, n_n = _own_info(TQ0, TQ1, TP0, TKB, i + step, n, block_size, Hq, BN)
+        acc, b_m, b_l, c = _attend(q_s, k_s, v_s, ready, empty, c, lo, lo, n_kt, scale_log2, D, BM, BN, NS, True,
+                                   True, p0 + r0)
+        o_r = q0 + r0 + gl.arange(0, BM, layout=ro)
+        m_r = o_r < q1
+        o_do = gl.arange(0, D, layout=gl.SliceLayout(0, mma_o))
+        l_o = gl.convert_layout(b_l, ro)
+        b_o = acc / l_o[:, None]
+        gl.store(O + o_r.to(gl.int64)[:, None] * so_t + i_h * so_h + o_do[None, :], b_o.to(O.dtype.element_ty),
+                 mask=m_r[:, None] & (o_do[None, :] < D))
+        gl.store(LSE + o_r.to(gl.int64) * Hq + i_h, (gl.convert_layout(b_m, ro) + gl.log2(l_o)) * 0.6931471805599453,
+                 mask=m_r)
+        q0, q1, p0, lo, i_h, n_kt = n_q0, n_q1, n_p0, n_lo, n_h, n_n
+
+
+@gluon.jit
+def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t, so_h,
+                                 scale_log2, Hq: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+                                 NS: gl.constexpr):
+    """`parallel._own_fwd` for n = tiles * Hq work items (tiles of <= 128 queries inside one block), a grid of at most
+    one program per SM looping over them."""
+    BM: gl.constexpr = 64
+    dt: gl.constexpr = Q.dtype.element_ty
+    k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS)
+    gl.warp_specialize([
+        (_consumer_own, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h,
+                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+        (_consumer_own, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h,
+                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+        (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN, NS)),
+    ], [4, 1], [232, 40])
+    _release(ready, empty, NS)
+
+
 def descriptors(k, v, BN: int):
     """[T, Hkv * D] TMA descriptors of K and V (key tiles of BN rows, one head's D columns)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -319,17 +410,21 @@ def usable(k, v) -> bool:
 
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
-                 persistent: bool = False):
-    """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`)."""
+                 persistent: bool = False, own: bool = False):
+    """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
     from .utils import sm90_signature
-    fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
-    cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **({} if persistent else dict(ABL=abl)))
-    ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot"}
+    if own:
+        fn = own_fwd_ws_persistent_kernel
+        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS)
+    else:
+        fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
+        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **({} if persistent else dict(ABL=abl)))
+    ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size"}
     ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))
     fake = torch.empty(64, 8, D, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)

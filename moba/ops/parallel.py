@@ -50,9 +50,12 @@ GLUON_NS = int(os.environ.get("MOBA_GLUON_NS", "4"))
 # GLUON_WS_NS: its ring of 128-key tiles (2 and 3 measured the same).
 FWD_GLUON = os.environ.get("MOBA_FWD_GLUON", "ws")
 GLUON_WS_NS = int(os.environ.get("MOBA_GLUON_WS_NS", "2"))
-# GLUON_WS_PERSIST: "1" its persistent form (one program per SM looping over the tiles; H100: 0.430 -> 0.372 ms at
-# fwd8k, 1.774 -> 1.482 at fwd32k, PERFLOG 40), "0" (default until its GPU tests have passed) one program per tile.
-GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "0")
+# GLUON_WS_PERSIST: "1" (default; its GPU tests passed on an H100, PERFLOG 41) its persistent form (one program per
+# SM looping over the tiles; H100: 0.426 -> 0.373 ms at fwd8k, 1.775 -> 1.491 at fwd32k), "0" one program per tile.
+GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "1")
+# GLUON_OWN: "1" the own block by the same kind of kernel (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`) where the
+# Gluon forward runs (FWD_GLUON), "0" (default until its GPU tests have passed) by `_own_fwd` (PERFLOG 41).
+GLUON_OWN = os.environ.get("MOBA_GLUON_OWN", "0")
 # Timing ablations of the Gluon forward (benchmarks only, results wrong when set; gluon_fwd_ws.py): a bit mask
 WS_ABLATE = int(os.environ.get("MOBA_WS_ABLATE", "0"))
 
@@ -577,6 +580,24 @@ def _make_q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
     return (t[0], t[1], t[2], t[3], t[4]), q0
 
 
+def _own_tiles(lay: Layout, device):
+    """The Gluon own-block kernel's work list: tiles of <= 128 queries of one sequence that never cross a block
+    edge (so every row of a tile has the same own block), longest first (most keys to read): device int64 (first
+    row, end row, first row's key position, the sequence's first key row)."""
+    def make():
+        bs, cuts = lay.block_size, []
+        for i in range(lay.n_seqs):
+            a, b = lay.cu_q[i], lay.cu_q[i + 1]
+            off = (lay.cu_k[i + 1] - lay.cu_k[i]) - (b - a)       # key position of the sequence's first query
+            cuts.extend(range(a + (-off) % bs, b, bs))            # rows whose position starts a block
+        (q0, q1, p0, kb, _), _ = _make_q_tiles(lay, 128, cuts, "cpu")
+        keys = p0 + (q1 - q0) - (kb + (p0 - kb) // bs * bs)
+        t = torch.stack([q0, q1, p0, kb])[:, torch.argsort(-keys, stable=True)].contiguous()
+        t = to_device(t, device)
+        return t[0], t[1], t[2], t[3]
+    return cached(("own_tiles", lay.key(), str(device)), make)
+
+
 def _k_tiles(lay: Layout, BN: int, device):
     """(block id, first key row) of every tile of <= BN keys inside one key block, ordered by the block's
     place in its sequence: early blocks, which the most rows can choose, first (longest work first)."""
@@ -756,12 +777,12 @@ def _slot_scan(CNT, GRP_OFF, TILE_CUM, BASE, NK, BM: tl.constexpr, R: tl.constex
 @triton.jit
 def _block_means(K, M, BLK_START, BLK_END, sk_t, sk_h, sm_b, sm_h, D: tl.constexpr, BN: tl.constexpr,
                  BD: tl.constexpr):
-    """Mean key of one (block, kv head) in fp32: one read of the block, no temporary."""
+    """Mean key of one (block, kv head) over BD of its columns in fp32: one read of the block, no temporary."""
     i_b = tl.program_id(0)
     i_g = tl.program_id(1)
     ks = tl.load(BLK_START + i_b)
     ke = tl.load(BLK_END + i_b)
-    o_d = tl.arange(0, BD)
+    o_d = tl.program_id(2) * BD + tl.arange(0, BD)
     acc = tl.zeros([BN, BD], tl.float32)
     for n0 in range(ks, ke, BN):
         o_n = n0 + tl.arange(0, BN)
@@ -776,9 +797,12 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
     Tk, Hkv, D = k.shape
     out = torch.empty(lay.n_blocks, Hkv, D, dtype=torch.float32, device=k.device)
     if lay.n_blocks:
-        _block_means[(lay.n_blocks, Hkv)](k, out, lt.blk_start, lt.blk_end, k.stride(0), k.stride(1),
-                                          out.stride(0), out.stride(1), D=D, BN=32,
-                                          BD=max(16, triton.next_power_of_2(D)), num_warps=4)
+        # 32 columns per program: at 8K (16 blocks x 8 kv heads) one program per (block, head) was 128 programs each
+        # reading 512 rows in turn, 0.032 ms on an H100 (PERFLOG 41)
+        BD = min(32, max(16, triton.next_power_of_2(D)))
+        _block_means[(lay.n_blocks, Hkv, triton.cdiv(D, BD))](
+            k, out, lt.blk_start, lt.blk_end, k.stride(0), k.stride(1), out.stride(0), out.stride(1), D=D, BN=128,
+            BD=BD, num_warps=4)
     return out
 
 
@@ -824,21 +848,29 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     lse = new_empty(T, Hq, dtype=torch.float32, device=q.device)
     sl2 = scale * LOG2E
     sparse = S > 0 and NB > 1
-    (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
-    if q0.numel():
-        _own_fwd[(q0.numel(), Hq)](
-            q, k, v, out, lse, q0, q1, p0, kb,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
     ws = None    # the Gluon forward's K/V descriptors, where it runs (FWD_GLUON)
     wanted = FWD_GLUON == "all" or FWD_GLUON == "ws" and lay.block_size >= 128
-    if sparse and wanted and _gluon_usable(q, D, DV, 128, k, v, out):
+    own_ws = GLUON_OWN == "1" and T > 0
+    if (sparse or own_ws) and wanted and _gluon_usable(q, D, DV, 128, k, v, out):
         from . import gluon_fwd_ws
         ws = gluon_fwd_ws.descriptors(k, v, 128) if gluon_fwd_ws.usable(k, v) else None
         # its persistent form (at most one program per SM) or one program per tile (which takes the ablations)
         persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
         ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
         ws_opts = {} if persist else dict(ABL=WS_ABLATE)
+    if ws and own_ws:
+        tq = _own_tiles(lay, q.device)
+        n = tq[0].numel() * Hq
+        gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, _sm_count(q.device)),)](
+            q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
+            Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, num_warps=4)
+    else:
+        (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
+        if q0.numel():
+            _own_fwd[(q0.numel(), Hq)](
+                q, k, v, out, lse, q0, q1, p0, kb,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
     bm = 128 if ws else meta["BM"]
     per_row = Hq * max(S, 1) * 8                                   # sel + entry id (at most int32 each)
     budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
