@@ -15,8 +15,10 @@ only at mbarriers:
   arriving on the slot's "empty" barrier (count 2) once its P V product has retired, and each merging
   its rows into O/LSE in place as `_sparse_fwd` does.
 
-``sparse_fwd_ws_persistent_kernel`` is the same work with one program per SM looping over the tiles (opt-in,
-``parallel.GLUON_WS_PERSIST``: faster on an H100, its GPU tests not yet run; PERFLOG 40).
+``sparse_fwd_ws_persistent_kernel`` is the same work with one program per SM looping over the tiles (on by default,
+``parallel.GLUON_WS_PERSIST``; H100: 0.426 -> 0.373 ms at fwd8k, PERFLOG 40-41). ``own_fwd_ws_persistent_kernel`` does
+the own block the same way (opt-in, ``parallel.GLUON_OWN``: its GPU tests passed with one key tile per query tile and
+hung with more before a fix that has not run on a GPU yet, PERFLOG 41).
 
 ``ABL`` (``parallel.WS_ABLATE``, timing only: results are wrong) drops parts of the work to measure them: 1 the
 merge's read of the earlier result, 2 the gather (consecutive rows), 4 the key loop.
@@ -253,9 +255,8 @@ def sparse_fwd_ws_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_C
 # starting with a chain of dependent loads (tile table -> group -> block -> entry ids -> Q rows) that nothing
 # hides. Here each program keeps its barriers and ring across tiles: the loader copies the next tile's K/V while
 # the consumers merge the current one, and each consumer loads the next tile's table entries before its key loop.
-# H100: 0.430 -> 0.372 ms for the two slots at fwd8k, 1.774 -> 1.482 at fwd32k. Compiled and timed, but its GPU
-# tests (`test_gpu.py -k gluon_fwd_ws`, persistent cases: the reference and bitwise equality with the kernel
-# above) have not run yet: off by default until they pass.
+# H100: 0.430 -> 0.372 ms for the two slots at fwd8k, 1.774 -> 1.482 at fwd32k. Its GPU tests (`test_gpu.py -k
+# gluon_fwd_ws`: the reference, and bitwise equality with the kernel above) passed on an H100 (PERFLOG 41).
 @gluon.jit
 def _loader_p(k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo, t_hi, NG,
               NB, D: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
@@ -282,6 +283,12 @@ def _consumer_p(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0
         # the next tile's table entries now: their loads complete under this tile's key loop
         n_e0, n_e1, n_live, _g, n_ks, n_ke, n_n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
                                                              i_t + step, t_hi, NG, NB, BN)
+        # NB (found in the tenth session, PERFLOG 41): Triton 3.6's frontend does not carry ks, ke and n_kt through
+        # this loop (ks/ke are dead with EVEN; n_kt's only use is `_attend`'s loop bound), so every tile runs with
+        # its program's first tile's values. That is correct here, and GPU-tested in this form, only because every
+        # chosen block is a whole block (strictly earlier than the row's own one): the same key-tile count and
+        # the same mask relative to the block start for every tile. The own-block kernel below, whose counts
+        # vary, recomputes its count from carried values; do the same here before relying on per-tile values.
         acc, b_m, b_l, c = _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN, NS, EVEN)
         _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq, S, D, BM, ro, mma_o, 0)
         e0, e1, live, ks, ke, n_kt = n_e0, n_e1, n_live, n_ks, n_ke, n_n
@@ -352,16 +359,20 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     step = gl.num_programs(0)
-    q0, q1, p0, lo, i_h, n_kt = _own_info(TQ0, TQ1, TP0, TKB, gl.program_id(0), n, block_size, Hq, BN)
+    q0, q1, p0, lo, i_h, _n = _own_info(TQ0, TQ1, TP0, TKB, gl.program_id(0), n, block_size, Hq, BN)
     c = (n * 0).to(gl.int32)
     for i in range(gl.program_id(0), n, step):
+        # the key tiles from the carried values, not carried themselves: Triton 3.6's frontend does not carry a
+        # loop variable whose only use is an inner loop's bound (it kept the first item's count, and the
+        # consumers waited for tiles the loader never sent: PERFLOG 41)
+        n_kt = gl.cdiv(p0 + (q1 - q0) - lo, BN).to(gl.int32)
         o_m = q0 + r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
         o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
         q_s.store(gl.load(Q + o_m.to(gl.int64)[:, None] * sq_t + i_h * sq_h + o_d[None, :],
                           mask=(o_m < q1)[:, None] & (o_d[None, :] < D), other=0.))
         hopper.fence_async_shared()
         # the next item's table entries now: their loads complete under this item's key loop
-        n_q0, n_q1, n_p0, n_lo, n_h, n_n = _own_info(TQ0, TQ1, TP0, TKB, i + step, n, block_size, Hq, BN)
+        n_q0, n_q1, n_p0, n_lo, n_h, _n = _own_info(TQ0, TQ1, TP0, TKB, i + step, n, block_size, Hq, BN)
         acc, b_m, b_l, c = _attend(q_s, k_s, v_s, ready, empty, c, lo, lo, n_kt, scale_log2, D, BM, BN, NS, True,
                                    True, p0 + r0)
         o_r = q0 + r0 + gl.arange(0, BM, layout=ro)
@@ -373,7 +384,7 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
                  mask=m_r[:, None] & (o_do[None, :] < D))
         gl.store(LSE + o_r.to(gl.int64) * Hq + i_h, (gl.convert_layout(b_m, ro) + gl.log2(l_o)) * 0.6931471805599453,
                  mask=m_r)
-        q0, q1, p0, lo, i_h, n_kt = n_q0, n_q1, n_p0, n_lo, n_h, n_n
+        q0, q1, p0, lo, i_h = n_q0, n_q1, n_p0, n_lo, n_h
 
 
 @gluon.jit
