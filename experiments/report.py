@@ -120,6 +120,20 @@ def main():
         mf, mm = (sum(x) / len(pairs) for x in zip(*pairs))
         print(f"{size}: MoBA vs full per seed {gaps}; means {mf:.4f} / {mm:.4f} ({100 * (mm / mf - 1):+.2f}%)")
 
+    # 3. granularity at 8K (R4): blocks of 128 / topk 12 against 512 / topk 3; the 26.75M runs stopped early (their
+    # histories parsed from the logs), so compared at the steps they reached
+    gran = [("26.75M full", "s8k6k_full_h100"), ("26.75M MoBA 512/3", "s8k6k_moba_h100"),
+            ("26.75M MoBA 128/12", "s8k6k_moba128_h200"), ("26.75M MoBA 128/12, again", "s8k6k_moba128_rerun_h200"),
+            ("4.92M full", "s8k6k_small_full_h200"), ("4.92M MoBA 512/3", "s8k6k_small_moba_h200"),
+            ("4.92M MoBA 128/12", "s8k6k_small_moba128_h200"),
+            ("4.92M MoBA 128/12, again", "s8k6k_small_moba128_rerun_h200")]
+    plot("granularity_8k.png", "8K, 6000 steps planned, seed 0: block/topk at equal keys", "tokens seen (M)",
+         [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in gran], legend_size=7)
+    print("\n| run | step 2000 | step 3250 | step 6000 |\n|---|---|---|---|")
+    for label, n in gran:
+        cells = [final(n, st)[1] for st in (2000, 3250, 6000)]
+        print(f"| {label} | " + " | ".join(f"{h['val_loss']:.4f}" if h else "-" for h in cells) + " |")
+
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
     plot("position_32k.png", "32K context, block 512, topk 3: loss by position (step 1800)",
