@@ -42,6 +42,16 @@ ptxas = os.path.join(os.path.dirname(c.__file__), "bin", "ptxas")
 out = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.devnull], capture_output=True, text=True)
 assert out.returncode == 0, out.stderr
 assert "C751" not in out.stderr, out.stderr      # ptxas serializing the wgmmas would undo the kernel's point
+if {own}:
+    # each consumer's key loop runs to a count defined inside its work loop: Triton 3.6 does not carry a value whose
+    # only use is a nested loop's bound, and a count carried from the previous item hung the kernel (PERFLOG 41)
+    import re
+    lines = k.asm["ttgir"].splitlines()
+    outer = [i for i, l in enumerate(lines) if "scf.for" in l and "iter_args(%q0" in l]
+    assert len(outer) == 2, "expected one work loop per consumer"
+    for i in outer:
+        bound = next(m.group(1) for m in map(re.compile(r"scf\\.for %j = \\S+ to (%\\w+)").search, lines[i:]) if m)
+        assert any(l.strip().startswith(bound + " =") for l in lines[i:]), bound + " is defined outside the work loop"
 print("ok", k.metadata.shared)
 """
 
