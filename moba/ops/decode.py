@@ -12,7 +12,6 @@ sequences (``decode``: one row, cu_seqlens_k offsets) and the rows of a padded c
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -20,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .parallel import _mean_scores, _online_softmax, _topk_merge
-from .utils import Layout, LayoutTensors, cached, new_empty, to_device
+from .utils import Layout, LayoutTensors, cached, new_empty, sm_count, to_device
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
@@ -113,11 +112,6 @@ def _decode_merge(PM, PL, PACC, O, LSE, so_n, so_h, Hq, G: tl.constexpr, GP: tl.
     tl.store(LSE + i_n * Hq + i_h, (m + tl.log2(l_tot)) * 0.6931471805599453)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
     """The decode kernel serves inference calls where every sequence has exactly one query."""
     if q.is_cuda and not ENABLED_ON_CUDA:
@@ -158,7 +152,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     S = topk - 1
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
     # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
-    sms = _sm_count(q.device.index) if q.is_cuda else 1
+    sms = sm_count(q.device) if q.is_cuda else 1
     NSPLIT = min(MAX_SPLITS, max(2, triton.next_power_of_2(-(-8 * sms // (N * Hkv)))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
     part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)

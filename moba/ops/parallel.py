@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import Layout, LayoutTensors, cached, new_empty, to_device
+from .utils import Layout, LayoutTensors, cached, new_empty, sm_count, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -831,9 +831,9 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
 
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None,
          sel_dtype=torch.int32):
-    """Own block first (``_own_fwd`` writes every row's first result), then per query chunk the gate, the
-    grouping by (slot, kv head, block) and one ``_sparse_fwd`` launch per slot that merges the chosen
-    blocks into the output in place: no partial-output buffer. Chunks bound the selection and the entry
+    """Own block first (``_own_fwd``, or its Gluon twin with GLUON_OWN, writes every row's first result), then per
+    query chunk the gate, the grouping by (slot, kv head, block) and one ``_sparse_fwd`` launch (or its Gluon
+    twin's) per slot that merges the chosen blocks into the output in place: no partial-output buffer. Chunks bound the selection and the entry
     list (``SELECT_BYTES``, or q's size / 16). The selection is kept (``keep``) as ``sel_dtype``: int16 halves it
     where the block ids fit (``utils.sel_dtype``)."""
     T, Hq, D = q.shape
@@ -861,7 +861,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     if ws and own_ws:
         tq = _own_tiles(lay, q.device)
         n = tq[0].numel() * Hq
-        gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, _sm_count(q.device)),)](
+        gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, sm_count(q.device)),)](
             q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
             Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, num_warps=4)
     else:
@@ -899,7 +899,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
             if ws:
-                ws_kernel[(min(grid[0], _sm_count(q.device)),) if persist else grid](
+                ws_kernel[(min(grid[0], sm_count(q.device)),) if persist else grid](
                     q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
                     NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4,
                     **ws_opts)
@@ -909,10 +909,6 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
                     v.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
                     EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel
-
-
-def _sm_count(device) -> int:
-    return cached(("sm_count", str(device)), lambda: torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _gluon_usable(q, D, DV, BN, *tensors):

@@ -6,6 +6,7 @@ for any query row, its sequence, its position among that sequence's keys and its
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -107,6 +108,12 @@ class Layout:
 
 _CACHE: dict = {}
 _CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (the persistent kernels' grids, the decode split count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def cached(key, make):
