@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|pf|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -45,18 +45,40 @@ if [[ $what == persist ]]; then
   done
 fi
 if [[ $what == own ]]; then
-  # the own block by the Gluon kernel (PERFLOG 41, opt-in): its own tests first under a short limit (its first try
-  # hung), then with both Gluon forward forms, then A/B
-  timeout 200 python3 -m pytest -q -x tests/test_gpu.py -k "gluon_own" -p no:cacheprovider > "$OUT/tests_own.log" 2>&1
-  tail -3 "$OUT/tests_own.log"
-  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "gluon_fwd_ws" -p no:cacheprovider > "$OUT/tests_own_ws.log" 2>&1
-  tail -3 "$OUT/tests_own_ws.log"
+  # the own block by the Gluon kernel (PERFLOG 41-42, opt-in) and both Gluon forward forms after the loop-count fix:
+  # their tests side by side (compiling is most of it, one core each), then A/B of the own-block kernel
+  pids=()
+  for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent and not own" \
+           "gluon_fwd_ws and per_tile"; do
+    timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_own_${#pids[@]}.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait $p; done
+  for i in 0 1 2 3; do echo "tests $i: $(tail -1 "$OUT/tests_own_$i.log")"; done
   for o in 0 1; do
     MOBA_GLUON_OWN=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
       --graph --profile --json "$OUT/own_$o.json" > "$OUT/own_$o.log" 2>&1
     MOBA_GLUON_OWN=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile \
       --json "$OUT/own1m_$o.json" > "$OUT/own1m_$o.log" 2>&1
-    echo "own=$o"; grep -hE "^\| f|own_fwd|_block_means|GPU kernels" "$OUT/own_$o.log" "$OUT/own1m_$o.log"
+    echo "own=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|_block_means|GPU kernels" "$OUT/own_$o.log" "$OUT/own1m_$o.log"
+  done
+fi
+if [[ $what == pf ]]; then
+  # the Gluon forward's prefetching consumers (PERFLOG 42, GLUON_WS_PF): tests side by side, then A/B
+  pids=()
+  for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent_pf" \
+           "gluon_fwd_ws and persistent and not own and not pf" "gluon_fwd_ws and per_tile"; do
+    timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_pf_${#pids[@]}.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait $p; done
+  for i in 0 1 2 3 4; do echo "tests $i: $(tail -1 "$OUT/tests_pf_$i.log")"; grep -m3 -E "^(FAILED|ERROR)|Error" "$OUT/tests_pf_$i.log"; done
+  for o in 0 1; do
+    MOBA_GLUON_WS_PF=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
+      --graph --profile --json "$OUT/pf_$o.json" > "$OUT/pf_$o.log" 2>&1
+    MOBA_GLUON_WS_PF=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile \
+      --json "$OUT/pf1m_$o.json" > "$OUT/pf1m_$o.log" 2>&1
+    echo "pf=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/pf_$o.log" "$OUT/pf1m_$o.log"
   done
 fi
 if [[ $what == tune ]]; then

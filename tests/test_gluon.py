@@ -33,7 +33,8 @@ WS_CODE = """
 import os, subprocess, tempfile
 from moba.ops import gluon_fwd_ws
 from triton.backends.nvidia import compiler as c
-k = gluon_fwd_ws.compile_sm90(D={D}, dtype="{dtype}", NS={NS}, even={even}, persistent={persistent}, own={own})
+k = gluon_fwd_ws.compile_sm90(D={D}, dtype="{dtype}", NS={NS}, even={even}, persistent={persistent}, own={own},
+                              pf={pf})
 ptx = k.asm["ptx"]
 assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, "no wgmma / TMA copy in the PTX"
 assert 0 < k.metadata.shared <= 227 * 1024, k.metadata.shared
@@ -42,29 +43,46 @@ ptxas = os.path.join(os.path.dirname(c.__file__), "bin", "ptxas")
 out = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.devnull], capture_output=True, text=True)
 assert out.returncode == 0, out.stderr
 assert "C751" not in out.stderr, out.stderr      # ptxas serializing the wgmmas would undo the kernel's point
-if {own}:
-    # each consumer's key loop runs to a count defined inside its work loop: Triton 3.6 does not carry a value whose
-    # only use is a nested loop's bound, and a count carried from the previous item hung the kernel (PERFLOG 41)
+if {persistent} or {own}:
+    # every key loop of a work loop (two consumers and the loader) runs to a count defined inside that work loop:
+    # Triton 3.6's canonicalization drops from a loop's carried values a value whose only use is an inner loop's
+    # bound, and a count left from a program's first item hung the own-block kernel (PERFLOG 41-42)
     import re
     lines = k.asm["ttgir"].splitlines()
-    outer = [i for i, l in enumerate(lines) if "scf.for" in l and "iter_args(%q0" in l]
-    assert len(outer) == 2, "expected one work loop per consumer"
-    for i in outer:
-        bound = next(m.group(1) for m in map(re.compile(r"scf\\.for %j = \\S+ to (%\\w+)").search, lines[i:]) if m)
-        assert any(l.strip().startswith(bound + " =") for l in lines[i:]), bound + " is defined outside the work loop"
+    ind = lambda l: len(l) - len(l.lstrip())
+    n = 0
+    for i, l in enumerate(lines):
+        m = re.search(r"scf\\.for %j = \\S+ to (%\\w+)", l)
+        outer = [o for o in range(i) if "scf.for" in lines[o] and ind(lines[o]) < ind(l)] if m else []
+        if not outer:
+            continue
+        # the bound must depend on a value the work loop carries or its index, through ops inside the work loop
+        args = set(re.findall(r"(%\\w+) = ", lines[outer[-1]].split("scf.for", 1)[1]))
+        defs = {{x.split(" = ")[0].strip(): x.split(" = ", 1)[1] for x in lines[outer[-1] + 1:i] if " = " in x}}
+        todo, seen = [m.group(1)], set()
+        while todo and not args & seen:
+            v = todo.pop()
+            if v not in seen:
+                seen.add(v)
+                todo += re.findall(r"%\\w+", defs.get(v, ""))
+        assert args & seen, m.group(1) + " does not depend on the work loop's carried values"
+        n += 1
+    assert n == 3, n
 print("ok", k.metadata.shared)
 """
 
 
-@pytest.mark.parametrize("D,dtype,NS,even,persistent,own", [(128, "bf16", 2, True, True, False),
-                                                            (64, "fp16", 3, False, True, False),
-                                                            (128, "bf16", 2, False, False, False),
-                                                            (128, "bf16", 2, True, True, True)])
-def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even, persistent, own):
-    """The warp-specialized forward (gluon_fwd_ws.py), both forms, and its own-block kernel: TMA copies and
-    wgmmas, within an H100's shared memory, no wgmma serialization."""
+@pytest.mark.parametrize("D,dtype,NS,even,persistent,own,pf", [(128, "bf16", 2, True, True, False, True),
+                                                               (64, "fp16", 3, False, True, False, True),
+                                                               (128, "bf16", 2, True, True, False, False),
+                                                               (128, "bf16", 2, False, False, False, False),
+                                                               (128, "bf16", 2, True, True, True, False)])
+def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even, persistent, own, pf):
+    """The warp-specialized forward (gluon_fwd_ws.py), both forms (the persistent one with and without its
+    prefetching consumers), and its own-block kernel: TMA copies and wgmmas, within an H100's shared memory, no
+    wgmma serialization."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", WS_CODE.format(D=D, dtype=dtype, NS=NS, even=even,
-                                                             persistent=persistent, own=own)], env=env,
+                                                             persistent=persistent, own=own, pf=pf)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -16,9 +16,10 @@ only at mbarriers:
   its rows into O/LSE in place as `_sparse_fwd` does.
 
 ``sparse_fwd_ws_persistent_kernel`` is the same work with one program per SM looping over the tiles (on by default,
-``parallel.GLUON_WS_PERSIST``; H100: 0.426 -> 0.373 ms at fwd8k, PERFLOG 40-41). ``own_fwd_ws_persistent_kernel`` does
-the own block the same way (opt-in, ``parallel.GLUON_OWN``: its GPU tests passed with one key tile per query tile and
-hung with more before a fix that has not run on a GPU yet, PERFLOG 41).
+``parallel.GLUON_WS_PERSIST``; H100: 0.426 -> 0.373 ms at fwd8k, PERFLOG 40-41), its consumers copying the next
+tile's Q rows and the merge's O rows ahead (``PF``, ``parallel.GLUON_WS_PF``; PERFLOG 42).
+``own_fwd_ws_persistent_kernel`` does the own block the same way (on by default, ``parallel.GLUON_OWN``; H100: 0.166
+-> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k against `parallel._own_fwd`, PERFLOG 42).
 
 ``ABL`` (``parallel.WS_ABLATE``, timing only: results are wrong) drops parts of the work to measure them: 1 the
 merge's read of the earlier result, 2 the gather (consecutive rows), 4 the key loop.
@@ -33,6 +34,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 
@@ -41,14 +43,13 @@ def _load_block(k_desc, v_desc, k_s, v_s, ready, empty, c, ks, col, n_tiles, BN:
     """The block's n_tiles key tiles (K and V rows ks + j * BN, columns col..) into ring slots c % NS, c + 1, ...
     -> c after the last."""
     for j in range(n_tiles):
-        s = c % NS
+        s = (c + j) % NS
         # the first pass over the ring waits for nothing (slots start empty)
-        mbarrier.wait(empty.index(s), ((c // NS) & 1) ^ 1, pred=c >= NS)
+        mbarrier.wait(empty.index(s), (((c + j) // NS) & 1) ^ 1, pred=c + j >= NS)
         mbarrier.expect(ready.index(s), 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [ks + j * BN, col], ready.index(s), k_s.index(s))
         tma.async_copy_global_to_shared(v_desc, [ks + j * BN, col], ready.index(s), v_s.index(s))
-        c += 1
-    return c
+    return c + n_tiles      # not counted up in the loop: see `_attend`
 
 
 @gluon.jit
@@ -95,6 +96,15 @@ def _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq: gl.
     else:
         b_lo = gl.load(LSE + t_o * Hq + h_o, mask=m_r, other=0.) * 1.4426950408889634
         b_oo = gl.load(p_o, mask=m_o, other=0.).to(gl.float32)
+    b_o, b_ln = _combine(b_lo, b_oo, acc, b_m, b_l, ro)
+    gl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_o)
+    gl.store(LSE + t_o * Hq + h_o, b_ln, mask=m_r)
+
+
+@gluon.jit
+def _combine(b_lo, b_oo, acc, b_m, b_l, ro: gl.constexpr):
+    """The earlier result (log2-unit LSE ``b_lo``, rows ``b_oo``) and this block's (``acc`` unnormalised, running
+    max and sum) -> (merged rows, merged natural-unit LSE)."""
     b_lb = gl.convert_layout(b_m + gl.log2(b_l), ro)
     l_o = gl.convert_layout(b_l, ro)
     b_mx = gl.maximum(b_lo, b_lb)
@@ -102,8 +112,7 @@ def _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq: gl.
     b_wb = gl.exp2(b_lb - b_mx)
     b_w = b_wo + b_wb
     b_o = b_oo * (b_wo / b_w)[:, None] + acc * (b_wb / (b_w * l_o))[:, None]
-    gl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_o)
-    gl.store(LSE + t_o * Hq + h_o, (b_mx + gl.log2(b_w)) * 0.6931471805599453, mask=m_r)
+    return b_o, (b_mx + gl.log2(b_w)) * 0.6931471805599453
 
 
 @gluon.jit
@@ -124,8 +133,8 @@ def _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_tiles, scale_log2, D: gl.c
     b_m = gl.full([BM], float("-inf"), gl.float32, layout=rs)
     b_l = gl.zeros([BM], gl.float32, layout=rs)
     for j in range(n_tiles):
-        s = c % NS
-        mbarrier.wait(ready.index(s), (c // NS) & 1)
+        s = (c + j) % NS
+        mbarrier.wait(ready.index(s), ((c + j) // NS) & 1)
         st = hopper.warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         st = hopper.warpgroup_mma_wait(0, deps=[st])
         st = st * scale_log2
@@ -147,8 +156,11 @@ def _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_tiles, scale_log2, D: gl.c
         acc = hopper.warpgroup_mma(pa, v_s.index(s), acc, is_async=True)
         acc = hopper.warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(s), count=1)
-        c += 1
-    return acc, b_m, b_l, c
+    # c + n_tiles, not c counted up in the loop: Triton 3.6's canonicalization (run by gluon-inline) drops from an
+    # outer loop's carried values any value whose only use is an inner loop's bound, so each work item of a
+    # persistent kernel ran with its program's first count (the own-block kernel hung so, PERFLOG 41-42). Used in
+    # the sum, the count stays live.
+    return acc, b_m, b_l, c + n_tiles
 
 
 @gluon.jit
@@ -187,13 +199,18 @@ def _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, i_t, t_hi, NG, NB, 
 
 @gluon.jit
 def _buffers(k_desc, v_desc, dt: gl.constexpr, BM: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-             NS: gl.constexpr):
-    """The ring of NS K/V slots, each consumer's Q rows, and the ring's "ready"/"empty" barriers."""
+             NS: gl.constexpr, QB: gl.constexpr = False):
+    """The ring of NS K/V slots, each consumer's Q rows (QB: two tiles' worth, [2, BM, D]), and the ring's
+    "ready"/"empty" barriers."""
     sh2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     k_s = gl.allocate_shared_memory(dt, [NS, BN, D], k_desc.layout)
     v_s = gl.allocate_shared_memory(dt, [NS, BN, D], v_desc.layout)
-    q0_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
-    q1_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
+    if QB:
+        q0_s = gl.allocate_shared_memory(dt, [2, BM, D], sh2)
+        q1_s = gl.allocate_shared_memory(dt, [2, BM, D], sh2)
+    else:
+        q0_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
+        q1_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NS):
@@ -256,7 +273,8 @@ def sparse_fwd_ws_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_C
 # hides. Here each program keeps its barriers and ring across tiles: the loader copies the next tile's K/V while
 # the consumers merge the current one, and each consumer loads the next tile's table entries before its key loop.
 # H100: 0.430 -> 0.372 ms for the two slots at fwd8k, 1.774 -> 1.482 at fwd32k. Its GPU tests (`test_gpu.py -k
-# gluon_fwd_ws`: the reference, and bitwise equality with the kernel above) passed on an H100 (PERFLOG 41).
+# gluon_fwd_ws`: the reference, and bitwise equality with the kernel above) passed on an H100 (PERFLOG 41, and
+# with PF, 42).
 @gluon.jit
 def _loader_p(k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo, t_hi, NG,
               NB, D: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
@@ -275,45 +293,129 @@ def _consumer_p(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     step = gl.num_programs(0)
-    e0, e1, live, _g, ks, ke, n_kt = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
-                                                t_lo + gl.program_id(0), t_hi, NG, NB, BN)
+    e0, e1, live, _g, ks, ke, _n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                                              t_lo + gl.program_id(0), t_hi, NG, NB, BN)
     c = (t_lo * 0).to(gl.int32)          # key tiles consumed so far (as the loader counts them)
     for i_t in range(t_lo + gl.program_id(0), t_hi, step):
+        n_kt = gl.where(live, gl.cdiv(ke - ks, BN), 0).to(gl.int32)
         _gather_q(Q, ENT, q_s, r0, e0, e1, live, t0, sq_t, sq_h, Hq, S, D, BM, 0)
         # the next tile's table entries now: their loads complete under this tile's key loop
-        n_e0, n_e1, n_live, _g, n_ks, n_ke, n_n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
-                                                             i_t + step, t_hi, NG, NB, BN)
-        # NB (found in the tenth session, PERFLOG 41): Triton 3.6's frontend does not carry ks, ke and n_kt through
-        # this loop (ks/ke are dead with EVEN; n_kt's only use is `_attend`'s loop bound), so every tile runs with
-        # its program's first tile's values. That is correct here, and GPU-tested in this form, only because every
-        # chosen block is a whole block (strictly earlier than the row's own one): the same key-tile count and
-        # the same mask relative to the block start for every tile. The own-block kernel below, whose counts
-        # vary, recomputes its count from carried values; do the same here before relying on per-tile values.
+        n_e0, n_e1, n_live, _g, n_ks, n_ke, _n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                                                            i_t + step, t_hi, NG, NB, BN)
         acc, b_m, b_l, c = _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN, NS, EVEN)
         _merge(O, LSE, ENT, acc, b_m, b_l, r0, e0, e1, live, t0, so_t, so_h, Hq, S, D, BM, ro, mma_o, 0)
-        e0, e1, live, ks, ke, n_kt = n_e0, n_e1, n_live, n_ks, n_ke, n_n
+        e0, e1, live, ks, ke = n_e0, n_e1, n_live, n_ks, n_ke
+
+
+@gluon.jit
+def _rows(ENT, r0, e0, e1, live, t0, Hq: gl.constexpr, S: gl.constexpr, BM: gl.constexpr, lay: gl.constexpr):
+    """This warpgroup's BM gathered rows of a tile in layout ``lay`` (a slice of a 2-d layout): -> (token, head,
+    mask)."""
+    o_e = e0 + r0 + gl.arange(0, BM, layout=lay)
+    m_e = live & (o_e < e1)
+    row = gl.load(ENT + o_e, mask=m_e, other=0).to(gl.int64) // S
+    return t0 + row // Hq, row % Hq, m_e
+
+
+@gluon.jit
+def _copy_rows(dst, X, t, h, m, sx_t, sx_h, D: gl.constexpr, ld: gl.constexpr):
+    """Rows (t, h) of X ([BM] each, in a slice of ``ld``) into shared memory ``dst`` by cp.async (masked rows:
+    zeros), as one commit group."""
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    async_copy.async_copy_global_to_shared(dst, X + t[:, None] * sx_t + h[:, None] * sx_h + o_d[None, :],
+                                           mask=m[:, None] & (o_d[None, :] < D))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                 t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq: gl.constexpr, S: gl.constexpr,
+                 D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr):
+    """`_consumer_p` with the scattered reads off the critical path (PERFLOG 42): the tile's earlier O rows are
+    copied (cp.async) into ``o_s`` and its LSE loaded before its key loop, and the next tile's Q rows into the
+    other half of ``q_s`` ([2, BM, D]) right after it, so that only the merge's arithmetic and stores remain
+    between two key loops. Same arithmetic, row for row, as `_consumer_p`."""
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    ro: gl.constexpr = gl.SliceLayout(1, mma_o)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    lr: gl.constexpr = gl.SliceLayout(1, ld)
+    step = gl.num_programs(0)
+    e0, e1, live, _g, ks, ke, _n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                                              t_lo + gl.program_id(0), t_hi, NG, NB, BN)
+    t, h, m = _rows(ENT, r0, e0, e1, live, t0, Hq, S, BM, lr)
+    _copy_rows(q_s.index(0), Q, t, h, m, sq_t, sq_h, D, ld)
+    c = (t_lo * 0).to(gl.int32)          # key tiles consumed so far (as the loader counts them)
+    b = (t_lo * 0).to(gl.int32)          # tiles done: the half of q_s holding this tile's rows
+    for i_t in range(t_lo + gl.program_id(0), t_hi, step):
+        n_kt = gl.where(live, gl.cdiv(ke - ks, BN), 0).to(gl.int32)
+        # the merge's reads now, under the key loop: this slot writes each row once, so they cannot change
+        _copy_rows(o_s, O, t, h, m, so_t, so_h, D, ld)
+        t_o = gl.convert_layout(t, ro)
+        h_o = gl.convert_layout(h, ro)
+        m_o = gl.convert_layout(m, ro)
+        b_lo = gl.load(LSE + t_o * Hq + h_o, mask=m_o, other=0.) * 1.4426950408889634
+        async_copy.wait_group(1)         # this tile's Q rows (the O rows may still be in flight)
+        gl.thread_barrier()
+        hopper.fence_async_shared()
+        n_e0, n_e1, n_live, _g, n_ks, n_ke, _n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                                                            i_t + step, t_hi, NG, NB, BN)
+        acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN,
+                                   NS, EVEN)
+        # the next tile's Q rows into the other half (its last reader, the tile before, has retired)
+        n_t, n_h, n_m = _rows(ENT, r0, n_e0, n_e1, n_live, t0, Hq, S, BM, lr)
+        _copy_rows(q_s.index((b + 1) % 2), Q, n_t, n_h, n_m, sq_t, sq_h, D, ld)
+        async_copy.wait_group(1)         # the O rows
+        gl.thread_barrier()
+        b_oo = o_s.load(mma_o).to(gl.float32)
+        gl.thread_barrier()              # o_s is read by every thread before the next tile's copy lands in it
+        b_o, b_ln = _combine(b_lo, b_oo, acc, b_m, b_l, ro)
+        o_do = gl.arange(0, D, layout=gl.SliceLayout(0, mma_o))
+        gl.store(O + t_o[:, None] * so_t + h_o[:, None] * so_h + o_do[None, :], b_o.to(O.dtype.element_ty),
+                 mask=m_o[:, None] & (o_do[None, :] < D))
+        gl.store(LSE + t_o * Hq + h_o, b_ln, mask=m_o)
+        e0, e1, live, ks, ke, t, h, m = n_e0, n_e1, n_live, n_ks, n_ke, n_t, n_h, n_m
+        b += 1
+    async_copy.wait_group(0)             # the copy issued for the tile past the last (all masked)
 
 
 @gluon.jit
 def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START,
                                     BLK_END, sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot,
                                     Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                                    NS: gl.constexpr, EVEN: gl.constexpr):
+                                    NS: gl.constexpr, EVEN: gl.constexpr, PF: gl.constexpr = False):
     """`sparse_fwd_ws_kernel` with a grid of at most one program per SM, each looping over the slot's tiles
-    (program_id, program_id + programs, ...): the same results, tile for tile."""
+    (program_id, program_id + programs, ...): the same results, tile for tile. PF: the consumers prefetch Q and
+    the merge's reads (`_consumer_pf`; 64 KB more shared memory)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     t_lo = gl.load(TILE_CUM + slot * NG)
     t_hi = gl.load(TILE_CUM + (slot + 1) * NG)
-    k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS)
-    gl.warp_specialize([
-        (_consumer_p, (Q, O, LSE, ENT, q0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
-                       t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS, EVEN)),
-        (_consumer_p, (Q, O, LSE, ENT, q1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
-                       t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS, EVEN)),
-        (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo, t_hi,
-                     NG, NB, D, BN, NS)),
-    ], [4, 1], [232, 40])
+    k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS, PF)
+    if PF:
+        sh2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        o0_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
+        o1_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
+        gl.warp_specialize([
+            (_consumer_pf, (Q, O, LSE, ENT, q0_s, o0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END,
+                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D,
+                            BM, BN, NS, EVEN)),
+            (_consumer_pf, (Q, O, LSE, ENT, q1_s, o1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END,
+                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D,
+                            BM, BN, NS, EVEN)),
+            (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo,
+                         t_hi, NG, NB, D, BN, NS)),
+        ], [4, 1], [232, 40])
+    else:
+        gl.warp_specialize([
+            (_consumer_p, (Q, O, LSE, ENT, q0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END, BLK_START,
+                           BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS,
+                           EVEN)),
+            (_consumer_p, (Q, O, LSE, ENT, q1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END, BLK_START,
+                           BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D, BM, BN, NS,
+                           EVEN)),
+            (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo,
+                         t_hi, NG, NB, D, BN, NS)),
+        ], [4, 1], [232, 40])
     _release(ready, empty, NS)
 
 
@@ -362,9 +464,6 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
     q0, q1, p0, lo, i_h, _n = _own_info(TQ0, TQ1, TP0, TKB, gl.program_id(0), n, block_size, Hq, BN)
     c = (n * 0).to(gl.int32)
     for i in range(gl.program_id(0), n, step):
-        # the key tiles from the carried values, not carried themselves: Triton 3.6's frontend does not carry a
-        # loop variable whose only use is an inner loop's bound (it kept the first item's count, and the
-        # consumers waited for tiles the loader never sent: PERFLOG 41)
         n_kt = gl.cdiv(p0 + (q1 - q0) - lo, BN).to(gl.int32)
         o_m = q0 + r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
         o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
@@ -421,8 +520,9 @@ def usable(k, v) -> bool:
 
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
-                 persistent: bool = False, own: bool = False):
-    """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel."""
+                 persistent: bool = False, own: bool = False, pf: bool = False):
+    """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel; ``pf``: the
+    persistent kernel's prefetching consumers."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -434,7 +534,7 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
         cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
-        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **({} if persistent else dict(ABL=abl)))
+        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf) if persistent else dict(ABL=abl)))
     ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size"}
     ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))

@@ -53,9 +53,15 @@ GLUON_WS_NS = int(os.environ.get("MOBA_GLUON_WS_NS", "2"))
 # GLUON_WS_PERSIST: "1" (default; its GPU tests passed on an H100, PERFLOG 41) its persistent form (one program per
 # SM looping over the tiles; H100: 0.426 -> 0.373 ms at fwd8k, 1.775 -> 1.491 at fwd32k), "0" one program per tile.
 GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "1")
-# GLUON_OWN: "1" the own block by the same kind of kernel (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`) where the
-# Gluon forward runs (FWD_GLUON), "0" (default until its GPU tests have passed) by `_own_fwd` (PERFLOG 41).
-GLUON_OWN = os.environ.get("MOBA_GLUON_OWN", "0")
+# GLUON_WS_PF: "1" (default) the persistent form's consumers copy the next tile's Q rows and the merge's O rows
+# ahead (cp.async) where the extra 64 KB of shared memory fits (D 128 with a ring of 2, or D 64); H100: 1.651 ->
+# 1.534 s at fwd1m, 1.514 -> 1.464 ms for the slots at fwd32k, 0.381 -> 0.374 at fwd8k (PERFLOG 42). "0" they
+# load them when needed.
+GLUON_WS_PF = os.environ.get("MOBA_GLUON_WS_PF", "1")
+# GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
+# (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
+# the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
+GLUON_OWN = os.environ.get("MOBA_GLUON_OWN", "1")
 # Timing ablations of the Gluon forward (benchmarks only, results wrong when set; gluon_fwd_ws.py): a bit mask
 WS_ABLATE = int(os.environ.get("MOBA_WS_ABLATE", "0"))
 
@@ -857,7 +863,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         # its persistent form (at most one program per SM) or one program per tile (which takes the ablations)
         persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
         ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
-        ws_opts = {} if persist else dict(ABL=WS_ABLATE)
+        ws_opts = dict(PF=_ws_pf(D)) if persist else dict(ABL=WS_ABLATE)
     if ws and own_ws:
         tq = _own_tiles(lay, q.device)
         n = tq[0].numel() * Hq
@@ -909,6 +915,12 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
                     v.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
                     EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel
+
+
+def _ws_pf(D: int) -> bool:
+    """GLUON_WS_PF where it fits: the K/V ring and six [64, D] tiles (Q twice and O once per consumer) within the
+    227 KB of shared memory an sm_90 program may have."""
+    return GLUON_WS_PF == "1" and (GLUON_WS_NS * 128 * D * 2 + 6 * 64 * D) * 2 <= 229376
 
 
 def _gluon_usable(q, D, DV, BN, *tensors):
