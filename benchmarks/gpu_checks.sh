@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|pf|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -63,8 +63,8 @@ if [[ $what == own ]]; then
     echo "own=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|_block_means|GPU kernels" "$OUT/own_$o.log" "$OUT/own1m_$o.log"
   done
 fi
-if [[ $what == pf ]]; then
-  # the Gluon forward's prefetching consumers (PERFLOG 42, GLUON_WS_PF): tests side by side, then A/B
+if [[ $what == wstests || $what == pf ]]; then
+  # the Gluon forward's GPU tests (own block; both forward forms, with and without PF), side by side
   pids=()
   for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent_pf" \
            "gluon_fwd_ws and persistent and not own and not pf" "gluon_fwd_ws and per_tile"; do
@@ -73,6 +73,9 @@ if [[ $what == pf ]]; then
   done
   for p in "${pids[@]}"; do wait $p; done
   for i in 0 1 2 3 4; do echo "tests $i: $(tail -1 "$OUT/tests_pf_$i.log")"; grep -m3 -E "^(FAILED|ERROR)|Error" "$OUT/tests_pf_$i.log"; done
+fi
+if [[ $what == pf ]]; then
+  # A/B of the prefetching consumers (PERFLOG 42, GLUON_WS_PF)
   for o in 0 1; do
     MOBA_GLUON_WS_PF=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
       --graph --profile --json "$OUT/pf_$o.json" > "$OUT/pf_$o.log" 2>&1
@@ -80,6 +83,20 @@ if [[ $what == pf ]]; then
       --json "$OUT/pf1m_$o.json" > "$OUT/pf1m_$o.log" 2>&1
     echo "pf=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/pf_$o.log" "$OUT/pf1m_$o.log"
   done
+fi
+if [[ $what == ab ]]; then
+  # A/B of moba/ops/gluon_fwd_ws.py against ./old_ws.py (an untracked copy of the version to compare with), same
+  # machine: fwd8k/fwd32k/fb32k (graphs too) and fwd1m kernel times
+  cp moba/ops/gluon_fwd_ws.py /tmp/new_ws.py
+  for v in old new; do
+    if [[ $v == old ]]; then cp old_ws.py moba/ops/gluon_fwd_ws.py; else cp /tmp/new_ws.py moba/ops/gluon_fwd_ws.py; fi
+    timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn --graph --profile \
+      --json "$OUT/ab_$v.json" > "$OUT/ab_$v.log" 2>&1
+    timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile --json "$OUT/ab1m_$v.json" \
+      > "$OUT/ab1m_$v.log" 2>&1
+    echo "$v"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/ab_$v.log" "$OUT/ab1m_$v.log"
+  done
+  cp /tmp/new_ws.py moba/ops/gluon_fwd_ws.py
 fi
 if [[ $what == tune ]]; then
   timeout 300 python3 benchmarks/tune.py --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"
