@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|ab|pp|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -67,7 +67,7 @@ if [[ $what == wstests || $what == pf ]]; then
   # the Gluon forward's GPU tests (own block; both forward forms, with and without PF), side by side
   pids=()
   for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent_pf" \
-           "gluon_fwd_ws and persistent and not own and not pf and not pp" "gluon_fwd_ws and per_tile"; do
+           "gluon_fwd_ws and persistent and not own and not pf" "gluon_fwd_ws and per_tile"; do
     timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_pf_${#pids[@]}.log" 2>&1 &
     pids+=($!)
   done
@@ -97,23 +97,6 @@ if [[ $what == ab ]]; then
     echo "$v"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/ab_$v.log" "$OUT/ab1m_$v.log"
   done
   cp /tmp/new_ws.py moba/ops/gluon_fwd_ws.py
-fi
-if [[ $what == pp ]]; then
-  # FA3's key loop with the consumers taking turns (PERFLOG 43, GLUON_WS_PP): its tests (two processes), then A/B
-  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "gluon_fwd_ws and persistent_pp and bf16" -p no:cacheprovider \
-    > "$OUT/tests_pp_0.log" 2>&1 &
-  p0=$!
-  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "gluon_fwd_ws and persistent_pp and fp16" -p no:cacheprovider \
-    > "$OUT/tests_pp_1.log" 2>&1
-  wait $p0
-  for i in 0 1; do echo "tests $i: $(tail -1 "$OUT/tests_pp_$i.log")"; grep -m3 -E "^(FAILED|ERROR)|Error" "$OUT/tests_pp_$i.log"; done
-  for o in 0 1; do
-    MOBA_GLUON_WS_PP=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
-      --graph --profile --json "$OUT/pp_$o.json" > "$OUT/pp_$o.log" 2>&1
-    MOBA_GLUON_WS_PP=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile \
-      --json "$OUT/pp1m_$o.json" > "$OUT/pp1m_$o.log" 2>&1
-    echo "pp=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/pp_$o.log" "$OUT/pp1m_$o.log"
-  done
 fi
 if [[ $what == tune ]]; then
   timeout 300 python3 benchmarks/tune.py --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"

@@ -164,81 +164,6 @@ def _attend(q_s, k_s, v_s, ready, empty, c, ks, ke, n_tiles, scale_log2, D: gl.c
 
 
 @gluon.jit
-def _turn(tok, ME: gl.constexpr, k):
-    """Wait for this warpgroup's k-th turn at the tensor cores: the two consumers (ME 0 and 1) take turns, 0 first."""
-    if ME == 0:
-        mbarrier.wait(tok.index(0), (k - 1) & 1, pred=k > 0)
-    else:
-        mbarrier.wait(tok.index(1), k & 1)
-
-
-@gluon.jit
-def _attend_pp(q_s, k_s, v_s, ready, empty, tok, ME: gl.constexpr, k, c, ks, ke, n_tiles, scale_log2,
-               D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr):
-    """`_attend` the FlashAttention-3 way (PERFLOG 43): S of key tile j goes out together with the P V product of
-    tile j - 1, and the two consumer warpgroups issue their products in strict turns (``tok``: one mbarrier
-    per warpgroup, ``k`` turns taken so far), so that one's softmax runs while the other's products occupy the
-    tensor cores. -> (acc, running max, running sum, c after the last tile, k after the last turn)."""
-    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
-    rs: gl.constexpr = gl.SliceLayout(1, mma_s)
-    ro: gl.constexpr = gl.SliceLayout(1, mma_o)
-    dt: gl.constexpr = q_s.dtype
-    zero_s = gl.zeros([BM, BN], gl.float32, layout=mma_s)
-    acc = gl.zeros([BM, D], gl.float32, layout=mma_o)
-    b_m = gl.full([BM], float("-inf"), gl.float32, layout=rs)
-    b_l = gl.zeros([BM], gl.float32, layout=rs)
-    if n_tiles > 0:         # tiles past the slot's end have none (for both warpgroups alike)
-        s0 = c % NS
-        mbarrier.wait(ready.index(s0), (c // NS) & 1)
-        _turn(tok, ME, k)
-        st = hopper.warpgroup_mma(q_s, k_s.index(s0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.arrive(tok.index(1 - ME), count=1)
-        k += 1
-        st = hopper.warpgroup_mma_wait(0, deps=[st])
-        st = st * scale_log2
-        if not EVEN:
-            o_n = ks + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-            st = gl.where((o_n < ke)[None, :], st, float("-inf"))
-        b_m = gl.max(st, 1)
-        p = gl.exp2(st - b_m[:, None])
-        b_l = gl.sum(p, 1)
-        pa = gl.convert_layout(p.to(dt), dot_a)
-        for j in range(1, n_tiles):
-            s = (c + j) % NS
-            sp = (c + j - 1) % NS
-            mbarrier.wait(ready.index(s), ((c + j) // NS) & 1)
-            _turn(tok, ME, k)
-            st = hopper.warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = hopper.warpgroup_mma(pa, v_s.index(sp), acc, is_async=True)
-            mbarrier.arrive(tok.index(1 - ME), count=1)
-            k += 1
-            st = hopper.warpgroup_mma_wait(1, deps=[st])          # S_j retired; P_{j-1} V_{j-1} may still run
-            st = st * scale_log2
-            if not EVEN:
-                o_n = ks + j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-                st = gl.where((o_n < ke)[None, :], st, float("-inf"))
-            m_new = gl.maximum(b_m, gl.max(st, 1))
-            p = gl.exp2(st - m_new[:, None])
-            alpha = gl.exp2(b_m - m_new)
-            b_l = b_l * alpha + gl.sum(p, 1)
-            b_m = m_new
-            acc = hopper.warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(empty.index(sp), count=1)
-            acc = acc * gl.convert_layout(alpha, ro)[:, None]
-            pa = gl.convert_layout(p.to(dt), dot_a)
-        sl = (c + n_tiles - 1) % NS
-        _turn(tok, ME, k)
-        acc = hopper.warpgroup_mma(pa, v_s.index(sl), acc, is_async=True)
-        mbarrier.arrive(tok.index(1 - ME), count=1)
-        k += 1
-        acc = hopper.warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index(sl), count=1)
-    return acc, b_m, b_l, c + n_tiles, k
-
-
-@gluon.jit
 def _consumer(Q, O, LSE, ENT, q_s, k_s, v_s, ready, empty, r0, e0, e1, live, t0, ks, ke, n_tiles, sq_t, sq_h,
               so_t, so_h, scale_log2, Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
               BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr, ABL: gl.constexpr):
@@ -403,15 +328,13 @@ def _copy_rows(dst, X, t, h, m, sx_t, sx_h, D: gl.constexpr, ld: gl.constexpr):
 
 
 @gluon.jit
-def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, tok, r0, TILE_G, TILE_E0, GRP_END, BLK_START,
-                 BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq: gl.constexpr,
-                 S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
-                 EVEN: gl.constexpr, ME: gl.constexpr, PP: gl.constexpr):
+def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                 t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq: gl.constexpr, S: gl.constexpr,
+                 D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr):
     """`_consumer_p` with the scattered reads off the critical path (PERFLOG 42): the tile's earlier O rows are
     copied (cp.async) into ``o_s`` and its LSE loaded before its key loop, and the next tile's Q rows into the
     other half of ``q_s`` ([2, BM, D]) right after it, so that only the merge's arithmetic and stores remain
-    between two key loops. Same arithmetic, row for row, as `_consumer_p`. PP: the key loop by `_attend_pp` (this
-    warpgroup is ME of the two)."""
+    between two key loops. Same arithmetic, row for row, as `_consumer_p`."""
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -423,7 +346,6 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, tok, r0, TILE
     _copy_rows(q_s.index(0), Q, t, h, m, sq_t, sq_h, D, ld)
     c = (t_lo * 0).to(gl.int32)          # key tiles consumed so far (as the loader counts them)
     b = (t_lo * 0).to(gl.int32)          # tiles done: the half of q_s holding this tile's rows
-    k = (t_lo * 0).to(gl.int32)          # turns at the tensor cores taken so far (PP)
     for i_t in range(t_lo + gl.program_id(0), t_hi, step):
         n_kt = gl.where(live, gl.cdiv(ke - ks, BN), 0).to(gl.int32)
         # the merge's reads now, under the key loop: this slot writes each row once, so they cannot change
@@ -437,12 +359,8 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, tok, r0, TILE
         hopper.fence_async_shared()
         n_e0, n_e1, n_live, _g, n_ks, n_ke, _n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
                                                             i_t + step, t_hi, NG, NB, BN)
-        if PP:
-            acc, b_m, b_l, c, k = _attend_pp(q_s.index(b % 2), k_s, v_s, ready, empty, tok, ME, k, c, ks, ke, n_kt,
-                                             scale_log2, D, BM, BN, NS, EVEN)
-        else:
-            acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM,
-                                       BN, NS, EVEN)
+        acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN,
+                                   NS, EVEN)
         # the next tile's Q rows into the other half (its last reader, the tile before, has retired)
         n_t, n_h, n_m = _rows(ENT, r0, n_e0, n_e1, n_live, t0, Hq, S, BM, lr)
         _copy_rows(q_s.index((b + 1) % 2), Q, n_t, n_h, n_m, sq_t, sq_h, D, ld)
@@ -464,12 +382,10 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, tok, r0, TILE
 def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START,
                                     BLK_END, sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot,
                                     Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                                    NS: gl.constexpr, EVEN: gl.constexpr, PF: gl.constexpr = False,
-                                    PP: gl.constexpr = False):
+                                    NS: gl.constexpr, EVEN: gl.constexpr, PF: gl.constexpr = False):
     """`sparse_fwd_ws_kernel` with a grid of at most one program per SM, each looping over the slot's tiles
     (program_id, program_id + programs, ...): the same results, tile for tile. PF: the consumers prefetch Q and
-    the merge's reads (`_consumer_pf`; 64 KB more shared memory); with PF, PP: their key loops take turns at the
-    tensor cores (`_attend_pp`)."""
+    the merge's reads (`_consumer_pf`; 64 KB more shared memory)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     t_lo = gl.load(TILE_CUM + slot * NG)
@@ -479,21 +395,16 @@ def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE
         sh2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         o0_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
         o1_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
-        tok = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(tok.index(i), count=1)
         gl.warp_specialize([
-            (_consumer_pf, (Q, O, LSE, ENT, q0_s, o0_s, k_s, v_s, ready, empty, tok, 0, TILE_G, TILE_E0, GRP_END,
+            (_consumer_pf, (Q, O, LSE, ENT, q0_s, o0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END,
                             BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D,
-                            BM, BN, NS, EVEN, 0, PP)),
-            (_consumer_pf, (Q, O, LSE, ENT, q1_s, o1_s, k_s, v_s, ready, empty, tok, BM, TILE_G, TILE_E0, GRP_END,
+                            BM, BN, NS, EVEN)),
+            (_consumer_pf, (Q, O, LSE, ENT, q1_s, o1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END,
                             BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D,
-                            BM, BN, NS, EVEN, 1, PP)),
+                            BM, BN, NS, EVEN)),
             (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo,
                          t_hi, NG, NB, D, BN, NS)),
         ], [4, 1], [232, 40])
-        for i in gl.static_range(2):
-            mbarrier.invalidate(tok.index(i))
     else:
         gl.warp_specialize([
             (_consumer_p, (Q, O, LSE, ENT, q0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END, BLK_START,
@@ -609,7 +520,7 @@ def usable(k, v) -> bool:
 
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
-                 persistent: bool = False, own: bool = False, pf: bool = False, pp: bool = False):
+                 persistent: bool = False, own: bool = False, pf: bool = False):
     """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel; ``pf``: the
     persistent kernel's prefetching consumers."""
     import torch
@@ -623,7 +534,7 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
         cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
-        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf, PP=pp) if persistent else dict(ABL=abl)))
+        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf) if persistent else dict(ABL=abl)))
     ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size"}
     ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))

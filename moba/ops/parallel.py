@@ -58,10 +58,6 @@ GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "1")
 # 1.534 s at fwd1m, 1.514 -> 1.464 ms for the slots at fwd32k, 0.381 -> 0.374 at fwd8k (PERFLOG 42). "0" they
 # load them when needed.
 GLUON_WS_PF = os.environ.get("MOBA_GLUON_WS_PF", "1")
-# GLUON_WS_PP: "1" with PF, the two consumers' key loops in FA3's form (S of key tile j issued with tile j-1's P V
-# product, the warpgroups taking strict turns at the tensor cores; `gluon_fwd_ws._attend_pp`, PERFLOG 43), "0"
-# (default) each tile's S, softmax and P V in turn.
-GLUON_WS_PP = os.environ.get("MOBA_GLUON_WS_PP", "0")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
@@ -867,7 +863,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         # its persistent form (at most one program per SM) or one program per tile (which takes the ablations)
         persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
         ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
-        ws_opts = dict(PF=_ws_pf(D), PP=_ws_pf(D) and GLUON_WS_PP == "1") if persist else dict(ABL=WS_ABLATE)
+        ws_opts = dict(PF=_ws_pf(D)) if persist else dict(ABL=WS_ABLATE)
     if ws and own_ws:
         tq = _own_tiles(lay, q.device)
         n = tq[0].numel() * Hq
