@@ -328,13 +328,22 @@ def _copy_rows(dst, X, t, h, m, sx_t, sx_h, D: gl.constexpr, ld: gl.constexpr):
 
 
 @gluon.jit
+def _clock():
+    """This SM's cycle counter (timing builds only: `parallel.WS_TIME`)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
-                 t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq: gl.constexpr, S: gl.constexpr,
-                 D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr):
+                 t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF, Hq: gl.constexpr,
+                 S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
+                 EVEN: gl.constexpr, TIME: gl.constexpr, SST: gl.constexpr):
     """`_consumer_p` with the scattered reads off the critical path (PERFLOG 42): the tile's earlier O rows are
     copied (cp.async) into ``o_s`` and its LSE loaded before its key loop, and the next tile's Q rows into the
     other half of ``q_s`` ([2, BM, D]) right after it, so that only the merge's arithmetic and stores remain
-    between two key loops. Same arithmetic, row for row, as `_consumer_p`."""
+    between two key loops. Same arithmetic, row for row, as `_consumer_p`. SST: the merged rows stored through
+    shared memory in 16-byte pieces. TIME (timing builds): the cycles of 8 phases of each tile, summed over this
+    warpgroup's tiles, and its tiles, into TBUF[program, warpgroup, 0..8]."""
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -346,46 +355,105 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, T
     _copy_rows(q_s.index(0), Q, t, h, m, sq_t, sq_h, D, ld)
     c = (t_lo * 0).to(gl.int32)          # key tiles consumed so far (as the loader counts them)
     b = (t_lo * 0).to(gl.int32)          # tiles done: the half of q_s holding this tile's rows
+    dts = (t_lo * 0).to(gl.int64)        # TIME: cycles per phase, summed over tiles (8 phases, packed below)
+    if TIME:
+        d0 = dts
+        d1 = dts
+        d2 = dts
+        d3 = dts
+        d4 = dts
+        d5 = dts
+        d6 = dts
+        d7 = dts
     for i_t in range(t_lo + gl.program_id(0), t_hi, step):
+        if TIME:
+            k0 = _clock()
         n_kt = gl.where(live, gl.cdiv(ke - ks, BN), 0).to(gl.int32)
         # the merge's reads now, under the key loop: this slot writes each row once, so they cannot change
         _copy_rows(o_s, O, t, h, m, so_t, so_h, D, ld)
+        if TIME:
+            k1 = _clock()
         t_o = gl.convert_layout(t, ro)
         h_o = gl.convert_layout(h, ro)
         m_o = gl.convert_layout(m, ro)
         b_lo = gl.load(LSE + t_o * Hq + h_o, mask=m_o, other=0.) * 1.4426950408889634
+        if TIME:
+            k2 = _clock()
         async_copy.wait_group(1)         # this tile's Q rows (the O rows may still be in flight)
         gl.thread_barrier()
         hopper.fence_async_shared()
         n_e0, n_e1, n_live, _g, n_ks, n_ke, _n = _tile_info(TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
                                                             i_t + step, t_hi, NG, NB, BN)
+        if TIME:
+            k3 = _clock()
         acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN,
                                    NS, EVEN)
+        if TIME:
+            k4 = _clock()
         # the next tile's Q rows into the other half (its last reader, the tile before, has retired)
         n_t, n_h, n_m = _rows(ENT, r0, n_e0, n_e1, n_live, t0, Hq, S, BM, lr)
         _copy_rows(q_s.index((b + 1) % 2), Q, n_t, n_h, n_m, sq_t, sq_h, D, ld)
+        if TIME:
+            k5 = _clock()
         async_copy.wait_group(1)         # the O rows
         gl.thread_barrier()
         b_oo = o_s.load(mma_o).to(gl.float32)
         gl.thread_barrier()              # o_s is read by every thread before the next tile's copy lands in it
+        if TIME:
+            k6 = _clock()
         b_o, b_ln = _combine(b_lo, b_oo, acc, b_m, b_l, ro)
-        o_do = gl.arange(0, D, layout=gl.SliceLayout(0, mma_o))
-        gl.store(O + t_o[:, None] * so_t + h_o[:, None] * so_h + o_do[None, :], b_o.to(O.dtype.element_ty),
-                 mask=m_o[:, None] & (o_do[None, :] < D))
+        if TIME:
+            k7 = _clock()
+        if SST:     # through this tile's (now free) Q buffer, so that each thread stores 16 contiguous bytes
+            q_b = q_s.index(b % 2)
+            q_b.store(b_o.to(O.dtype.element_ty))
+            gl.thread_barrier()
+            o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+            gl.store(O + t[:, None] * so_t + h[:, None] * so_h + o_d[None, :], q_b.load(ld),
+                     mask=m[:, None] & (o_d[None, :] < D))
+        else:
+            o_do = gl.arange(0, D, layout=gl.SliceLayout(0, mma_o))
+            gl.store(O + t_o[:, None] * so_t + h_o[:, None] * so_h + o_do[None, :], b_o.to(O.dtype.element_ty),
+                     mask=m_o[:, None] & (o_do[None, :] < D))
         gl.store(LSE + t_o * Hq + h_o, b_ln, mask=m_o)
         e0, e1, live, ks, ke, t, h, m = n_e0, n_e1, n_live, n_ks, n_ke, n_t, n_h, n_m
         b += 1
+        if TIME:
+            k8 = _clock()
+            d0 += k1 - k0
+            d1 += k2 - k1
+            d2 += k3 - k2
+            d3 += k4 - k3
+            d4 += k5 - k4
+            d5 += k6 - k5
+            d6 += k7 - k6
+            d7 += k8 - k7
     async_copy.wait_group(0)             # the copy issued for the tile past the last (all masked)
+    if TIME:
+        # per warpgroup: O copies issued; rows to the merge's layout and LSE load issued; Q wait; key loop; next
+        # rows and Q copies issued; O wait and read; merge arithmetic; stores; then the tiles
+        o_t = TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9
+        gl.store(o_t, d0)
+        gl.store(o_t + 1, d1)
+        gl.store(o_t + 2, d2)
+        gl.store(o_t + 3, d3)
+        gl.store(o_t + 4, d4)
+        gl.store(o_t + 5, d5)
+        gl.store(o_t + 6, d6)
+        gl.store(o_t + 7, d7)
+        gl.store(o_t + 8, b.to(gl.int64))
 
 
 @gluon.jit
 def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START,
-                                    BLK_END, sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot,
+                                    BLK_END, sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot, TBUF,
                                     Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                                    NS: gl.constexpr, EVEN: gl.constexpr, PF: gl.constexpr = False):
+                                    NS: gl.constexpr, EVEN: gl.constexpr, PF: gl.constexpr = False,
+                                    TIME: gl.constexpr = False, SST: gl.constexpr = False):
     """`sparse_fwd_ws_kernel` with a grid of at most one program per SM, each looping over the slot's tiles
     (program_id, program_id + programs, ...): the same results, tile for tile. PF: the consumers prefetch Q and
-    the merge's reads (`_consumer_pf`; 64 KB more shared memory)."""
+    the merge's reads (`_consumer_pf`; 64 KB more shared memory); with PF, TIME: a timing build (cycles per phase
+    into TBUF, int64 [programs, 2, 9]; `parallel.WS_TIME`); SST: `_consumer_pf`'s staged stores."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     t_lo = gl.load(TILE_CUM + slot * NG)
@@ -397,11 +465,11 @@ def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE
         o1_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
         gl.warp_specialize([
             (_consumer_pf, (Q, O, LSE, ENT, q0_s, o0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END,
-                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D,
-                            BM, BN, NS, EVEN)),
+                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF, Hq, S,
+                            D, BM, BN, NS, EVEN, TIME, SST)),
             (_consumer_pf, (Q, O, LSE, ENT, q1_s, o1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END,
-                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, Hq, S, D,
-                            BM, BN, NS, EVEN)),
+                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF, Hq, S,
+                            D, BM, BN, NS, EVEN, TIME, SST)),
             (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo,
                          t_hi, NG, NB, D, BN, NS)),
         ], [4, 1], [232, 40])
@@ -520,7 +588,8 @@ def usable(k, v) -> bool:
 
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
-                 persistent: bool = False, own: bool = False, pf: bool = False):
+                 persistent: bool = False, own: bool = False, pf: bool = False, time: bool = False,
+                 sst: bool = False):
     """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel; ``pf``: the
     persistent kernel's prefetching consumers."""
     import torch
@@ -534,9 +603,9 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
         cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
-        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf) if persistent else dict(ABL=abl)))
+        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf, TIME=time, SST=sst) if persistent else dict(ABL=abl)))
     ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size"}
-    ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32"}
+    ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32", "TBUF": "i64"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))
     fake = torch.empty(64, 8, D, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     desc = mangle_type(descriptors(fake, fake, BN)[0])

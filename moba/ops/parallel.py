@@ -58,10 +58,17 @@ GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "1")
 # 1.534 s at fwd1m, 1.514 -> 1.464 ms for the slots at fwd32k, 0.381 -> 0.374 at fwd8k (PERFLOG 42). "0" they
 # load them when needed.
 GLUON_WS_PF = os.environ.get("MOBA_GLUON_WS_PF", "1")
+# GLUON_WS_SST: "1" with PF, the merged rows stored through shared memory in 16-byte pieces (PERFLOG 44), "0" from
+# the product's register layout.
+GLUON_WS_SST = os.environ.get("MOBA_GLUON_WS_SST", "0")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
 GLUON_OWN = os.environ.get("MOBA_GLUON_OWN", "1")
+# WS_TIME: None, or an int64 tensor [S, programs, 2, 9] the persistent Gluon forward (with PF) fills with each
+# consumer's cycles in 8 phases of its tiles and its tiles, per slot (timing builds:
+# `benchmarks/ws_phases.py`; results stay right)
+WS_TIME = None
 # Timing ablations of the Gluon forward (benchmarks only, results wrong when set; gluon_fwd_ws.py): a bit mask
 WS_ABLATE = int(os.environ.get("MOBA_WS_ABLATE", "0"))
 
@@ -863,7 +870,8 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         # its persistent form (at most one program per SM) or one program per tile (which takes the ablations)
         persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
         ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
-        ws_opts = dict(PF=_ws_pf(D)) if persist else dict(ABL=WS_ABLATE)
+        ws_opts = (dict(PF=_ws_pf(D), TIME=WS_TIME is not None and _ws_pf(D), SST=_ws_pf(D) and GLUON_WS_SST == "1")
+                   if persist else dict(ABL=WS_ABLATE))
     if ws and own_ws:
         tq = _own_tiles(lay, q.device)
         n = tq[0].numel() * Hq
@@ -907,8 +915,8 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             if ws:
                 ws_kernel[(min(grid[0], sm_count(q.device)),) if persist else grid](
                     q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
-                    NG, s, Hq=Hq, S=S, D=D, BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4,
-                    **ws_opts)
+                    NG, s, *((WS_TIME[s] if WS_TIME is not None else lse,) if persist else ()), Hq=Hq, S=S, D=D,
+                    BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4, **ws_opts)
             else:
                 _sparse_fwd[grid](
                     q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
