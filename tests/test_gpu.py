@@ -123,7 +123,7 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([300, 17, 1], [900, 400, 64], 8, 2, 128, 64, 4),     # Tq < Tk; blocks shorter than a key tile
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
-@pytest.mark.parametrize("persist,own,pf,sst", [("1", "1", "1", "0"), ("1", "0", "1", "0"), ("1", "0", "1", "1"),
+@pytest.mark.parametrize("persist,own,pf,sst", [("1", "1", "1", "1"), ("1", "0", "1", "0"), ("1", "0", "1", "1"),
                                                 ("1", "0", "0", "0"), ("0", "0", "0", "0")],
                          ids=["persistent_own", "persistent_pf", "persistent_sst", "persistent", "per_tile"])
 def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):

@@ -17,7 +17,9 @@ only at mbarriers:
 
 ``sparse_fwd_ws_persistent_kernel`` is the same work with one program per SM looping over the tiles (on by default,
 ``parallel.GLUON_WS_PERSIST``; H100: 0.426 -> 0.373 ms at fwd8k, PERFLOG 40-41), its consumers copying the next
-tile's Q rows and the merge's O rows ahead (``PF``, ``parallel.GLUON_WS_PF``; PERFLOG 42).
+tile's Q rows and the merge's O rows ahead (``PF``, ``parallel.GLUON_WS_PF``; PERFLOG 42) and storing the merged
+rows through shared memory in 16-byte pieces (``SST``, ``parallel.GLUON_WS_SST``; H100: 0.371 -> 0.343 ms at fwd8k,
+PERFLOG 44).
 ``own_fwd_ws_persistent_kernel`` does the own block the same way (on by default, ``parallel.GLUON_OWN``; H100: 0.166
 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k against `parallel._own_fwd`, PERFLOG 42).
 

@@ -58,9 +58,9 @@ GLUON_WS_PERSIST = os.environ.get("MOBA_GLUON_WS_PERSIST", "1")
 # 1.534 s at fwd1m, 1.514 -> 1.464 ms for the slots at fwd32k, 0.381 -> 0.374 at fwd8k (PERFLOG 42). "0" they
 # load them when needed.
 GLUON_WS_PF = os.environ.get("MOBA_GLUON_WS_PF", "1")
-# GLUON_WS_SST: "1" with PF, the merged rows stored through shared memory in 16-byte pieces (PERFLOG 44), "0" from
-# the product's register layout.
-GLUON_WS_SST = os.environ.get("MOBA_GLUON_WS_SST", "0")
+# GLUON_WS_SST: "1" (default) with PF, the merged rows stored through shared memory in 16-byte pieces (H100: the
+# slots 0.371 -> 0.343 ms at fwd8k, 1.460 -> 1.364 at fwd32k; PERFLOG 44), "0" from the product's register layout.
+GLUON_WS_SST = os.environ.get("MOBA_GLUON_WS_SST", "1")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
