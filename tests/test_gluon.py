@@ -76,11 +76,12 @@ print("ok", k.metadata.shared)
                                                                    (64, "fp16", 3, False, True, False, True, True),
                                                                    (128, "bf16", 2, True, True, False, False, False),
                                                                    (128, "bf16", 2, False, False, False, False, False),
-                                                                   (128, "bf16", 2, True, True, True, False, False)])
+                                                                   (128, "bf16", 2, True, True, True, False, False),
+                                                                   (128, "bf16", 2, True, True, True, False, True)])
 def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even, persistent, own, pf, sst):
     """The warp-specialized forward (gluon_fwd_ws.py), both forms (the persistent one with and without its
-    prefetching consumers, and with their staged stores in a timing build), and its own-block kernel: TMA copies
-    and wgmmas, within an H100's shared memory, no wgmma serialization."""
+    prefetching consumers, and with their staged stores in a timing build), and its own-block kernel (with and
+    without staged stores): TMA copies and wgmmas, within an H100's shared memory, no wgmma serialization."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", WS_CODE.format(D=D, dtype=dtype, NS=NS, even=even,
                                                              persistent=persistent, own=own, pf=pf, sst=sst)],

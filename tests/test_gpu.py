@@ -162,11 +162,13 @@ def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, dtype, lens_q, len
 
 @pytest.mark.parametrize("lens_q,lens_k,bs,topk", [([2500], [2500], 256, 1), ([100, 333], [1000, 333], 128, 1),
                                                    ([5000], [5000], 512, 3)], ids=lambda x: str(x))
-def test_gpu_gluon_own_block(monkeypatch, lens_q, lens_k, bs, topk):
+@pytest.mark.parametrize("sst", ["0", "1"], ids=["own", "own_sst"])
+def test_gpu_gluon_own_block(monkeypatch, lens_q, lens_k, bs, topk, sst):
     """The own block by the Gluon kernel (GLUON_OWN): block-local attention (topk 1: nothing else runs) with a
     ragged tail, Tq < Tk with unaligned query tiles, and the fwd8k shape's blocks; fp64 reference within the
-    Triton kernel's error."""
+    Triton kernel's error; with and without its staged stores (SST)."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
+    monkeypatch.setattr(parallel, "GLUON_OWN_SST", sst)
     q, k, v, extra = make_inputs(lens_q, lens_k, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     if not (gluon_dkdv.usable(q, 128, 128, 128) and gluon_fwd_ws.usable(k[0], v[0])):
         pytest.skip("the Gluon kernels need sm_90")

@@ -524,9 +524,10 @@ def _loader_own(k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, b
 @gluon.jit
 def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t,
                   so_h, scale_log2, Hq: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  NS: gl.constexpr):
+                  NS: gl.constexpr, SST: gl.constexpr):
     """One warpgroup: rows r0 .. r0 + BM of each of its tiles against the own block's keys up to the tile's last
-    position (causal), written to O and LSE (the first result of every row; the chosen blocks merge in after)."""
+    position (causal), written to O and LSE (the first result of every row; the chosen blocks merge in after).
+    SST: the rows stored through ``q_s`` (free after the key loop) in 16-byte pieces, as `_consumer_pf` does."""
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -549,8 +550,15 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
         o_do = gl.arange(0, D, layout=gl.SliceLayout(0, mma_o))
         l_o = gl.convert_layout(b_l, ro)
         b_o = acc / l_o[:, None]
-        gl.store(O + o_r.to(gl.int64)[:, None] * so_t + i_h * so_h + o_do[None, :], b_o.to(O.dtype.element_ty),
-                 mask=m_r[:, None] & (o_do[None, :] < D))
+        if SST:
+            q_s.store(b_o.to(O.dtype.element_ty))
+            gl.thread_barrier()
+            gl.store(O + o_m.to(gl.int64)[:, None] * so_t + i_h * so_h + o_d[None, :], q_s.load(ld),
+                     mask=(o_m < q1)[:, None] & (o_d[None, :] < D))
+            gl.thread_barrier()          # every thread has read q_s before the next item's rows land in it
+        else:
+            gl.store(O + o_r.to(gl.int64)[:, None] * so_t + i_h * so_h + o_do[None, :], b_o.to(O.dtype.element_ty),
+                     mask=m_r[:, None] & (o_do[None, :] < D))
         gl.store(LSE + o_r.to(gl.int64) * Hq + i_h, (gl.convert_layout(b_m, ro) + gl.log2(l_o)) * 0.6931471805599453,
                  mask=m_r)
         q0, q1, p0, lo, i_h = n_q0, n_q1, n_p0, n_lo, n_h
@@ -559,17 +567,17 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
 @gluon.jit
 def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t, so_h,
                                  scale_log2, Hq: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                                 NS: gl.constexpr):
+                                 NS: gl.constexpr, SST: gl.constexpr = False):
     """`parallel._own_fwd` for n = tiles * Hq work items (tiles of <= 128 queries inside one block), a grid of at most
-    one program per SM looping over them."""
+    one program per SM looping over them. SST: staged stores (`_consumer_own`)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS)
     gl.warp_specialize([
         (_consumer_own, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h,
-                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS, SST)),
         (_consumer_own, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h,
-                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS, SST)),
         (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN, NS)),
     ], [4, 1], [232, 40])
     _release(ready, empty, NS)
@@ -602,7 +610,7 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
     from .utils import sm90_signature
     if own:
         fn = own_fwd_ws_persistent_kernel
-        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS)
+        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS, SST=sst)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
         cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf, TIME=time, SST=sst) if persistent else dict(ABL=abl)))

@@ -61,6 +61,9 @@ GLUON_WS_PF = os.environ.get("MOBA_GLUON_WS_PF", "1")
 # GLUON_WS_SST: "1" (default) with PF, the merged rows stored through shared memory in 16-byte pieces (H100: the
 # slots 0.371 -> 0.343 ms at fwd8k, 1.460 -> 1.364 at fwd32k; PERFLOG 44), "0" from the product's register layout.
 GLUON_WS_SST = os.environ.get("MOBA_GLUON_WS_SST", "1")
+# GLUON_OWN_SST: "1" the own-block kernel's rows stored the same way; "0" (default until its GPU test and A/B have
+# run, PERFLOG 44) from the product's register layout.
+GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "0")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
@@ -877,7 +880,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         n = tq[0].numel() * Hq
         gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, sm_count(q.device)),)](
             q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
-            Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, num_warps=4)
+            Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, SST=GLUON_OWN_SST == "1", num_warps=4)
     else:
         (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
         if q0.numel():
