@@ -44,59 +44,37 @@ if [[ $what == persist ]]; then
     echo "persist=$p"; grep -E "^\| f|sparse_fwd_ws|GPU kernels" "$OUT/persist_$p.log"
   done
 fi
-if [[ $what == own ]]; then
-  # the own block by the Gluon kernel (PERFLOG 41-42, opt-in) and both Gluon forward forms after the loop-count fix:
-  # their tests side by side (compiling is most of it, one core each), then A/B of the own-block kernel
-  pids=()
-  for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent and not own" \
-           "gluon_fwd_ws and per_tile"; do
-    timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_own_${#pids[@]}.log" 2>&1 &
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait $p; done
-  for i in 0 1 2 3; do echo "tests $i: $(tail -1 "$OUT/tests_own_$i.log")"; done
-  for o in 0 1; do
-    MOBA_GLUON_OWN=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
-      --graph --profile --json "$OUT/own_$o.json" > "$OUT/own_$o.log" 2>&1
-    MOBA_GLUON_OWN=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile \
-      --json "$OUT/own1m_$o.json" > "$OUT/own1m_$o.log" 2>&1
-    echo "own=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|_block_means|GPU kernels" "$OUT/own_$o.log" "$OUT/own1m_$o.log"
-  done
-fi
-if [[ $what == wstests || $what == pf ]]; then
-  # the Gluon forward's GPU tests (own block; both forward forms, with and without PF), side by side
+if [[ $what == wstests || $what == own || $what == pf ]]; then
+  # the Gluon forward's GPU tests (own block; both forward forms, with and without PF and SST), side by side
+  # (compiling is most of it, one core each)
   pids=()
   for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent_pf" \
-           "gluon_fwd_ws and persistent and not own and not pf" "gluon_fwd_ws and per_tile"; do
-    timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_pf_${#pids[@]}.log" 2>&1 &
+           "gluon_fwd_ws and persistent_sst" "gluon_fwd_ws and persistent and not own and not pf and not sst" \
+           "gluon_fwd_ws and per_tile"; do
+    timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_ws_${#pids[@]}.log" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait $p; done
-  for i in 0 1 2 3 4; do echo "tests $i: $(tail -1 "$OUT/tests_pf_$i.log")"; grep -m3 -E "^(FAILED|ERROR)|Error" "$OUT/tests_pf_$i.log"; done
+  for i in "${!pids[@]}"; do echo "tests $i: $(tail -1 "$OUT/tests_ws_$i.log")"; grep -m3 -E "^(FAILED|ERROR)|Error" "$OUT/tests_ws_$i.log"; done
 fi
-if [[ $what == pf ]]; then
-  # A/B of the prefetching consumers (PERFLOG 42, GLUON_WS_PF)
-  for o in 0 1; do
-    MOBA_GLUON_WS_PF=$o timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn \
-      --graph --profile --json "$OUT/pf_$o.json" > "$OUT/pf_$o.log" 2>&1
-    MOBA_GLUON_WS_PF=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile \
-      --json "$OUT/pf1m_$o.json" > "$OUT/pf1m_$o.log" 2>&1
-    echo "pf=$o"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/pf_$o.log" "$OUT/pf1m_$o.log"
-  done
-fi
+# fwd8k/fwd32k/fb32k (cuDNN, CUDA graphs) and fwd1m kernel times into $OUT/$1.{json,log} and $OUT/${1}_1m.*
+bench_pair() {
+  timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn --graph --profile \
+    --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+  timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile --json "$OUT/${1}_1m.json" \
+    > "$OUT/${1}_1m.log" 2>&1
+  echo "$1"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/$1.log" "$OUT/${1}_1m.log"
+}
+# A/B of one switch: bench_pair with the environment variable $1 set to 0, then 1
+ab_switch() { for o in 0 1; do export "$1=$o"; bench_pair "${2}_$o"; done; unset "$1"; }
+if [[ $what == own ]]; then ab_switch MOBA_GLUON_OWN_SST own_sst; fi   # the own block's staged stores (PERFLOG 44)
+if [[ $what == pf ]]; then ab_switch MOBA_GLUON_WS_PF pf; fi           # the prefetching consumers (PERFLOG 42)
 if [[ $what == ab ]]; then
   # A/B of moba/ops/gluon_fwd_ws.py against ./old_ws.py (an untracked copy of the version to compare with), same
-  # machine: fwd8k/fwd32k/fb32k (graphs too) and fwd1m kernel times
+  # machine
   cp moba/ops/gluon_fwd_ws.py /tmp/new_ws.py
-  for v in old new; do
-    if [[ $v == old ]]; then cp old_ws.py moba/ops/gluon_fwd_ws.py; else cp /tmp/new_ws.py moba/ops/gluon_fwd_ws.py; fi
-    timeout 120 python3 benchmarks/bench_kernels.py --cases fwd8k,fwd32k,fb32k --dense cudnn --graph --profile \
-      --json "$OUT/ab_$v.json" > "$OUT/ab_$v.log" 2>&1
-    timeout 90 python3 benchmarks/bench_kernels.py --cases fwd1m --dense '' --profile --json "$OUT/ab1m_$v.json" \
-      > "$OUT/ab1m_$v.log" 2>&1
-    echo "$v"; grep -hE "^\| f|own_fwd|sparse_fwd_ws|GPU kernels" "$OUT/ab_$v.log" "$OUT/ab1m_$v.log"
-  done
-  cp /tmp/new_ws.py moba/ops/gluon_fwd_ws.py
+  cp old_ws.py moba/ops/gluon_fwd_ws.py; bench_pair ab_old
+  cp /tmp/new_ws.py moba/ops/gluon_fwd_ws.py; bench_pair ab_new
 fi
 if [[ $what == tune ]]; then
   timeout 300 python3 benchmarks/tune.py --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"

@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import moba
+from bench_kernels import make   # the benchmarks' inputs (seed 0), this directory being on the path
 
 
 def main():
@@ -17,9 +18,7 @@ def main():
     ap.add_argument("--topk", type=int, default=3)
     ap.add_argument("--calls", type=int, default=4)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    q = torch.randn(1, a.T, 32, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, a.T, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q, k, v = make(a.T, 32, 8, 128, torch.bfloat16, False)
     for _ in range(a.calls):
         moba.moba_attention(q, k, v, a.block, a.topk)
     torch.cuda.synchronize()

@@ -873,8 +873,9 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         # its persistent form (at most one program per SM) or one program per tile (which takes the ablations)
         persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
         ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
-        ws_opts = (dict(PF=_ws_pf(D), TIME=WS_TIME is not None and _ws_pf(D), SST=_ws_pf(D) and GLUON_WS_SST == "1")
-                   if persist else dict(ABL=WS_ABLATE))
+        pf = _ws_pf(D)
+        ws_opts = (dict(PF=pf, TIME=pf and WS_TIME is not None, SST=pf and GLUON_WS_SST == "1") if persist else
+                   dict(ABL=WS_ABLATE))
     if ws and own_ws:
         tq = _own_tiles(lay, q.device)
         n = tq[0].numel() * Hq
