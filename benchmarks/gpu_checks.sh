@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|ab|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -44,13 +44,13 @@ if [[ $what == persist ]]; then
     echo "persist=$p"; grep -E "^\| f|sparse_fwd_ws|GPU kernels" "$OUT/persist_$p.log"
   done
 fi
-if [[ $what == wstests || $what == own || $what == pf ]]; then
+if [[ $what == wstests || $what == own || $what == pf || $what == qe ]]; then
   # the Gluon forward's GPU tests (own block; both forward forms, with and without PF and SST), side by side
   # (compiling is most of it, one core each)
   pids=()
   for k in "gluon_own" "gluon_fwd_ws and persistent_own" "gluon_fwd_ws and persistent_pf" \
-           "gluon_fwd_ws and persistent_sst" "gluon_fwd_ws and persistent and not own and not pf and not sst" \
-           "gluon_fwd_ws and per_tile"; do
+           "gluon_fwd_ws and persistent_sst" "gluon_fwd_ws and persistent_qe" \
+           "gluon_fwd_ws and persistent and not own and not pf and not sst and not qe" "gluon_fwd_ws and per_tile"; do
     timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "$k" -p no:cacheprovider > "$OUT/tests_ws_${#pids[@]}.log" 2>&1 &
     pids+=($!)
   done
@@ -69,6 +69,13 @@ bench_pair() {
 ab_switch() { for o in 0 1; do export "$1=$o"; bench_pair "${2}_$o"; done; unset "$1"; }
 if [[ $what == own ]]; then ab_switch MOBA_GLUON_OWN_SST own_sst; fi   # the own block's staged stores (PERFLOG 44)
 if [[ $what == pf ]]; then ab_switch MOBA_GLUON_WS_PF pf; fi           # the prefetching consumers (PERFLOG 42)
+if [[ $what == qe ]]; then                                               # the early Q copies (PERFLOG 45)
+  ab_switch MOBA_GLUON_WS_QE qe
+  export MOBA_GLUON_WS_QE=1; ab_switch MOBA_GLUON_OWN_QE own_qe; unset MOBA_GLUON_WS_QE
+  for o in 0 1; do
+    MOBA_GLUON_WS_QE=$o timeout 90 python3 benchmarks/ws_phases.py --json "$OUT/phases_qe_$o.json" | grep -v "slot 1"
+  done
+fi
 if [[ $what == ab ]]; then
   # A/B of moba/ops/gluon_fwd_ws.py against ./old_ws.py (an untracked copy of the version to compare with), same
   # machine

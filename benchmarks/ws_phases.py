@@ -5,7 +5,8 @@
 
 Per slot launch, summed over each consumer warpgroup's tiles: cycles per tile of each phase (`PHASES`), averaged
 over warpgroups. The results stay right; the counters cost a few instructions per tile and the timing build
-spills a few registers (ptxas: ~20 bytes), so its total is a little above the plain kernel's.
+spills a few registers (ptxas: ~20 bytes), so its total is a little above the plain kernel's. With
+MOBA_GLUON_WS_QE=1, the early-Q consumers' phases (`QE_PHASES`).
 """
 import argparse
 import json
@@ -18,6 +19,9 @@ from moba.ops import parallel
 
 PHASES = ["O copies issued", "rows to merge layout, LSE load", "Q wait", "key loop", "next rows, Q copies issued",
           "O wait and read", "merge arithmetic", "stores"]
+# with QE (`parallel.GLUON_WS_QE`, `gluon_fwd_ws._consumer_qe`)
+QE_PHASES = ["LSE, ids and table loads issued", "O and next Q copies issued", "Q wait", "key loop", "O wait and read",
+             "merge arithmetic", "stores", "next tile's values"]
 CASES = {"fwd8k": (8192, 512, 3), "fwd32k": (32768, 512, 3), "fwd128k": (131072, 4096, 12)}
 
 
@@ -28,6 +32,7 @@ def main():
     a = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
+    phases = QE_PHASES if parallel.GLUON_WS_QE == "1" else PHASES
     for name in a.cases.split(","):
         T, bs, topk = CASES[name]
         q, k, v = make(T, 32, 8, 128, torch.bfloat16, False)
@@ -44,7 +49,7 @@ def main():
             per_tile = t[:, :8].sum(0) / t[:, 8].sum()
             row = dict(case=name, slot=s, warpgroups=int(t.shape[0]), tiles_per_wg=float(t[:, 8].mean()),
                        cycles=float(t[:, :8].sum(1).mean()), cycles_max=float(t[:, :8].sum(1).max()),
-                       per_tile=dict(zip(PHASES, (float(x) for x in per_tile))))
+                       per_tile=dict(zip(phases, (float(x) for x in per_tile))))
             rows.append(row)
             print(f"{name} slot {s}: {row['warpgroups']} warpgroups, {row['tiles_per_wg']:.1f} tiles each, "
                   f"{row['cycles']:.0f} cycles (max {row['cycles_max']:.0f}); per tile "

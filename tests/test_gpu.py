@@ -123,14 +123,16 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([300, 17, 1], [900, 400, 64], 8, 2, 128, 64, 4),     # Tq < Tk; blocks shorter than a key tile
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
-@pytest.mark.parametrize("persist,own,pf,sst", [("1", "1", "1", "1"), ("1", "0", "1", "0"), ("1", "0", "1", "1"),
-                                                ("1", "0", "0", "0"), ("0", "0", "0", "0")],
-                         ids=["persistent_own", "persistent_pf", "persistent_sst", "persistent", "per_tile"])
-def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
+@pytest.mark.parametrize("persist,own,pf,sst,qe", [("1", "1", "1", "1", "1"), ("1", "0", "1", "0", "0"),
+                                                   ("1", "0", "1", "1", "0"), ("1", "0", "1", "1", "1"),
+                                                   ("1", "0", "0", "0", "0"), ("0", "0", "0", "0", "0")],
+                         ids=["persistent_own", "persistent_pf", "persistent_sst", "persistent_qe", "persistent",
+                              "per_tile"])
+def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, qe, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
     or more; forced here for every block size), in both forms, with the own block by `_own_fwd` or by its Gluon
-    twin (`own_fwd_ws_persistent_kernel`), with and without the persistent consumers' prefetch (PF) and staged
-    stores (SST): the fp64
+    twin (`own_fwd_ws_persistent_kernel`), with and without the persistent consumers' prefetch (PF), staged
+    stores (SST) and early Q copies (QE): the fp64
     reference's output and log-sum-exp within the Triton
     kernels' error (outputs NaN-poisoned), the gradients through it within the reference's tolerance, and the
     persistent form bitwise equal to the one-program-per-tile form."""
@@ -139,6 +141,8 @@ def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, dtype, lens_q, len
     monkeypatch.setattr(parallel, "GLUON_OWN", own)
     monkeypatch.setattr(parallel, "GLUON_WS_PF", pf)
     monkeypatch.setattr(parallel, "GLUON_WS_SST", sst)
+    monkeypatch.setattr(parallel, "GLUON_WS_QE", qe)
+    monkeypatch.setattr(parallel, "GLUON_OWN_QE", qe)      # the own block's early Q copies too (GLUON_OWN)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
     if not (gluon_dkdv.usable(q, D, D, 128) and gluon_fwd_ws.usable(k[0], v[0])):
         pytest.skip("the Gluon kernels need sm_90")
@@ -162,13 +166,14 @@ def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, dtype, lens_q, len
 
 @pytest.mark.parametrize("lens_q,lens_k,bs,topk", [([2500], [2500], 256, 1), ([100, 333], [1000, 333], 128, 1),
                                                    ([5000], [5000], 512, 3)], ids=lambda x: str(x))
-@pytest.mark.parametrize("sst", ["0", "1"], ids=["own", "own_sst"])
-def test_gpu_gluon_own_block(monkeypatch, lens_q, lens_k, bs, topk, sst):
+@pytest.mark.parametrize("sst,qe", [("0", "0"), ("1", "0"), ("1", "1")], ids=["own", "own_sst", "own_qe"])
+def test_gpu_gluon_own_block(monkeypatch, lens_q, lens_k, bs, topk, sst, qe):
     """The own block by the Gluon kernel (GLUON_OWN): block-local attention (topk 1: nothing else runs) with a
     ragged tail, Tq < Tk with unaligned query tiles, and the fwd8k shape's blocks; fp64 reference within the
-    Triton kernel's error; with and without its staged stores (SST)."""
+    Triton kernel's error; with and without its staged stores (SST) and early Q copies (QE)."""
     from moba.ops import gluon_dkdv, gluon_fwd_ws, parallel
     monkeypatch.setattr(parallel, "GLUON_OWN_SST", sst)
+    monkeypatch.setattr(parallel, "GLUON_OWN_QE", qe)
     q, k, v, extra = make_inputs(lens_q, lens_k, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     if not (gluon_dkdv.usable(q, 128, 128, 128) and gluon_fwd_ws.usable(k[0], v[0])):
         pytest.skip("the Gluon kernels need sm_90")

@@ -160,15 +160,24 @@ def test_triton_slot_grouping_matches_a_torch_sort(n, Hq, Hkv, S, NB, BM, copies
     """parallel._group's counting sort (by (slot, kv head, block) for the forward) against plain torch:
     the same groups with the same members (their order inside a group is free), offsets and tile table;
     with 8 copies of the counters and with one (used for very many groups); and by (kv head, block) only,
-    as the backward groups them; the scan in one program and (spans 0) split over spans of groups."""
+    as the backward groups them; the scan in one program and (spans 0) split over spans of groups. By slot, also
+    the flat tile table (first entry, end entry, the block's first and end key) the Gluon forward's QE reads."""
     from moba.ops import parallel
     monkeypatch.setattr(parallel, "PLACE_COPIES", copies)
     monkeypatch.setattr(parallel, "SCAN_SPANS", spans)
     sel = torch.randint(-1, NB, (n, Hq, S), dtype=torch.int32, device=DEV)
     key, NK, want_off, want_cum, want_g, want_e0 = _groups_in_torch(sel, Hkv, NB, BM, by_slot)
-    ent, off, tile_g, tile_e0, tile_cum = parallel._group(sel, Hkv, NB, BM, by_slot=by_slot)
+    starts = torch.randint(0, 1000, (NB,), device=DEV).cumsum(0)
+    blocks = (starts, starts + torch.randint(1, 500, (NB,), device=DEV)) if by_slot else None
+    ent, off, tile_g, tile_e0, tile_cum, *tinfo = parallel._group(sel, Hkv, NB, BM, by_slot=by_slot, blocks=blocks)
     for got, want in ((off, want_off), (tile_cum, want_cum), (tile_g, want_g), (tile_e0, want_e0)):
         assert torch.equal(got.long().cpu(), want.long().cpu())
+    if by_slot:
+        b = want_g % NB
+        want_info = torch.stack([want_e0, want_off[want_g + 1], blocks[0][b], blocks[1][b]], 1)
+        assert tinfo[0].dtype == torch.int32 and torch.equal(tinfo[0].long().cpu(), want_info.long().cpu())
+    else:
+        assert not tinfo
     ent = ent[:int(want_off[-1])].long()
     assert torch.equal(key[ent].cpu(), key.sort().values[:len(ent)].cpu())     # each entry in its group
     assert torch.equal(ent.sort().values.cpu(), (key < NK).nonzero().flatten().cpu())  # each valid one once

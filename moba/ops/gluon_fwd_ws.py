@@ -19,9 +19,11 @@ only at mbarriers:
 ``parallel.GLUON_WS_PERSIST``; H100: 0.426 -> 0.373 ms at fwd8k, PERFLOG 40-41), its consumers copying the next
 tile's Q rows and the merge's O rows ahead (``PF``, ``parallel.GLUON_WS_PF``; PERFLOG 42) and storing the merged
 rows through shared memory in 16-byte pieces (``SST``, ``parallel.GLUON_WS_SST``; H100: 0.371 -> 0.343 ms at fwd8k,
-PERFLOG 44).
+PERFLOG 44), and copying each tile's Q rows a tile ahead, before the key loop (``QE``, ``parallel.GLUON_WS_QE``,
+`_consumer_qe`; H100: 0.350 -> 0.291 ms at fwd8k, PERFLOG 45).
 ``own_fwd_ws_persistent_kernel`` does the own block the same way (on by default, ``parallel.GLUON_OWN``; H100: 0.166
--> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k against `parallel._own_fwd`, PERFLOG 42).
+-> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k against `parallel._own_fwd`, PERFLOG 42), with staged stores and
+its Q rows copied an item ahead (0.157 -> 0.117 ms at fwd8k, PERFLOG 45).
 
 ``ABL`` (``parallel.WS_ABLATE``, timing only: results are wrong) drops parts of the work to measure them: 1 the
 merge's read of the earlier result, 2 the gather (consecutive rows), 4 the key loop.
@@ -352,6 +354,38 @@ def _clock():
 
 
 @gluon.jit
+def _time_add(d0, d1, d2, d3, d4, d5, d6, d7, k0, k1, k2, k3, k4, k5, k6, k7, k8):
+    """TIME: the 8 phase counters plus the cycles between clock reads k0 .. k8."""
+    return (d0 + (k1 - k0), d1 + (k2 - k1), d2 + (k3 - k2), d3 + (k4 - k3), d4 + (k5 - k4), d5 + (k6 - k5),
+            d6 + (k7 - k6), d7 + (k8 - k7))
+
+
+@gluon.jit
+def _time_out(o_t, d0, d1, d2, d3, d4, d5, d6, d7, b):
+    """TIME: a warpgroup's 8 phase counters and its tile count into o_t[0..9]."""
+    gl.store(o_t, d0)
+    gl.store(o_t + 1, d1)
+    gl.store(o_t + 2, d2)
+    gl.store(o_t + 3, d3)
+    gl.store(o_t + 4, d4)
+    gl.store(o_t + 5, d5)
+    gl.store(o_t + 6, d6)
+    gl.store(o_t + 7, d7)
+    gl.store(o_t + 8, b.to(gl.int64))
+
+
+@gluon.jit
+def _o_rows(o_s, lay: gl.constexpr):
+    """The merge's O rows, copied into ``o_s`` as the second newest copy group (the newest may be in flight), in
+    fp32 and layout ``lay``."""
+    async_copy.wait_group(1)
+    gl.thread_barrier()
+    b_oo = o_s.load(lay).to(gl.float32)
+    gl.thread_barrier()              # o_s is read by every thread before the next tile's copy lands in it
+    return b_oo
+
+
+@gluon.jit
 def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
                  t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF, Hq: gl.constexpr,
                  S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
@@ -375,14 +409,7 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, T
     b = (t_lo * 0).to(gl.int32)          # tiles done: the half of q_s holding this tile's rows
     dts = (t_lo * 0).to(gl.int64)        # TIME: cycles per phase, summed over tiles (8 phases, packed below)
     if TIME:
-        d0 = dts
-        d1 = dts
-        d2 = dts
-        d3 = dts
-        d4 = dts
-        d5 = dts
-        d6 = dts
-        d7 = dts
+        d0, d1, d2, d3, d4, d5, d6, d7 = dts, dts, dts, dts, dts, dts, dts, dts
     for i_t in range(t_lo + gl.program_id(0), t_hi, step):
         if TIME:
             k0 = _clock()
@@ -413,10 +440,7 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, T
         _copy_rows(q_s.index((b + 1) % 2), Q, n_t, n_h, n_m, sq_t, sq_h, D, ld)
         if TIME:
             k5 = _clock()
-        async_copy.wait_group(1)         # the O rows
-        gl.thread_barrier()
-        b_oo = o_s.load(mma_o).to(gl.float32)
-        gl.thread_barrier()              # o_s is read by every thread before the next tile's copy lands in it
+        b_oo = _o_rows(o_s, mma_o)
         if TIME:
             k6 = _clock()
         b_o, b_ln = _combine(b_lo, b_oo, acc, b_m, b_l, ro)
@@ -432,41 +456,139 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, T
         e0, e1, live, ks, ke, t, h, m = n_e0, n_e1, n_live, n_ks, n_ke, n_t, n_h, n_m
         b += 1
         if TIME:
-            k8 = _clock()
-            d0 += k1 - k0
-            d1 += k2 - k1
-            d2 += k3 - k2
-            d3 += k4 - k3
-            d4 += k5 - k4
-            d5 += k6 - k5
-            d6 += k7 - k6
-            d7 += k8 - k7
+            d0, d1, d2, d3, d4, d5, d6, d7 = _time_add(d0, d1, d2, d3, d4, d5, d6, d7, k0, k1, k2, k3, k4, k5, k6, k7,
+                                                       _clock())
     async_copy.wait_group(0)             # the copy issued for the tile past the last (all masked)
     if TIME:
         # per warpgroup: O copies issued; rows to the merge's layout and LSE load issued; Q wait; key loop; next
         # rows and Q copies issued; O wait and read; merge arithmetic; stores; then the tiles
-        o_t = TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9
-        gl.store(o_t, d0)
-        gl.store(o_t + 1, d1)
-        gl.store(o_t + 2, d2)
-        gl.store(o_t + 3, d3)
-        gl.store(o_t + 4, d4)
-        gl.store(o_t + 5, d5)
-        gl.store(o_t + 6, d6)
-        gl.store(o_t + 7, d7)
-        gl.store(o_t + 8, b.to(gl.int64))
+        _time_out(TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9, d0, d1, d2, d3, d4, d5, d6, d7, b)
+
+
+@gluon.jit
+def _tinfo(TINFO, i_t, t_hi):
+    """Tile i_t of the flat tile table (`parallel._tile_index`'s TINFO: first entry, end entry, first key, end key)
+    -> (e0, e1, ks, ke): four loads of one 16-byte row, no chain, nothing computed from them (past t_hi: tile 0's
+    row; the caller empties it where it uses it, `_ent`, so that nothing waits for the loads here)."""
+    p = TINFO + gl.where(i_t < t_hi, i_t, 0) * 4
+    return gl.load(p), gl.load(p + 1), gl.load(p + 2), gl.load(p + 3)
+
+
+@gluon.jit
+def _ent(ENT, r0, e0, e1, ok, BM: gl.constexpr, lay: gl.constexpr):
+    """This warpgroup's BM entry ids of a tile (int32; -1 past its end, and everywhere unless ``ok``) in layout
+    ``lay``."""
+    o_e = e0 + r0 + gl.arange(0, BM, layout=lay)
+    return gl.load(ENT + o_e, mask=ok & (o_e < e1), other=-1)
+
+
+@gluon.jit
+def _rows_of(ids, t0, Hq: gl.constexpr, S: gl.constexpr):
+    """Entry ids (-1: none) -> (token, head, mask), int64."""
+    row = gl.maximum(ids, 0).to(gl.int64) // S
+    return t0 + row // Hq, row % Hq, ids >= 0
+
+
+@gluon.jit
+def _consumer_qe(Q, O, LSE, ENT, TINFO, q_s, o_s, k_s, v_s, ready, empty, r0, t_lo, t_hi, t0, sq_t, sq_h, so_t, so_h,
+                 scale_log2, TBUF, Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr,
+                 BN: gl.constexpr, NS: gl.constexpr, EVEN: gl.constexpr, TIME: gl.constexpr):
+    """`_consumer_pf` (with SST) with the next tile's Q rows copied before this tile's key loop instead of after it
+    (PERFLOG 45): their entry ids are loaded one tile ahead and the flat tile table (TINFO) two tiles ahead, so that
+    no load's latency is waited for between two key loops except the O rows' (issued before the key loop too).
+    Per tile i: O(i) and Q(i + 1) copies issued, LSE(i), entry ids of i + 2 and TINFO(i + 3) loaded; then the wait
+    for Q(i) (issued a tile earlier), the key loop, the wait for O(i), the merge and the staged stores. Same
+    arithmetic, row for row, as `_consumer_pf`. TIME: cycles of 8 phases per tile into TBUF (`QE_PHASES` of
+    benchmarks/ws_phases.py)."""
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    ro: gl.constexpr = gl.SliceLayout(1, mma_o)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    lr: gl.constexpr = gl.SliceLayout(1, ld)
+    step = gl.num_programs(0)
+    i0 = t_lo + gl.program_id(0)
+    e0, e1, ks, ke = _tinfo(TINFO, i0, t_hi)
+    n_e0, n_e1, n_ks, n_ke = _tinfo(TINFO, i0 + step, t_hi)
+    nn_e0, nn_e1, nn_ks, nn_ke = _tinfo(TINFO, i0 + 2 * step, t_hi)
+    ids = _ent(ENT, r0, e0, e1, i0 < t_hi, BM, lr)
+    n_ids = _ent(ENT, r0, n_e0, n_e1, i0 + step < t_hi, BM, lr)
+    i_o = _ent(ENT, r0, e0, e1, i0 < t_hi, BM, ro)          # the same ids in the merge's layout (no conversion)
+    n_i_o = _ent(ENT, r0, n_e0, n_e1, i0 + step < t_hi, BM, ro)
+    t, h, m = _rows_of(ids, t0, Hq, S)
+    _copy_rows(q_s.index(0), Q, t, h, m, sq_t, sq_h, D, ld)
+    c = (t_lo * 0).to(gl.int32)          # key tiles consumed so far (as the loader counts them)
+    b = (t_lo * 0).to(gl.int32)          # tiles done: the half of q_s holding this tile's rows
+    dts = (t_lo * 0).to(gl.int64)        # TIME: cycles per phase, summed over tiles (8 phases, packed below)
+    if TIME:
+        d0, d1, d2, d3, d4, d5, d6, d7 = dts, dts, dts, dts, dts, dts, dts, dts
+    for i_t in range(i0, t_hi, step):
+        if TIME:
+            k0 = _clock()
+        n_kt = gl.where(e0 < e1, gl.cdiv(ke - ks, BN), 0).to(gl.int32)
+        # the small loads first (ahead of the row copies in the memory pipe), first used after the key loop or a
+        # tile later (nothing computed from them before it): their latency passes under the key loop
+        t_o, h_o, m_o = _rows_of(i_o, t0, Hq, S)
+        b_lr = gl.load(LSE + t_o * Hq + h_o, mask=m_o, other=0.)
+        nn_ok = i_t + 2 * step < t_hi
+        nn_ids = _ent(ENT, r0, nn_e0, nn_e1, nn_ok, BM, lr)
+        nn_i_o = _ent(ENT, r0, nn_e0, nn_e1, nn_ok, BM, ro)
+        n3_e0, n3_e1, n3_ks, n3_ke = _tinfo(TINFO, i_t + 3 * step, t_hi)
+        if TIME:
+            k1 = _clock()
+        t, h, m = _rows_of(ids, t0, Hq, S)
+        _copy_rows(o_s, O, t, h, m, so_t, so_h, D, ld)       # the merge's reads: this slot writes each row once
+        # the next tile's Q rows into the other half: its last reader (the tile before's staged stores) is done
+        gl.thread_barrier()
+        n_t, n_h, n_m = _rows_of(n_ids, t0, Hq, S)
+        _copy_rows(q_s.index((b + 1) % 2), Q, n_t, n_h, n_m, sq_t, sq_h, D, ld)
+        if TIME:
+            k2 = _clock()
+        async_copy.wait_group(2)         # this tile's Q rows (its O rows and the next tile's Q may be in flight)
+        gl.thread_barrier()
+        hopper.fence_async_shared()
+        if TIME:
+            k3 = _clock()
+        acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, ks, ke, n_kt, scale_log2, D, BM, BN,
+                                   NS, EVEN)
+        if TIME:
+            k4 = _clock()
+        b_oo = _o_rows(o_s, mma_o)
+        if TIME:
+            k5 = _clock()
+        b_o, b_ln = _combine(b_lr * 1.4426950408889634, b_oo, acc, b_m, b_l, ro)
+        if TIME:
+            k6 = _clock()
+        t, h, m = _rows_of(ids, t0, Hq, S)
+        _store_staged(q_s.index(b % 2), O, b_o, t, h, m, so_t, so_h, D, ld)     # through this tile's Q buffer
+        t_o, h_o, m_o = _rows_of(i_o, t0, Hq, S)
+        gl.store(LSE + t_o * Hq + h_o, b_ln, mask=m_o)
+        if TIME:
+            k7 = _clock()
+        ids, n_ids = n_ids, nn_ids
+        i_o, n_i_o = n_i_o, nn_i_o
+        e0, e1, ks, ke = n_e0, n_e1, n_ks, n_ke
+        n_e0, n_e1, n_ks, n_ke = nn_e0, nn_e1, nn_ks, nn_ke
+        nn_e0, nn_e1, nn_ks, nn_ke = n3_e0, n3_e1, n3_ks, n3_ke
+        b += 1
+        if TIME:
+            d0, d1, d2, d3, d4, d5, d6, d7 = _time_add(d0, d1, d2, d3, d4, d5, d6, d7, k0, k1, k2, k3, k4, k5, k6, k7,
+                                                       _clock())
+    async_copy.wait_group(0)             # the copy issued for the tile past the last (all masked)
+    if TIME:
+        _time_out(TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9, d0, d1, d2, d3, d4, d5, d6, d7, b)
 
 
 @gluon.jit
 def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE_E0, TILE_CUM, GRP_END, BLK_START,
-                                    BLK_END, sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot, TBUF,
+                                    BLK_END, sq_t, sq_h, so_t, so_h, t0, scale_log2, NB, NG, slot, TBUF, TINFO,
                                     Hq: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
                                     NS: gl.constexpr, EVEN: gl.constexpr, PF: gl.constexpr = False,
-                                    TIME: gl.constexpr = False, SST: gl.constexpr = False):
+                                    TIME: gl.constexpr = False, SST: gl.constexpr = False, QE: gl.constexpr = False):
     """`sparse_fwd_ws_kernel` with a grid of at most one program per SM, each looping over the slot's tiles
     (program_id, program_id + programs, ...): the same results, tile for tile. PF: the consumers prefetch Q and
     the merge's reads (`_consumer_pf`; 64 KB more shared memory); with PF, TIME: a timing build (cycles per phase
-    into TBUF, int64 [programs, 2, 9]; `parallel.WS_TIME`); SST: `_consumer_pf`'s staged stores."""
+    into TBUF, int64 [programs, 2, 9]; `parallel.WS_TIME`); SST: `_consumer_pf`'s staged stores; QE (with PF,
+    implies SST): the next tile's Q rows copied before the key loop (`_consumer_qe`, reading the flat tile table
+    TINFO)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     t_lo = gl.load(TILE_CUM + slot * NG)
@@ -476,16 +598,26 @@ def sparse_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, ENT, TILE_G, TILE
         sh2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         o0_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
         o1_s = gl.allocate_shared_memory(dt, [BM, D], sh2)
-        gl.warp_specialize([
-            (_consumer_pf, (Q, O, LSE, ENT, q0_s, o0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END,
-                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF, Hq, S,
-                            D, BM, BN, NS, EVEN, TIME, SST)),
-            (_consumer_pf, (Q, O, LSE, ENT, q1_s, o1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END,
-                            BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF, Hq, S,
-                            D, BM, BN, NS, EVEN, TIME, SST)),
-            (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END, t_lo,
-                         t_hi, NG, NB, D, BN, NS)),
-        ], [4, 1], [232, 40])
+        if QE:
+            gl.warp_specialize([
+                (_consumer_qe, (Q, O, LSE, ENT, TINFO, q0_s, o0_s, k_s, v_s, ready, empty, 0, t_lo, t_hi, t0, sq_t,
+                                sq_h, so_t, so_h, scale_log2, TBUF, Hq, S, D, BM, BN, NS, EVEN, TIME)),
+                (_consumer_qe, (Q, O, LSE, ENT, TINFO, q1_s, o1_s, k_s, v_s, ready, empty, BM, t_lo, t_hi, t0, sq_t,
+                                sq_h, so_t, so_h, scale_log2, TBUF, Hq, S, D, BM, BN, NS, EVEN, TIME)),
+                (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                             t_lo, t_hi, NG, NB, D, BN, NS)),
+            ], [4, 1], [232, 40])
+        else:
+            gl.warp_specialize([
+                (_consumer_pf, (Q, O, LSE, ENT, q0_s, o0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END,
+                                BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF,
+                                Hq, S, D, BM, BN, NS, EVEN, TIME, SST)),
+                (_consumer_pf, (Q, O, LSE, ENT, q1_s, o1_s, k_s, v_s, ready, empty, BM, TILE_G, TILE_E0, GRP_END,
+                                BLK_START, BLK_END, t_lo, t_hi, NG, NB, t0, sq_t, sq_h, so_t, so_h, scale_log2, TBUF,
+                                Hq, S, D, BM, BN, NS, EVEN, TIME, SST)),
+                (_loader_p, (k_desc, v_desc, k_s, v_s, ready, empty, TILE_G, TILE_E0, GRP_END, BLK_START, BLK_END,
+                             t_lo, t_hi, NG, NB, D, BN, NS)),
+            ], [4, 1], [232, 40])
     else:
         gl.warp_specialize([
             (_consumer_p, (Q, O, LSE, ENT, q0_s, k_s, v_s, ready, empty, 0, TILE_G, TILE_E0, GRP_END, BLK_START,
@@ -520,6 +652,16 @@ def _own_info(TQ0, TQ1, TP0, TKB, i, n, block_size, Hq: gl.constexpr, BN: gl.con
     lo = kb + ((p0 - kb) // block_size) * block_size
     n_kt = gl.where(ok, gl.cdiv(p0 + (q1 - q0) - lo, BN), 0).to(gl.int32)
     return q0, q1, p0, lo, i_c % Hq, n_kt
+
+
+@gluon.jit
+def _own_raw(TQ0, TQ1, TP0, TKB, i, n, Hq: gl.constexpr):
+    """`_own_info`'s loads alone, nothing computed from them (item i past n: item 0's, whose rows are then copied
+    once more and not used) -> (first row, end row, first row's key position, sequence's first key, head)."""
+    ok = i < n
+    i_c = gl.where(ok, i, 0)
+    q0 = gl.load(TQ0 + i_c // Hq)
+    return q0, gl.load(TQ1 + i_c // Hq), gl.load(TP0 + i_c // Hq), gl.load(TKB + i_c // Hq), i_c % Hq
 
 
 @gluon.jit
@@ -573,21 +715,79 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
 
 
 @gluon.jit
+def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t,
+                     so_h, scale_log2, Hq: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                     NS: gl.constexpr):
+    """`_consumer_own` (with SST) with each item's Q rows copied (cp.async) into the other half of ``q_s`` ([2, BM, D])
+    before the key loop of the item before, instead of loaded at its start (PERFLOG 45): the item table is read
+    two items ahead and nothing is computed from it until it is used. Same arithmetic, row for row."""
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    ro: gl.constexpr = gl.SliceLayout(1, mma_o)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    lr: gl.constexpr = gl.SliceLayout(1, ld)
+    step = gl.num_programs(0)
+    i0 = gl.program_id(0)
+    q0, q1, p0, kb, i_h = _own_raw(TQ0, TQ1, TP0, TKB, i0, n, Hq)
+    n_q0, n_q1, n_p0, n_kb, n_h = _own_raw(TQ0, TQ1, TP0, TKB, i0 + step, n, Hq)
+    o_m = q0 + r0 + gl.arange(0, BM, layout=lr)
+    _copy_rows(q_s.index(0), Q, o_m.to(gl.int64), o_m * 0 + i_h, o_m < q1, sq_t, sq_h, D, ld)
+    c = (n * 0).to(gl.int32)
+    b = (n * 0).to(gl.int32)             # items done: the half of q_s holding this item's rows
+    for i in range(i0, n, step):
+        lo = kb + ((p0 - kb) // block_size) * block_size         # the own block's first key
+        n_kt = gl.cdiv(p0 + (q1 - q0) - lo, BN).to(gl.int32)
+        # the next item's rows into the other half: its last reader (the item before's staged stores) is done
+        gl.thread_barrier()
+        n_m = n_q0 + r0 + gl.arange(0, BM, layout=lr)
+        _copy_rows(q_s.index((b + 1) % 2), Q, n_m.to(gl.int64), n_m * 0 + n_h, n_m < n_q1, sq_t, sq_h, D, ld)
+        # the item after's table entries now: their loads complete under this item's key loop
+        nn_q0, nn_q1, nn_p0, nn_kb, nn_h = _own_raw(TQ0, TQ1, TP0, TKB, i + 2 * step, n, Hq)
+        async_copy.wait_group(1)         # this item's rows (the next item's may be in flight)
+        gl.thread_barrier()
+        hopper.fence_async_shared()
+        acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, lo, lo, n_kt, scale_log2, D, BM, BN,
+                                   NS, True, True, p0 + r0)
+        o_r = q0 + r0 + gl.arange(0, BM, layout=ro)
+        l_o = gl.convert_layout(b_l, ro)
+        o_m = q0 + r0 + gl.arange(0, BM, layout=lr)
+        _store_staged(q_s.index(b % 2), O, acc / l_o[:, None], o_m.to(gl.int64), o_m * 0 + i_h, o_m < q1, so_t, so_h,
+                      D, ld)
+        gl.store(LSE + o_r.to(gl.int64) * Hq + i_h, (gl.convert_layout(b_m, ro) + gl.log2(l_o)) * 0.6931471805599453,
+                 mask=o_r < q1)
+        q0, q1, p0, kb, i_h = n_q0, n_q1, n_p0, n_kb, n_h
+        n_q0, n_q1, n_p0, n_kb, n_h = nn_q0, nn_q1, nn_p0, nn_kb, nn_h
+        b += 1
+    async_copy.wait_group(0)             # the copy issued for the item past the last (all masked)
+
+
+@gluon.jit
 def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t, so_h,
                                  scale_log2, Hq: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                                 NS: gl.constexpr, SST: gl.constexpr = False):
+                                 NS: gl.constexpr, SST: gl.constexpr = False, QE: gl.constexpr = False):
     """`parallel._own_fwd` for n = tiles * Hq work items (tiles of <= 128 queries inside one block), a grid of at most
-    one program per SM looping over them. SST: staged stores (`_consumer_own`)."""
+    one program per SM looping over them. SST: staged stores (`_consumer_own`); QE (implies SST): the next item's Q
+    rows copied before the key loop (`_consumer_own_qe`)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
-    k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS)
-    gl.warp_specialize([
-        (_consumer_own, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h,
-                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS, SST)),
-        (_consumer_own, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h,
-                         so_t, so_h, scale_log2, Hq, D, BM, BN, NS, SST)),
-        (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN, NS)),
-    ], [4, 1], [232, 40])
+    k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS, QE)
+    if QE:
+        gl.warp_specialize([
+            (_consumer_own_qe, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t,
+                                sq_h, so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+            (_consumer_own_qe, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, n, block_size, sq_t,
+                                sq_h, so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+            (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN,
+                           NS)),
+        ], [4, 1], [232, 40])
+    else:
+        gl.warp_specialize([
+            (_consumer_own, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t,
+                             sq_h, so_t, so_h, scale_log2, Hq, D, BM, BN, NS, SST)),
+            (_consumer_own, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, n, block_size, sq_t,
+                             sq_h, so_t, so_h, scale_log2, Hq, D, BM, BN, NS, SST)),
+            (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN,
+                           NS)),
+        ], [4, 1], [232, 40])
     _release(ready, empty, NS)
 
 
@@ -607,7 +807,7 @@ def usable(k, v) -> bool:
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
                  persistent: bool = False, own: bool = False, pf: bool = False, time: bool = False,
-                 sst: bool = False):
+                 sst: bool = False, qe: bool = False):
     """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel; ``pf``: the
     persistent kernel's prefetching consumers."""
     import torch
@@ -618,12 +818,13 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
     from .utils import sm90_signature
     if own:
         fn = own_fwd_ws_persistent_kernel
-        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS, SST=sst)
+        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS, SST=sst, QE=qe)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
-        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even, **(dict(PF=pf, TIME=time, SST=sst) if persistent else dict(ABL=abl)))
+        cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even,
+                     **(dict(PF=pf, TIME=time, SST=sst, QE=qe) if persistent else dict(ABL=abl)))
     ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size"}
-    ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32", "TBUF": "i64"}
+    ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32", "TBUF": "i64", "TINFO": "i32"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))
     fake = torch.empty(64, 8, D, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     desc = mangle_type(descriptors(fake, fake, BN)[0])

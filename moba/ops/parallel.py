@@ -61,9 +61,17 @@ GLUON_WS_PF = os.environ.get("MOBA_GLUON_WS_PF", "1")
 # GLUON_WS_SST: "1" (default) with PF, the merged rows stored through shared memory in 16-byte pieces (H100: the
 # slots 0.371 -> 0.343 ms at fwd8k, 1.460 -> 1.364 at fwd32k; PERFLOG 44), "0" from the product's register layout.
 GLUON_WS_SST = os.environ.get("MOBA_GLUON_WS_SST", "1")
-# GLUON_OWN_SST: "1" the own-block kernel's rows stored the same way; "0" (default until its GPU test and A/B have
-# run, PERFLOG 44) from the product's register layout.
-GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "0")
+# GLUON_WS_QE: "1" (default; its GPU tests passed on an H100) with SST, the persistent consumers copy the next tile's Q
+# rows before the key loop instead of after it, reading a flat tile table (`gluon_fwd_ws._consumer_qe`; H100: the
+# slots 0.350 -> 0.302 ms at fwd8k, 1.368 -> 1.180 at fwd32k, PERFLOG 45); "0" `_consumer_pf`.
+GLUON_WS_QE = os.environ.get("MOBA_GLUON_WS_QE", "1")
+# GLUON_OWN_SST: "1" (default; its GPU tests passed on an H100) the own-block kernel's rows stored the same way (H100:
+# 0.157 -> 0.124 ms at fwd8k, 0.550 -> 0.446 at fwd32k; PERFLOG 45); "0" from the product's register layout.
+GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "1")
+# GLUON_OWN_QE: "1" (default; its GPU tests passed on an H100) with GLUON_OWN_SST, the own-block kernel's next Q rows
+# copied before the key loop (`gluon_fwd_ws._consumer_own_qe`; H100: 0.125 -> 0.121 ms at fwd8k, 0.446 -> 0.432 at
+# fwd32k, PERFLOG 45); "0" loaded at each item's start.
+GLUON_OWN_QE = os.environ.get("MOBA_GLUON_OWN_QE", "1")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
@@ -646,12 +654,12 @@ def _group_keys(SEL, KEY, n_ent, Hq: tl.constexpr, S: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def _bisect_right(A, n, x, BLOCK: tl.constexpr):
+def _bisect_right(A, n, x, BLOCK: tl.constexpr, ROUNDS: tl.constexpr = 40):
     """For each x, the first index i of the sorted A[0:n] with A[i] > x; n if none. A vectorised binary
-    search of a fixed 40 rounds (n < 2^40)."""
+    search of a fixed ROUNDS rounds (n < 2^ROUNDS)."""
     lo = tl.zeros([BLOCK], tl.int64)
     hi = tl.zeros([BLOCK], tl.int64) + n
-    for _ in range(40):
+    for _ in range(ROUNDS):
         mid = (lo + hi) // 2
         live = mid < hi
         go = live & (tl.load(A + mid, mask=live, other=0) <= x)
@@ -661,11 +669,13 @@ def _bisect_right(A, n, x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr, BLOCK: tl.constexpr):
+def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, TINFO, BLK_START, BLK_END, NB, BM: tl.constexpr,
+                BLOCK: tl.constexpr, ROUNDS: tl.constexpr, INFO: tl.constexpr = False):
     """Tile i: its group (the first g with TILE_END[g] > i) and first entry; past the last real tile an
-    empty range of the last group."""
+    empty range of the last group. INFO: also the flat table TINFO[i] = (first entry, end entry, first key, end
+    key) as int32 (the block g % NB; the Gluon forward's QE consumers read it with no chain of loads)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    lo = _bisect_right(TILE_END, NG, i, BLOCK)
+    lo = _bisect_right(TILE_END, NG, i, BLOCK, ROUNDS)
     real = lo < NG
     g = tl.minimum(lo, NG - 1)
     first_tile = tl.load(TILE_END + g - 1, mask=g > 0, other=0)
@@ -674,9 +684,15 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, BM: tl.constexpr,
     m = i < n_max
     tl.store(TILE_G + i, g, mask=m)
     tl.store(TILE_E0 + i, e0, mask=m)
+    if INFO:
+        b = g % NB
+        tl.store(TINFO + 4 * i, e0.to(tl.int32), mask=m)
+        tl.store(TINFO + 4 * i + 1, tl.load(GRP_OFF + g + 1).to(tl.int32), mask=m)
+        tl.store(TINFO + 4 * i + 2, tl.load(BLK_START + b).to(tl.int32), mask=m)
+        tl.store(TINFO + 4 * i + 3, tl.load(BLK_END + b).to(tl.int32), mask=m)
 
 
-def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable: bool = False):
+def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable: bool = False, blocks=None):
     """The chosen (row, slot) entries grouped on the device, without a host sync: by (slot, kv head, block)
     for the forward's one launch per slot, else by (kv head, block) as the backward reads them.
 
@@ -686,7 +702,8 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     group: slot s owns tiles tile_cum[s*NG] .. tile_cum[(s+1)*NG]). A counting sort (int32 ids, 4 bytes per
     entry besides sel; in no fixed order within a group: a row's result does not depend on the other
     rows of its tile); ``stable``: the ids by a stable sort instead (int64; the deterministic backward,
-    whose dK/dV sum each group's rows in entry order).
+    whose dK/dV sum each group's rows in entry order). ``blocks`` (the blocks' first and end keys): also the
+    flat tile table (int32 [tiles, 4], `_tile_index`'s TINFO), as a sixth result.
     """
     assert not (stable and by_slot)
     n, Hq, S = sel.shape
@@ -722,7 +739,12 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
         ent = torch.sort(key, stable=True).indices
     elif n_ent:
         _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=True, **kw)
-    _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, BM=BM, BLOCK=1024)
+    tinfo = torch.empty(n_max, 4, dtype=torch.int32, device=dev) if blocks is not None else tile_g
+    _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, tinfo,
+                                             *(blocks if blocks is not None else (tile_g, tile_g)), NB, BM=BM,
+                                             BLOCK=1024, ROUNDS=NK.bit_length(), INFO=blocks is not None)
+    if blocks is not None:
+        return ent, grp_off, tile_g, tile_e0, tile_cum, tinfo
     return ent, grp_off, tile_g, tile_e0, tile_cum
 
 
@@ -874,14 +896,16 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         persist = GLUON_WS_PERSIST == "1" and not WS_ABLATE
         ws_kernel = gluon_fwd_ws.sparse_fwd_ws_persistent_kernel if persist else gluon_fwd_ws.sparse_fwd_ws_kernel
         pf = _ws_pf(D)
-        ws_opts = (dict(PF=pf, TIME=pf and WS_TIME is not None, SST=pf and GLUON_WS_SST == "1") if persist else
-                   dict(ABL=WS_ABLATE))
+        sst = pf and GLUON_WS_SST == "1"
+        qe = sst and GLUON_WS_QE == "1"
+        ws_opts = (dict(PF=pf, TIME=pf and WS_TIME is not None, SST=sst, QE=qe) if persist else dict(ABL=WS_ABLATE))
     if ws and own_ws:
         tq = _own_tiles(lay, q.device)
         n = tq[0].numel() * Hq
         gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, sm_count(q.device)),)](
             q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
-            Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, SST=GLUON_OWN_SST == "1", num_warps=4)
+            Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, SST=GLUON_OWN_SST == "1",
+            QE=GLUON_OWN_SST == "1" and GLUON_OWN_QE == "1" and _ws_pf(D, True), num_warps=4)
     else:
         (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
         if q0.numel():
@@ -912,14 +936,16 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             sel_c.fill_(-1)
         i0, i1 = _tile_range(g_starts, t0, t1)
         _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
-        ent, grp_off, tile_g, tile_e0, tile_cum = _group(sel_c, Hkv, NB, bm, by_slot=True)
+        ent, grp_off, tile_g, tile_e0, tile_cum, *tinfo = _group(
+            sel_c, Hkv, NB, bm, by_slot=True, blocks=(lt.blk_start, lt.blk_end) if ws and persist and qe else None)
         grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
             if ws:
                 ws_kernel[(min(grid[0], sm_count(q.device)),) if persist else grid](
                     q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
-                    NG, s, *((WS_TIME[s] if WS_TIME is not None else lse,) if persist else ()), Hq=Hq, S=S, D=D,
+                    NG, s, *((WS_TIME[s] if WS_TIME is not None else lse, tinfo[0] if tinfo else tile_g) if persist
+                             else ()), Hq=Hq, S=S, D=D,
                     BN=128, NS=GLUON_WS_NS, EVEN=lay.block_size % 128 == 0, num_warps=4, **ws_opts)
             else:
                 _sparse_fwd[grid](
@@ -929,9 +955,11 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     return out, lse, sel
 
 
-def _ws_pf(D: int) -> bool:
+def _ws_pf(D: int, own: bool = False) -> bool:
     """GLUON_WS_PF where it fits: the K/V ring and six [64, D] tiles (Q twice and O once per consumer) within the
-    227 KB of shared memory an sm_90 program may have."""
+    227 KB of shared memory an sm_90 program may have; ``own``: the own-block kernel's QE, four tiles (Q twice)."""
+    if own:
+        return (GLUON_WS_NS * 128 * D * 2 + 4 * 64 * D) * 2 <= 229376
     return GLUON_WS_PF == "1" and (GLUON_WS_NS * 128 * D * 2 + 6 * 64 * D) * 2 <= 229376
 
 
