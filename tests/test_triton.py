@@ -94,6 +94,23 @@ def test_triton_inference_in_several_query_chunks(monkeypatch):
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
 
 
+def test_triton_gate_counts_the_grouping(monkeypatch):
+    """GATE_COUNT: the gate counts each chosen entry for the forward's grouping (no counting pass): the same
+    output, bitwise, as with the counting pass, over several query chunks of more than 1024 entries each (so that
+    the counters' copies matter), packed sequences of different lengths; and the fp64 reference's."""
+    from moba.ops import parallel
+    monkeypatch.setattr(parallel, "SELECT_BYTES", 1)
+    monkeypatch.setattr(parallel, "FILL_BYTES", 0)
+    q, k, v, extra = make_inputs([300, 170, 5], [300, 170, 5], 8, 2, 16, dtype=torch.float32, device=DEV)
+    outs = []
+    for count in ("0", "1"):
+        monkeypatch.setattr(parallel, "GATE_COUNT", count)
+        with torch.no_grad():
+            outs.append(moba.moba_attention(q, k, v, 16, 5, backend="triton", return_lse=True, **extra))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    check_against_reference(q, k, v, 16, 5, "triton", 2e-4, extra)
+
+
 @pytest.mark.parametrize("cfg", [
     {"gate": (32, 16, 4, 1), "fwd": (16, 32, 4, 1), "own": (64, 16, 4, 1),
      "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "own_dq": (16, 64, 4, 1)},

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import Layout, LayoutTensors, cached, new_empty, sm_count, to_device
+from .utils import Layout, LayoutTensors, cached, new_empty, poisoned, sm_count, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -65,6 +65,10 @@ GLUON_WS_SST = os.environ.get("MOBA_GLUON_WS_SST", "1")
 # rows before the key loop instead of after it, reading a flat tile table (`gluon_fwd_ws._consumer_qe`; H100: the
 # slots 0.350 -> 0.302 ms at fwd8k, 1.368 -> 1.180 at fwd32k, PERFLOG 45); "0" `_consumer_pf`.
 GLUON_WS_QE = os.environ.get("MOBA_GLUON_WS_QE", "1")
+# GATE_COUNT: "1" (default; the GPU tests passed with it) the forward's gate also counts each chosen entry into the
+# grouping's counters (`_gate_topk`'s COUNT), so that `_group` skips `_slot_place`'s counting pass (H100, fwd8k: gate
+# 0.047 -> 0.051 ms, grouping 0.040 -> 0.025; kernels as CUDA graphs 0.524 -> 0.509; PERFLOG 45); "0" that pass.
+GATE_COUNT = os.environ.get("MOBA_GATE_COUNT", "1")
 # GLUON_OWN_SST: "1" (default; its GPU tests passed on an H100) the own-block kernel's rows stored the same way (H100:
 # 0.157 -> 0.124 ms at fwd8k, 0.550 -> 0.446 at fwd32k; PERFLOG 45); "0" from the product's register layout.
 GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "1")
@@ -205,15 +209,17 @@ def _online_softmax(b_s, p_v, m_v, b_m, b_l, b_acc, PREC: tl.constexpr, SAFE: tl
 
 @triton.jit
 def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
-               sq_t, sq_h, sm_b, sm_h, t0, block_size,
+               sq_t, sq_h, sm_b, sm_h, t0, block_size, CNT, NK, NB,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-               REPLACE: tl.constexpr):
+               REPLACE: tl.constexpr, R: tl.constexpr = 1, COUNT: tl.constexpr = False):
     """Top S earlier blocks per (query, head) by <q, block mean>, kept in registers (no score matrix): S rounds
     of max extraction per chunk of BNB blocks, or (REPLACE, many slots) a replacement scan and S rounds once.
 
     Scores are fp32; for 16-bit q the fp32 means are split into hi + lo 16-bit parts so that the tensor
     cores give nearly fp32-exact scores. Ties go to the lower block id. Output by decreasing score.
+    COUNT: each chosen (row, slot) entry also counted into the forward grouping's counters CNT (R copies of NK =
+    S * Hkv * NB), in the copy `_slot_place`'s counting pass would use for it (its program of 1024 entries, mod R).
     """
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -244,8 +250,12 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         b_bv, b_bi = _topk_merge(b_bv, b_bi, tl.full([BM, 2], float("-inf"), tl.float32),
                                  tl.full([2], BIG, tl.int32), S, SP, BM)
     b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
-    tl.store(SEL + (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :], b_out.to(SEL.dtype.element_ty),
-             mask=m_m[:, None] & (o_s[None, :] < S))
+    o_e = (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :]        # [BM, SP] entry ids (< 2^31 per chunk)
+    tl.store(SEL + o_e, b_out.to(SEL.dtype.element_ty), mask=m_m[:, None] & (o_s[None, :] < S))
+    if COUNT:
+        key = o_s[None, :] * (NK // S) + i_g * NB + b_out
+        tl.atomic_add(CNT + ((o_e // 1024) % R) * NK + key, 1, mask=m_m[:, None] & (o_s[None, :] < S) & (b_out >= 0),
+                      sem="relaxed")
 
 
 @triton.jit
@@ -674,7 +684,13 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, TINFO, BLK_START,
     """Tile i: its group (the first g with TILE_END[g] > i) and first entry; past the last real tile an
     empty range of the last group. INFO: also the flat table TINFO[i] = (first entry, end entry, first key, end
     key) as int32 (the block g % NB; the Gluon forward's QE consumers read it with no chain of loads)."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _tile_index_at(tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK), GRP_OFF, TILE_END, TILE_G, TILE_E0,
+                   NG, n_max, TINFO, BLK_START, BLK_END, NB, BM, BLOCK, ROUNDS, INFO)
+
+
+@triton.jit
+def _tile_index_at(i, GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, TINFO, BLK_START, BLK_END, NB, BM: tl.constexpr,
+                   BLOCK: tl.constexpr, ROUNDS: tl.constexpr, INFO: tl.constexpr):
     lo = _bisect_right(TILE_END, NG, i, BLOCK, ROUNDS)
     real = lo < NG
     g = tl.minimum(lo, NG - 1)
@@ -692,7 +708,35 @@ def _tile_index(GRP_OFF, TILE_END, TILE_G, TILE_E0, NG, n_max, TINFO, BLK_START,
         tl.store(TINFO + 4 * i + 3, tl.load(BLK_END + b).to(tl.int32), mask=m)
 
 
-def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable: bool = False, blocks=None):
+@triton.jit
+def _scatter_index(SEL, CNT, ENT, n_ent, NK, n_sc, GRP_OFF, TILE_END, TILE_G, TILE_E0, n_max, TINFO, BLK_START,
+                   BLK_END, NBK, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
+                   NG: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr, ROUNDS: tl.constexpr,
+                   INFO: tl.constexpr):
+    """`_slot_place`'s scatter (programs 0 .. n_sc - 1) and `_tile_index` (the programs after) in one launch: both
+    read only the scan's results."""
+    pid = tl.program_id(0)
+    if pid < n_sc:
+        _place_at(pid, SEL, CNT, ENT, n_ent, NK, Hq, S, G, NB, NG, R, True, BLOCK)
+    else:
+        _tile_index_at((pid - n_sc).to(tl.int64) * BLOCK + tl.arange(0, BLOCK), GRP_OFF, TILE_END, TILE_G, TILE_E0,
+                       NK, n_max, TINFO, BLK_START, BLK_END, NBK, BM, BLOCK, ROUNDS, INFO)
+
+
+def _copies(NK: int) -> int:
+    """Copies of the grouping's NK counters: PLACE_COPIES (less atomic contention), one for very many groups."""
+    return PLACE_COPIES if NK <= 1 << 20 else 1
+
+
+def _counters(S: int, Hkv: int, NB: int, device) -> tuple:
+    """Zeroed counters for the forward's grouping by (slot, kv head, block), to be counted by the gate
+    (GATE_COUNT): (cnt, NK, R)."""
+    NK = S * Hkv * NB
+    return torch.zeros(_copies(NK) * NK, dtype=torch.int32, device=device), NK, _copies(NK)
+
+
+def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable: bool = False, blocks=None,
+           cnt=None):
     """The chosen (row, slot) entries grouped on the device, without a host sync: by (slot, kv head, block)
     for the forward's one launch per slot, else by (kv head, block) as the backward reads them.
 
@@ -703,7 +747,8 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     entry besides sel; in no fixed order within a group: a row's result does not depend on the other
     rows of its tile); ``stable``: the ids by a stable sort instead (int64; the deterministic backward,
     whose dK/dV sum each group's rows in entry order). ``blocks`` (the blocks' first and end keys): also the
-    flat tile table (int32 [tiles, 4], `_tile_index`'s TINFO), as a sixth result.
+    flat tile table (int32 [tiles, 4], `_tile_index`'s TINFO), as a sixth result. ``cnt``: the counters already
+    counted (`_counters`, by the gate), so the counting pass is skipped.
     """
     assert not (stable and by_slot)
     n, Hq, S = sel.shape
@@ -711,8 +756,9 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     NK = S * NG if by_slot else NG
     dev = sel.device
     n_ent = n * Hq * S
-    R = PLACE_COPIES if NK <= 1 << 20 else 1    # R copies of the counters: less contention (few groups)
-    cnt = torch.zeros(R * NK, dtype=torch.int32, device=dev)
+    R = _copies(NK)
+    counted = cnt is not None
+    cnt = cnt if counted else torch.zeros(R * NK, dtype=torch.int32, device=dev)
     ent = None if stable else torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
     grp_off = torch.empty(NK + 1, dtype=torch.int64, device=dev)
     tile_cum = torch.empty(NK + 1, dtype=torch.int64, device=dev)
@@ -721,7 +767,7 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(n_ent, 1024),)
     kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG if by_slot else 0, R=R, BLOCK=1024)
-    if n_ent:
+    if n_ent and not counted:
         _slot_place[grid](sel, cnt, cnt if stable else ent, n_ent, NK, SCATTER=False, **kw)   # writes no ids
     blk = 2048 // R
     n_span = triton.cdiv(NK, blk)
@@ -737,12 +783,16 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
         if n_ent:
             _group_keys[grid](sel, key, n_ent, Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
         ent = torch.sort(key, stable=True).indices
-    elif n_ent:
-        _slot_place[grid](sel, cnt, ent, n_ent, NK, SCATTER=True, **kw)
     tinfo = torch.empty(n_max, 4, dtype=torch.int32, device=dev) if blocks is not None else tile_g
-    _tile_index[(triton.cdiv(n_max, 1024),)](grp_off, tile_cum[1:], tile_g, tile_e0, NK, n_max, tinfo,
-                                             *(blocks if blocks is not None else (tile_g, tile_g)), NB, BM=BM,
-                                             BLOCK=1024, ROUNDS=NK.bit_length(), INFO=blocks is not None)
+    tables = (grp_off, tile_cum[1:], tile_g, tile_e0)
+    info = dict(BM=BM, BLOCK=1024, ROUNDS=NK.bit_length(), INFO=blocks is not None)
+    blks = blocks if blocks is not None else (tile_g, tile_g)
+    n_ti = triton.cdiv(n_max, 1024)
+    if stable or not n_ent:
+        _tile_index[(n_ti,)](*tables, NK, n_max, tinfo, *blks, NB, **info)
+    else:   # the scatter and the tile table in one launch
+        _scatter_index[(grid[0] + n_ti,)](sel, cnt, ent, n_ent, NK, grid[0], *tables, n_max, tinfo, *blks, NB, **kw,
+                                          **{k: v for k, v in info.items() if k != "BLOCK"})
     if blocks is not None:
         return ent, grp_off, tile_g, tile_e0, tile_cum, tinfo
     return ent, grp_off, tile_g, tile_e0, tile_cum
@@ -754,12 +804,18 @@ def _slot_place(SEL, CNT, ENT, n_ent, NK, Hq: tl.constexpr, S: tl.constexpr, G: 
     """Group key slot * NG + kv_head * NB + block of every valid entry: count it in the program's copy of
     the counters (CNT[r, key] += 1, r = program % R) or, once CNT holds each copy's first position in
     its group, write the entry's id there."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _place_at(tl.program_id(0), SEL, CNT, ENT, n_ent, NK, Hq, S, G, NB, NG, R, SCATTER, BLOCK)
+
+
+@triton.jit
+def _place_at(pid, SEL, CNT, ENT, n_ent, NK, Hq: tl.constexpr, S: tl.constexpr, G: tl.constexpr, NB: tl.constexpr,
+              NG: tl.constexpr, R: tl.constexpr, SCATTER: tl.constexpr, BLOCK: tl.constexpr):
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n_ent
     b = tl.load(SEL + o, mask=m, other=-1)
     ok = m & (b >= 0)
     key = (o % S) * NG + ((o // S) % Hq) // G * NB + b         # NG = 0: by (kv head, block) only
-    pos = tl.atomic_add(CNT + (tl.program_id(0) % R) * NK + key, 1, mask=ok, sem="relaxed")
+    pos = tl.atomic_add(CNT + (pid % R) * NK + key, 1, mask=ok, sem="relaxed")
     if SCATTER:
         tl.store(ENT + pos, o.to(tl.int32), mask=ok)
 
@@ -856,15 +912,18 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
     return sel
 
 
-def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None):
+def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, count=None):
+    """``count``: `_counters`' (cnt, NK, R), counted by the gate as it writes the selection."""
     q0, q1, p0, kb, fb = tiles
     means = means if means is not None else block_means(k, lay, lt)
     Hq, Hkv = q.shape[1], k.shape[1]
+    cnt, NK, R = count if count is not None else (sel_c, 1, 1)
     _gate_topk[(q0.numel(), Hq)](
         q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
-        means.stride(0), means.stride(1), t0, lay.block_size, Hq=Hq, G=Hq // Hkv, S=S,
+        means.stride(0), means.stride(1), t0, lay.block_size, cnt, NK, lay.n_blocks, Hq=Hq, G=Hq // Hkv, S=S,
         SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"],
-        SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], REPLACE=S >= GATE_REPLACE_S, **launch)
+        SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], REPLACE=S >= GATE_REPLACE_S, R=R,
+        COUNT=count is not None, **launch)
 
 
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None,
@@ -922,9 +981,13 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     chunk = min(T, max(128, (budget // per_row) // 128 * 128, -(-fill // 128) * 128),
                 (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
-    sel = torch.full((T if keep else chunk, Hq, max(S, 1)), -1, dtype=sel_dtype, device=q.device)
+    shape = (T if keep else chunk, Hq, max(S, 1))
     if not sparse or not T:
-        return out, lse, sel
+        return out, lse, torch.full(shape, -1, dtype=sel_dtype, device=q.device)
+    # the gate writes every (row, head, slot) of each chunk (-1 where no block is chosen): no fill (under
+    # MOBA_POISON, block 0 everywhere first, so that an entry it missed would give wrong results)
+    sel = torch.zeros(shape, dtype=sel_dtype, device=q.device) if poisoned() else torch.empty(
+        shape, dtype=sel_dtype, device=q.device)
     if means is None:   # fp32 block means: once per call, not per query chunk
         means = block_means(k, lay, lt)
     g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
@@ -932,12 +995,12 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         sel_c = sel[t0:t1] if keep else sel[:t1 - t0]
-        if not keep and t0:
-            sel_c.fill_(-1)
         i0, i1 = _tile_range(g_starts, t0, t1)
-        _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means)
+        count = _counters(S, Hkv, NB, q.device) if GATE_COUNT == "1" else None
+        _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means, count)
         ent, grp_off, tile_g, tile_e0, tile_cum, *tinfo = _group(
-            sel_c, Hkv, NB, bm, by_slot=True, blocks=(lt.blk_start, lt.blk_end) if ws and persist and qe else None)
+            sel_c, Hkv, NB, bm, by_slot=True, blocks=(lt.blk_start, lt.blk_end) if ws and persist and qe else None,
+            cnt=count[0] if count else None)
         grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
