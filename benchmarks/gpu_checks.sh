@@ -6,17 +6,9 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 for what in "${@:-all}"; do
 if [[ $what == tests || $what == all ]]; then
-  # the compiled kernels against the fp64 reference; the files run side by side (Triton compilation is
-  # most of the time and uses one CPU core per process)
-  pids=()
-  for f in test_gpu test_triton test_decode test_compile test_hf; do
-    timeout 300 python3 -m pytest -q -x tests/$f.py -p no:cacheprovider --durations=5 > "$OUT/tests_$f.log" 2>&1 &
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait $p; done
-  for f in test_gpu test_triton test_decode test_compile test_hf; do
-    echo "$f: $(grep -E '(passed|failed|error)' "$OUT/tests_$f.log" | tail -1)"
-  done
+  # the compiled kernels against the fp64 reference: the whole GPU suite, test_gpu in groups, all side by side
+  # (Triton compilation is most of the time and uses one CPU core per process; ~5 minutes on a fresh machine)
+  bash benchmarks/gpu_suite.sh
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 200 python3 benchmarks/bench_decode.py --profile --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one device call (~5 minutes on a fresh H100 machine, 16 cores): test_gpu in groups and the
+# other GPU-capable test files, all side by side; one line per process. Usage: bash benchmarks/gpu_suite.sh
+export PYTHONPATH=.
+pids=(); names=()
+groups=("against_reference or varlen_and_decode" "deterministic or gluon_dkdv" "captures or gluon_own"
+        "gluon_fwd_ws and persistent_sst" "gluon_fwd_ws and persistent_pf" "gluon_fwd_ws and persistent_qe"
+        "gluon_fwd_ws and persistent_own"
+        "gluon_fwd_ws and persistent and not own and not pf and not sst and not qe" "gluon_fwd_ws and per_tile")
+for i in "${!groups[@]}"; do
+  timeout 450 python3 -m pytest -q tests/test_gpu.py -k "${groups[$i]}" -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
+  pids+=($!); names+=("test_gpu: ${groups[$i]}")
+done
+for f in test_triton test_decode test_compile test_hf; do
+  i=${#pids[@]}
+  timeout 450 python3 -m pytest -q tests/$f.py -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
+  pids+=($!); names+=("$f")
+done
+for p in "${pids[@]}"; do wait $p; done
+for i in "${!pids[@]}"; do echo "${names[$i]}: $(tail -1 /tmp/s_$i.log)"; grep -m3 -E "^(FAILED|ERROR)" /tmp/s_$i.log; done
