@@ -93,3 +93,29 @@ def test_gluon_fwd_ws_compiles_for_sm90(D, dtype, NS, even, persistent, own, pf,
                        env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+GATE_CODE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moba.ops import parallel
+from moba.ops.utils import sm90_signature
+fn = parallel._gate_topk_g
+cexpr = dict(Hq=32, G=4, S=2, SP=2, D=128, BM=128, BNB=32, BD=128, SPLIT=True, PREC="tf32", R=8, COUNT=True)
+sig, const, attrs = sm90_signature(fn, cexpr, {"Q": "bf16", "M": "fp32", "SEL": "i16", "CNT": "i32"},
+                                   {"sq_t", "sq_h", "sm_b", "sm_h", "t0", "block_size", "NK", "NB"})
+k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8, "num_stages": 3})
+assert k.asm["ttgir"].count("scf.for") == 1, "a loop inside the head loop: Triton would not pipeline it"
+assert "cp.async" in k.asm["ptx"] and "wgmma.mma_async" in k.asm["ptx"], "the heads' rows are not prefetched"
+print("ok", k.metadata.shared)
+"""
+
+
+def test_gate_by_kv_head_compiles_pipelined_for_sm90():
+    """`parallel._gate_topk_g` (GATE_HEADS) for sm_90 at the fwd8k shape: its loop over the group's heads is the only
+    loop (the top-k rounds unrolled) and Triton pipelines it, the next head's query rows copied by cp.async."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", GATE_CODE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -81,6 +81,24 @@ def test_triton_gate_matches_torch_gate(dtype, replace_s, monkeypatch):
         assert (got[..., 0] == want[..., 0]).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_gate_by_kv_head_matches_per_head(dtype, monkeypatch):
+    """GATE_HEADS (`_gate_topk_g`: one program per query tile and kv head, for sequences of at most 33 blocks): the
+    same selection, bitwise, as one program per head; block counts on both sides of its limit (past it the
+    per-head gate runs)."""
+    from moba.ops import parallel
+    from moba.ops.utils import pack, validate
+    q, k, v, extra = make_inputs([150, 3, 90], [150, 3, 90], 6, 2, 32, dtype=dtype, device=DEV)
+    for bs, topk in ((8, 2), (8, 4), (16, 7), (4, 5)):          # 19, 19, 10 and 38 blocks in the longest sequence
+        lay, _ = validate(q, k, v, bs, topk, **extra)
+        lt = lay.tensors(q.device)
+        got = []
+        for heads in ("0", "1"):
+            monkeypatch.setattr(parallel, "GATE_HEADS", heads)
+            got.append(parallel.select_past_blocks(pack(q), pack(k), lay, lt, topk))
+        assert torch.equal(got[0], got[1])
+
+
 def test_triton_inference_in_several_query_chunks(monkeypatch):
     """Force tiny selection chunks: the forward must give the same answer chunk by chunk."""
     from moba.ops import parallel
@@ -94,11 +112,14 @@ def test_triton_inference_in_several_query_chunks(monkeypatch):
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
 
 
-def test_triton_gate_counts_the_grouping(monkeypatch):
+@pytest.mark.parametrize("heads", ["0", "1"], ids=["per_head", "per_kv_head"])
+def test_triton_gate_counts_the_grouping(monkeypatch, heads):
     """GATE_COUNT: the gate counts each chosen entry for the forward's grouping (no counting pass): the same
     output, bitwise, as with the counting pass, over several query chunks of more than 1024 entries each (so that
-    the counters' copies matter), packed sequences of different lengths; and the fp64 reference's."""
+    the counters' copies matter), packed sequences of different lengths; and the fp64 reference's. Both gates
+    (GATE_HEADS)."""
     from moba.ops import parallel
+    monkeypatch.setattr(parallel, "GATE_HEADS", heads)
     monkeypatch.setattr(parallel, "SELECT_BYTES", 1)
     monkeypatch.setattr(parallel, "FILL_BYTES", 0)
     q, k, v, extra = make_inputs([300, 170, 5], [300, 170, 5], 8, 2, 16, dtype=torch.float32, device=DEV)

@@ -69,6 +69,10 @@ GLUON_WS_QE = os.environ.get("MOBA_GLUON_WS_QE", "1")
 # grouping's counters (`_gate_topk`'s COUNT), so that `_group` skips `_slot_place`'s counting pass (H100, fwd8k: gate
 # 0.047 -> 0.051 ms, grouping 0.040 -> 0.025; kernels as CUDA graphs 0.524 -> 0.509; PERFLOG 45); "0" that pass.
 GATE_COUNT = os.environ.get("MOBA_GATE_COUNT", "1")
+# GATE_HEADS: "1" where every sequence has at most 33 blocks, the gate's program takes a query tile for all the query
+# heads of one kv head (`_gate_topk_g`: the block means loaded once, the heads' rows in a pipelined loop); "0"
+# (default until its GPU A/B, PERFLOG 46) one program per query tile and head.
+GATE_HEADS = os.environ.get("MOBA_GATE_HEADS", "0")
 # GLUON_OWN_SST: "1" (default; its GPU tests passed on an H100) the own-block kernel's rows stored the same way (H100:
 # 0.157 -> 0.124 ms at fwd8k, 0.550 -> 0.446 at fwd32k; PERFLOG 45); "0" from the product's register layout.
 GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "1")
@@ -140,24 +144,85 @@ def _mean_scores(b_q, M, p_m, m_load, SPLIT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _topk_merge(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr, R: tl.constexpr):
+def _gate_topk_g(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
+                 sq_t, sq_h, sm_b, sm_h, t0, block_size, CNT, NK, NB,
+                 Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+                 BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                 R: tl.constexpr = 1, COUNT: tl.constexpr = False):
+    """`_gate_topk` for one query tile and the G query heads of one kv head, where every row's earlier blocks fit in
+    one chunk of BNB (sequences of at most BNB + 1 blocks; GATE_HEADS): the group's block means are loaded and split
+    once, and the heads' query rows in a pipelined loop (the next head's rows load while this head's scores are
+    ranked) instead of one program per head. Same scores and the same choices as `_gate_topk`."""
+    i_t = tl.program_id(0)
+    i_g = tl.program_id(1)
+    o_m, m_m, pos, lo, q0, q1, p0, kb = _query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM)
+    fb = tl.load(TILE_FB + i_t)
+    own = fb + (pos - kb) // block_size                                 # [BM] global own block
+    o_d = tl.arange(0, BD)
+    o_s = tl.arange(0, SP)
+    BIG: tl.constexpr = 2147483647
+    b_end = fb + (p0 + (q1 - q0) - 1 - kb) // block_size                 # own block of the last row
+    o_b = fb + tl.arange(0, BNB)
+    m_b = o_b < b_end
+    b_m = tl.load(M + o_b[None, :] * sm_b + i_g * sm_h + o_d[:, None], mask=m_b[None, :] & (o_d[:, None] < D),
+                  other=0.)                                               # [BD, BNB] fp32 means
+    if SPLIT:
+        b_hi = b_m.to(Q.dtype.element_ty)
+        b_lo = (b_m - b_hi.to(tl.float32)).to(Q.dtype.element_ty)
+    ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
+    m_st = m_m[:, None] & (o_s[None, :] < S)
+    for j in tl.range(0, G, num_stages=2):
+        i_h = i_g * G + j
+        b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                      mask=m_m[:, None] & (o_d[None, :] < D), other=0.)  # [BM, BD]
+        if SPLIT:
+            b_sc = tl.dot(b_q, b_hi, input_precision=PREC) + tl.dot(b_q, b_lo, input_precision=PREC)
+        else:
+            b_sc = tl.dot(b_q, b_m, input_precision=PREC)
+        b_sc = tl.where(ok, b_sc, float("-inf"))
+        b_bv, b_bi = _topk_merge(tl.full([BM, SP], float("-inf"), tl.float32), tl.full([BM, SP], BIG, tl.int32),
+                                 b_sc, o_b, S, SP, BM, True)
+        b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
+        o_e = (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :]
+        tl.store(SEL + o_e, b_out.to(SEL.dtype.element_ty), mask=m_st)
+        if COUNT:
+            tl.atomic_add(CNT + ((o_e // 1024) % R) * NK + o_s[None, :] * (NK // S) + i_g * NB + b_out, 1,
+                          mask=m_st & (b_out >= 0), sem="relaxed")
+
+
+@triton.jit
+def _topk_merge(b_bv, b_bi, b_sc, o_b, S: tl.constexpr, SP: tl.constexpr, R: tl.constexpr,
+                UNROLL: tl.constexpr = False):
     """The S best of (kept scores/ids [R, SP], chunk scores [R, BNB] of blocks ``o_b``), by decreasing
-    score, ties to the lower block id: S rounds of max extraction, all in registers."""
+    score, ties to the lower block id: S rounds of max extraction, all in registers. UNROLL: the rounds unrolled
+    (no inner loop, so that Triton pipelines a loop around this)."""
     BIG: tl.constexpr = 2147483647
     o_s = tl.arange(0, SP)
     o_bi = o_b.to(tl.int32)
     b_nv = tl.full([R, SP], float("-inf"), tl.float32)
     b_ni = tl.full([R, SP], BIG, tl.int32)
-    for r in range(S):
-        b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
-        i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
-        i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
-        idx = tl.minimum(i1, i2)
-        b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
-        b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
-        b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
-        b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
+    if UNROLL:
+        for r in tl.static_range(S):
+            b_bv, b_sc, b_nv, b_ni = _topk_round(b_bv, b_bi, b_sc, o_bi, b_nv, b_ni, o_s, r)
+    else:
+        for r in range(S):
+            b_bv, b_sc, b_nv, b_ni = _topk_round(b_bv, b_bi, b_sc, o_bi, b_nv, b_ni, o_s, r)
     return b_nv, b_ni
+
+
+@triton.jit
+def _topk_round(b_bv, b_bi, b_sc, o_bi, b_nv, b_ni, o_s, r):
+    """`_topk_merge`'s round r: the best remaining score (ties to the lower id) into column r of (b_nv, b_ni)."""
+    BIG: tl.constexpr = 2147483647
+    b_mx = tl.maximum(tl.max(b_bv, 1), tl.max(b_sc, 1))
+    i1 = tl.min(tl.where(b_bv == b_mx[:, None], b_bi, BIG), 1)
+    i2 = tl.min(tl.where(b_sc == b_mx[:, None], o_bi[None, :], BIG), 1)
+    idx = tl.minimum(i1, i2)
+    b_nv = tl.where(o_s[None, :] == r, b_mx[:, None], b_nv)
+    b_ni = tl.where(o_s[None, :] == r, idx[:, None], b_ni)
+    b_bv = tl.where(b_bi == idx[:, None], float("-inf"), b_bv)
+    b_sc = tl.where(o_bi[None, :] == idx[:, None], float("-inf"), b_sc)
+    return b_bv, b_sc, b_nv, b_ni
 
 
 @triton.jit
@@ -913,17 +978,21 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
 
 
 def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, count=None):
-    """``count``: `_counters`' (cnt, NK, R), counted by the gate as it writes the selection."""
+    """``count``: `_counters`' (cnt, NK, R), counted by the gate as it writes the selection. With GATE_HEADS and
+    sequences of at most 33 blocks, `_gate_topk_g` (one program per query tile and kv head)."""
     q0, q1, p0, kb, fb = tiles
     means = means if means is not None else block_means(k, lay, lt)
     Hq, Hkv = q.shape[1], k.shape[1]
     cnt, NK, R = count if count is not None else (sel_c, 1, 1)
-    _gate_topk[(q0.numel(), Hq)](
-        q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1),
-        means.stride(0), means.stride(1), t0, lay.block_size, cnt, NK, lay.n_blocks, Hq=Hq, G=Hq // Hkv, S=S,
-        SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32, BD=meta["BD"],
-        SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], REPLACE=S >= GATE_REPLACE_S, R=R,
-        COUNT=count is not None, **launch)
+    args = (q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1), means.stride(0), means.stride(1), t0,
+            lay.block_size, cnt, NK, lay.n_blocks)
+    kw = dict(Hq=Hq, G=Hq // Hkv, S=S, SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32,
+              BD=meta["BD"], SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], R=R, COUNT=count is not None)
+    most = max((b - a for a, b in zip(lay.blk_off, lay.blk_off[1:])), default=1)    # blocks of the longest sequence
+    if GATE_HEADS == "1" and most - 1 <= kw["BNB"] and S < GATE_REPLACE_S:
+        _gate_topk_g[(q0.numel(), Hkv)](*args, **kw, **launch)
+    else:
+        _gate_topk[(q0.numel(), Hq)](*args, **kw, REPLACE=S >= GATE_REPLACE_S, **launch)
 
 
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None,
