@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|ab|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -61,6 +61,11 @@ bench_pair() {
 ab_switch() { for o in 0 1; do export "$1=$o"; bench_pair "${2}_$o"; done; unset "$1"; }
 if [[ $what == own ]]; then ab_switch MOBA_GLUON_OWN_SST own_sst; fi   # the own block's staged stores (PERFLOG 44)
 if [[ $what == pf ]]; then ab_switch MOBA_GLUON_WS_PF pf; fi           # the prefetching consumers (PERFLOG 42)
+if [[ $what == og ]]; then     # the gate inside the own-block kernel (PERFLOG 47): its tests, then A/B
+  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1
+  tail -1 /tmp/og.log; grep -m3 -E "^(FAILED|ERROR)|Error" /tmp/og.log
+  ab_switch MOBA_GLUON_OWN_GATE own_gate
+fi
 if [[ $what == qe ]]; then                                               # the early Q copies (PERFLOG 45)
   ab_switch MOBA_GLUON_WS_QE qe
   export MOBA_GLUON_WS_QE=1; ab_switch MOBA_GLUON_OWN_QE own_qe; unset MOBA_GLUON_WS_QE

@@ -260,18 +260,19 @@ def test_triton_kept_selection_dtype_and_gradients(limit, dtype, monkeypatch):
 def test_own_tiles_cover_every_row_once_inside_one_block(lens_q, lens_k, bs):
     """The Gluon own-block kernel's work list (`parallel._own_tiles`; the kernel itself runs in test_gpu.py): every
     query row in exactly one tile of <= 128 rows, all rows of a tile in the same own block (the kernel reads one
-    block start per tile), longest tiles (most keys up to the last row) first."""
+    block start per tile), longest tiles (most keys up to the last row) first; each tile's sequence's first block."""
     from moba.ops import parallel
     from moba.ops.utils import validate
     q, k, v, extra = make_inputs(lens_q, lens_k, 2, 1, 16, dtype=torch.float32, device="cpu")
     lay, _ = validate(q, k, v, bs, 3, **extra)
-    q0, q1, p0, kb = (x.tolist() for x in parallel._own_tiles(lay, "cpu"))
+    q0, q1, p0, kb, fb = (x.tolist() for x in parallel._own_tiles(lay, "cpu"))
     lt = lay.tensors("cpu")
     own = lt.own_block.tolist()
     rows, keys = [], []
-    for a, b, p, s in zip(q0, q1, p0, kb):
+    for a, b, p, s, f in zip(q0, q1, p0, kb, fb):
         assert 0 < b - a <= 128
         assert len({own[r] for r in range(a, b)}) == 1, (a, b)
+        assert own[a] == f + (p - s) // bs           # the sequence's first block id (the fused gate's block ids)
         assert lt.q_pos[a].item() == p
         lo = s + (p - s) // bs * bs
         assert lt.q_pos[b - 1].item() < lo + bs

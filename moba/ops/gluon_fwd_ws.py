@@ -716,12 +716,64 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
 
 
 @gluon.jit
-def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t,
-                     so_h, scale_log2, Hq: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                     NS: gl.constexpr):
+def _own_gate(q_s, m_s, M, SEL, CNT, q0, q1, p0, kb, fb, i_h, r0, block_size, sm_b, sm_h, NK, NB, Hq: gl.constexpr,
+              G: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, NBC: gl.constexpr, R: gl.constexpr,
+              COUNT: gl.constexpr):
+    """The gate for this warpgroup's BM rows of an own-block item (GATE, PERFLOG 47; not yet run on a GPU), their Q
+    rows in ``q_s``: every row of an item has the same own block, so the same earlier blocks fb .. own - 1 (at most
+    NBC); scores against their fp32 means as `parallel._gate_topk` makes them (the means cut into bf16 hi and lo
+    parts, one product each, summed), the best S per row by decreasing score (ties to the lower block id, -1 where
+    none is left) into SEL, and (COUNT) each chosen entry counted for the forward's grouping as `_gate_topk` counts
+    it. ``m_s`` ([NBC, D]) holds the parts in turn."""
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NBC, 16])
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    BIG: gl.constexpr = 2147483647
+    nb = (p0 - kb) // block_size                          # earlier blocks of the item's sequence
+    i_g = i_h // G
+    o_b = gl.arange(0, NBC, layout=gl.SliceLayout(1, ld))
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    b_mn = gl.load(M + (fb + o_b).to(gl.int64)[:, None] * sm_b + i_g * sm_h + o_d[None, :],
+                   mask=(o_b < nb)[:, None] & (o_d[None, :] < D), other=0.)
+    b_hi = b_mn.to(q_s.dtype)
+    zero = gl.zeros([BM, NBC], gl.float32, layout=mma_s)
+    m_s.store(b_hi)
+    gl.thread_barrier()
+    hopper.fence_async_shared()
+    s_hi = hopper.warpgroup_mma(q_s, m_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_hi = hopper.warpgroup_mma_wait(0, deps=[s_hi])
+    gl.thread_barrier()                                   # every thread's product has read m_s
+    m_s.store((b_mn - b_hi.to(gl.float32)).to(q_s.dtype))
+    gl.thread_barrier()
+    hopper.fence_async_shared()
+    s_lo = hopper.warpgroup_mma(q_s, m_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_lo = hopper.warpgroup_mma_wait(0, deps=[s_lo])
+    gl.thread_barrier()                                   # m_s is free for the next item
+    o_c = gl.arange(0, NBC, layout=gl.SliceLayout(0, mma_s))
+    sc = gl.where((o_c < nb)[None, :], s_hi + s_lo, float("-inf"))
+    rows = q0 + r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_s))
+    m_r = rows < q1
+    for r in gl.static_range(S):     # unrolled: no loop in the work loop besides the key loops
+        mx = gl.max(sc, 1)
+        idx = gl.min(gl.where(sc == mx[:, None], o_c[None, :], BIG), 1)
+        ok = mx > float("-inf")
+        bid = gl.where(ok, fb + idx, -1)
+        o_e = (rows * Hq + i_h) * S + r
+        gl.store(SEL + o_e, bid.to(SEL.dtype.element_ty), mask=m_r)
+        if COUNT:
+            gl.atomic_add(CNT + ((o_e // 1024) % R) * NK + r * (NK // S) + i_g * NB + bid, (bid * 0 + 1).to(gl.int32),
+                          mask=m_r & ok, sem="relaxed")
+        sc = gl.where(o_c[None, :] == idx[:, None], float("-inf"), sc)
+
+
+@gluon.jit
+def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB, TFB, n, block_size, sq_t, sq_h,
+                     so_t, so_h, scale_log2, m_s, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq: gl.constexpr, G: gl.constexpr,
+                     D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, GATE: gl.constexpr,
+                     S: gl.constexpr, NBC: gl.constexpr, R: gl.constexpr, COUNT: gl.constexpr):
     """`_consumer_own` (with SST) with each item's Q rows copied (cp.async) into the other half of ``q_s`` ([2, BM, D])
     before the key loop of the item before, instead of loaded at its start (PERFLOG 45): the item table is read
-    two items ahead and nothing is computed from it until it is used. Same arithmetic, row for row."""
+    two items ahead and nothing is computed from it until it is used. Same arithmetic, row for row. GATE: after
+    each item's key loop, the gate for its rows from the same Q rows (`_own_gate`)."""
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -748,6 +800,9 @@ def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, 
         hopper.fence_async_shared()
         acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, lo, lo, n_kt, scale_log2, D, BM, BN,
                                    NS, True, True, p0 + r0)
+        if GATE:    # before the staged stores overwrite this item's Q rows
+            _own_gate(q_s.index(b % 2), m_s, M, SEL, CNT, q0, q1, p0, kb, gl.load(TFB + i // Hq), i_h, r0, block_size,
+                      sm_b, sm_h, NK, NB, Hq, G, S, D, BM, NBC, R, COUNT)
         o_r = q0 + r0 + gl.arange(0, BM, layout=ro)
         l_o = gl.convert_layout(b_l, ro)
         o_m = q0 + r0 + gl.arange(0, BM, layout=lr)
@@ -762,21 +817,34 @@ def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, 
 
 
 @gluon.jit
-def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, n, block_size, sq_t, sq_h, so_t, so_h,
-                                 scale_log2, Hq: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                                 NS: gl.constexpr, SST: gl.constexpr = False, QE: gl.constexpr = False):
+def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, TFB, n, block_size, sq_t, sq_h, so_t,
+                                 so_h, scale_log2, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq: gl.constexpr, G: gl.constexpr,
+                                 D: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, SST: gl.constexpr = False,
+                                 QE: gl.constexpr = False, GATE: gl.constexpr = False, S: gl.constexpr = 1,
+                                 NBC: gl.constexpr = 16, R: gl.constexpr = 1, COUNT: gl.constexpr = False):
     """`parallel._own_fwd` for n = tiles * Hq work items (tiles of <= 128 queries inside one block), a grid of at most
     one program per SM looping over them. SST: staged stores (`_consumer_own`); QE (implies SST): the next item's Q
-    rows copied before the key loop (`_consumer_own_qe`)."""
+    rows copied before the key loop (`_consumer_own_qe`); with QE, GATE: the gate too (`_own_gate`: S slots, at most
+    NBC earlier blocks per sequence, means M, selection SEL of the whole input, counters CNT with COUNT; TFB: each
+    tile's sequence's first block)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS, QE)
     if QE:
+        sh2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        if GATE:    # the means' parts, one [NBC, D] tile per consumer
+            m0_s = gl.allocate_shared_memory(dt, [NBC, D], sh2)
+            m1_s = gl.allocate_shared_memory(dt, [NBC, D], sh2)
+        else:       # unused
+            m0_s = q0_s
+            m1_s = q1_s
         gl.warp_specialize([
-            (_consumer_own_qe, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, n, block_size, sq_t,
-                                sq_h, so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
-            (_consumer_own_qe, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, n, block_size, sq_t,
-                                sq_h, so_t, so_h, scale_log2, Hq, D, BM, BN, NS)),
+            (_consumer_own_qe, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, TFB, n, block_size,
+                                sq_t, sq_h, so_t, so_h, scale_log2, m0_s, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq, G, D,
+                                BM, BN, NS, GATE, S, NBC, R, COUNT)),
+            (_consumer_own_qe, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, TFB, n, block_size,
+                                sq_t, sq_h, so_t, so_h, scale_log2, m1_s, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq, G, D,
+                                BM, BN, NS, GATE, S, NBC, R, COUNT)),
             (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN,
                            NS)),
         ], [4, 1], [232, 40])
@@ -808,7 +876,7 @@ def usable(k, v) -> bool:
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
                  persistent: bool = False, own: bool = False, pf: bool = False, time: bool = False,
-                 sst: bool = False, qe: bool = False):
+                 sst: bool = False, qe: bool = False, gate: bool = False):
     """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel; ``pf``: the
     persistent kernel's prefetching consumers."""
     import torch
@@ -819,13 +887,15 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
     from .utils import sm90_signature
     if own:
         fn = own_fwd_ws_persistent_kernel
-        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS, SST=sst, QE=qe)
+        cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS, SST=sst, QE=qe, GATE=gate, S=2 if gate else 1, NBC=16,
+                     R=8 if gate else 1, COUNT=gate)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
         cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even,
                      **(dict(PF=pf, TIME=time, SST=sst, QE=qe) if persistent else dict(ABL=abl)))
-    ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size"}
-    ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32", "TBUF": "i64", "TINFO": "i32"}
+    ints = {"sq_t", "sq_h", "so_t", "so_h", "t0", "NB", "NG", "slot", "n", "block_size", "sm_b", "sm_h", "NK"}
+    ptrs = {"Q": dtype, "O": dtype, "LSE": "fp32", "ENT": "i32", "TBUF": "i64", "TINFO": "i32", "M": "fp32",
+            "SEL": "i16", "CNT": "i32"}
     sig, const, attrs = sm90_signature(fn, cexpr, ptrs, ints, floats=("scale_log2",))
     fake = torch.empty(64, 8, D, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     desc = mangle_type(descriptors(fake, fake, BN)[0])

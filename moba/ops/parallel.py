@@ -80,6 +80,10 @@ GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "1")
 # copied before the key loop (`gluon_fwd_ws._consumer_own_qe`; H100: 0.125 -> 0.121 ms at fwd8k, 0.446 -> 0.432 at
 # fwd32k, PERFLOG 45); "0" loaded at each item's start.
 GLUON_OWN_QE = os.environ.get("MOBA_GLUON_OWN_QE", "1")
+# GLUON_OWN_GATE: "1" the gate inside the own-block kernel (`gluon_fwd_ws._own_gate`: from the Q rows it has in shared
+# memory, one launch and one read of Q fewer) where the input is one query chunk of sequences of at most 33 blocks
+# and topk is at most 9; "0" (default: written and compiled, not yet run on a GPU, PERFLOG 47) the gate's own launch.
+GLUON_OWN_GATE = os.environ.get("MOBA_GLUON_OWN_GATE", "0")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
@@ -682,18 +686,18 @@ def _make_q_tiles(lay: Layout, BM: int, cuts=(), device="cpu"):
 def _own_tiles(lay: Layout, device):
     """The Gluon own-block kernel's work list: tiles of <= 128 queries of one sequence that never cross a block
     edge (so every row of a tile has the same own block), longest first (most keys to read): device int64 (first
-    row, end row, first row's key position, the sequence's first key row)."""
+    row, end row, first row's key position, the sequence's first key row, the sequence's first block id)."""
     def make():
         bs, cuts = lay.block_size, []
         for i in range(lay.n_seqs):
             a, b = lay.cu_q[i], lay.cu_q[i + 1]
             off = (lay.cu_k[i + 1] - lay.cu_k[i]) - (b - a)       # key position of the sequence's first query
             cuts.extend(range(a + (-off) % bs, b, bs))            # rows whose position starts a block
-        (q0, q1, p0, kb, _), _ = _make_q_tiles(lay, 128, cuts, "cpu")
+        (q0, q1, p0, kb, fb), _ = _make_q_tiles(lay, 128, cuts, "cpu")
         keys = p0 + (q1 - q0) - (kb + (p0 - kb) // bs * bs)
-        t = torch.stack([q0, q1, p0, kb])[:, torch.argsort(-keys, stable=True)].contiguous()
+        t = torch.stack([q0, q1, p0, kb, fb])[:, torch.argsort(-keys, stable=True)].contiguous()
         t = to_device(t, device)
-        return t[0], t[1], t[2], t[3]
+        return t[0], t[1], t[2], t[3], t[4]
     return cached(("own_tiles", lay.key(), str(device)), make)
 
 
@@ -1027,20 +1031,6 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         sst = pf and GLUON_WS_SST == "1"
         qe = sst and GLUON_WS_QE == "1"
         ws_opts = (dict(PF=pf, TIME=pf and WS_TIME is not None, SST=sst, QE=qe) if persist else dict(ABL=WS_ABLATE))
-    if ws and own_ws:
-        tq = _own_tiles(lay, q.device)
-        n = tq[0].numel() * Hq
-        gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, sm_count(q.device)),)](
-            q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
-            Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, SST=GLUON_OWN_SST == "1",
-            QE=GLUON_OWN_SST == "1" and GLUON_OWN_QE == "1" and _ws_pf(D, True), num_warps=4)
-    else:
-        (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
-        if q0.numel():
-            _own_fwd[(q0.numel(), Hq)](
-                q, k, v, out, lse, q0, q1, p0, kb,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
     bm = 128 if ws else meta["BM"]
     per_row = Hq * max(S, 1) * 8                                   # sel + entry id (at most int32 each)
     budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
@@ -1051,22 +1041,50 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
                 (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
     shape = (T if keep else chunk, Hq, max(S, 1))
-    if not sparse or not T:
+    run_sparse = sparse and T > 0
+    own_qe = GLUON_OWN_SST == "1" and GLUON_OWN_QE == "1" and _ws_pf(D, True)
+    # the gate inside the own-block kernel (GLUON_OWN_GATE): one query chunk, sequences of at most 33 blocks, at most
+    # 8 slots (its top-k rounds are unrolled; ptxas spills a few registers from 8)
+    own_gate = (GLUON_OWN_GATE == "1" and bool(ws) and own_ws and own_qe and run_sparse and chunk >= T
+                and most - 1 <= 32 and S <= 8)
+    if run_sparse:
+        # the gate writes every (row, head, slot) of each chunk (-1 where no block is chosen): no fill (under
+        # MOBA_POISON, block 0 everywhere first, so that an entry it missed would give wrong results)
+        sel = torch.zeros(shape, dtype=sel_dtype, device=q.device) if poisoned() else torch.empty(
+            shape, dtype=sel_dtype, device=q.device)
+        if means is None:   # fp32 block means: once per call, not per query chunk
+            means = block_means(k, lay, lt)
+    count0 = _counters(S, Hkv, NB, q.device) if own_gate and GATE_COUNT == "1" else None
+    if ws and own_ws:
+        tq = _own_tiles(lay, q.device)
+        n = tq[0].numel() * Hq
+        gate = ((means, sel, count0[0] if count0 else lse, means.stride(0), means.stride(1), S * Hkv * NB, NB)
+                if own_gate else (lse, lse, lse, 0, 0, 1, 1))
+        gluon_fwd_ws.own_fwd_ws_persistent_kernel[(min(n, sm_count(q.device)),)](
+            q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
+            *gate, Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, SST=GLUON_OWN_SST == "1", QE=own_qe, GATE=own_gate,
+            S=S if own_gate else 1, NBC=16 if most - 1 <= 16 else 32, R=count0[2] if count0 else 1,
+            COUNT=count0 is not None, num_warps=4)
+    else:
+        (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
+        if q0.numel():
+            _own_fwd[(q0.numel(), Hq)](
+                q, k, v, out, lse, q0, q1, p0, kb,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
+    if not run_sparse:
         return out, lse, torch.full(shape, -1, dtype=sel_dtype, device=q.device)
-    # the gate writes every (row, head, slot) of each chunk (-1 where no block is chosen): no fill (under
-    # MOBA_POISON, block 0 everywhere first, so that an entry it missed would give wrong results)
-    sel = torch.zeros(shape, dtype=sel_dtype, device=q.device) if poisoned() else torch.empty(
-        shape, dtype=sel_dtype, device=q.device)
-    if means is None:   # fp32 block means: once per call, not per query chunk
-        means = block_means(k, lay, lt)
     g_tiles, g_starts = _q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
     NG = Hkv * NB
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         sel_c = sel[t0:t1] if keep else sel[:t1 - t0]
-        i0, i1 = _tile_range(g_starts, t0, t1)
-        count = _counters(S, Hkv, NB, q.device) if GATE_COUNT == "1" else None
-        _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means, count)
+        if own_gate:    # the own-block kernel chose (and counted) the blocks of the one chunk
+            count = count0
+        else:
+            i0, i1 = _tile_range(g_starts, t0, t1)
+            count = _counters(S, Hkv, NB, q.device) if GATE_COUNT == "1" else None
+            _launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means, count)
         ent, grp_off, tile_g, tile_e0, tile_cum, *tinfo = _group(
             sel_c, Hkv, NB, bm, by_slot=True, blocks=(lt.blk_start, lt.blk_end) if ws and persist and qe else None,
             cnt=count[0] if count else None)
