@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|ab|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|gh|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -65,6 +65,14 @@ if [[ $what == og ]]; then     # the gate inside the own-block kernel (PERFLOG 4
   timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1
   tail -1 /tmp/og.log; grep -m3 -E "^(FAILED|ERROR)|Error" /tmp/og.log
   ab_switch MOBA_GLUON_OWN_GATE own_gate
+fi
+if [[ $what == gh ]]; then     # the gate by kv head (PERFLOG 47): its tests with it on, then A/B
+  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "against_reference or captures" \
+    -p no:cacheprovider > /tmp/gh.log 2>&1
+  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_triton.py -k "gate" -p no:cacheprovider \
+    > /tmp/gh2.log 2>&1
+  for f in /tmp/gh.log /tmp/gh2.log; do tail -1 $f; grep -m3 -E "^(FAILED|ERROR)|Error" $f; done
+  ab_switch MOBA_GATE_HEADS gate_heads
 fi
 if [[ $what == qe ]]; then                                               # the early Q copies (PERFLOG 45)
   ab_switch MOBA_GLUON_WS_QE qe
