@@ -361,8 +361,9 @@ def _time_add(d0, d1, d2, d3, d4, d5, d6, d7, k0, k1, k2, k3, k4, k5, k6, k7, k8
 
 
 @gluon.jit
-def _time_out(o_t, d0, d1, d2, d3, d4, d5, d6, d7, b):
-    """TIME: a warpgroup's 8 phase counters and its tile count into o_t[0..9]."""
+def _time_out(TBUF, r0, BM: gl.constexpr, d0, d1, d2, d3, d4, d5, d6, d7, b):
+    """TIME: this warpgroup's (rows r0 ..) 8 phase counters and its tile count into TBUF[program, warpgroup, 0..9]."""
+    o_t = TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9
     gl.store(o_t, d0)
     gl.store(o_t + 1, d1)
     gl.store(o_t + 2, d2)
@@ -462,7 +463,7 @@ def _consumer_pf(Q, O, LSE, ENT, q_s, o_s, k_s, v_s, ready, empty, r0, TILE_G, T
     if TIME:
         # per warpgroup: O copies issued; rows to the merge's layout and LSE load issued; Q wait; key loop; next
         # rows and Q copies issued; O wait and read; merge arithmetic; stores; then the tiles
-        _time_out(TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9, d0, d1, d2, d3, d4, d5, d6, d7, b)
+        _time_out(TBUF, r0, BM, d0, d1, d2, d3, d4, d5, d6, d7, b)
 
 
 @gluon.jit
@@ -499,8 +500,8 @@ def _consumer_qe(Q, O, LSE, ENT, TINFO, q_s, o_s, k_s, v_s, ready, empty, r0, t_
     Per tile i: LSE(i), the entry ids of i + 2 (in the copies' layout and again in the merge's, rather than
     converted) and TINFO(i + 3) loaded, then the O(i) and Q(i + 1) copies issued (the small loads first: 17358 ->
     16638 cycles per tile); the wait for Q(i) (issued a tile earlier), the key loop, the wait for O(i), the merge
-    and the staged stores. Same arithmetic, row for row, as `_consumer_pf`. TIME: cycles of 8 phases per tile into TBUF (`QE_PHASES` of
-    benchmarks/ws_phases.py)."""
+    and the staged stores. Same arithmetic, row for row, as `_consumer_pf`. TIME: cycles of 8 phases per tile into
+    TBUF (`QE_PHASES` of benchmarks/ws_phases.py)."""
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -575,7 +576,7 @@ def _consumer_qe(Q, O, LSE, ENT, TINFO, q_s, o_s, k_s, v_s, ready, empty, r0, t_
                                                        _clock())
     async_copy.wait_group(0)             # the copy issued for the tile past the last (all masked)
     if TIME:
-        _time_out(TBUF + (gl.program_id(0) * 2 + r0 // BM) * 9, d0, d1, d2, d3, d4, d5, d6, d7, b)
+        _time_out(TBUF, r0, BM, d0, d1, d2, d3, d4, d5, d6, d7, b)
 
 
 @gluon.jit

@@ -174,7 +174,6 @@ def _gate_topk_g(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         b_hi = b_m.to(Q.dtype.element_ty)
         b_lo = (b_m - b_hi.to(tl.float32)).to(Q.dtype.element_ty)
     ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
-    m_st = m_m[:, None] & (o_s[None, :] < S)
     for j in tl.range(0, G, num_stages=2):
         i_h = i_g * G + j
         b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
@@ -186,12 +185,8 @@ def _gate_topk_g(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         b_sc = tl.where(ok, b_sc, float("-inf"))
         b_bv, b_bi = _topk_merge(tl.full([BM, SP], float("-inf"), tl.float32), tl.full([BM, SP], BIG, tl.int32),
                                  b_sc, o_b, S, SP, BM, True)
-        b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
-        o_e = (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :]
-        tl.store(SEL + o_e, b_out.to(SEL.dtype.element_ty), mask=m_st)
-        if COUNT:
-            tl.atomic_add(CNT + ((o_e // 1024) % R) * NK + o_s[None, :] * (NK // S) + i_g * NB + b_out, 1,
-                          mask=m_st & (b_out >= 0), sem="relaxed")
+        _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h, i_g, NK, NB, Hq, S,
+                      R, COUNT)
 
 
 @triton.jit
@@ -318,7 +313,15 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
     if REPLACE:   # the kept set in order: S rounds of `_topk_merge` against an empty chunk (scores -inf)
         b_bv, b_bi = _topk_merge(b_bv, b_bi, tl.full([BM, 2], float("-inf"), tl.float32),
                                  tl.full([2], BIG, tl.int32), S, SP, BM)
-    b_out = tl.where(b_bv > float("-inf"), b_bi, -1)
+    _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h, i_g, NK, NB, Hq, S, R,
+                  COUNT)
+
+
+@triton.jit
+def _store_choice(SEL, CNT, b_out, o_m, m_m, o_s, t0, i_h, i_g, NK, NB, Hq: tl.constexpr, S: tl.constexpr,
+                  R: tl.constexpr, COUNT: tl.constexpr):
+    """A gate's choice for rows o_m of head i_h (block ids [BM, SP], -1 for none) into SEL; COUNT: each chosen entry
+    counted into the forward grouping's counters CNT in the copy `_slot_place`'s counting pass would use for it."""
     o_e = (((o_m - t0) * Hq + i_h) * S)[:, None] + o_s[None, :]        # [BM, SP] entry ids (< 2^31 per chunk)
     tl.store(SEL + o_e, b_out.to(SEL.dtype.element_ty), mask=m_m[:, None] & (o_s[None, :] < S))
     if COUNT:
@@ -992,8 +995,7 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, c
             lay.block_size, cnt, NK, lay.n_blocks)
     kw = dict(Hq=Hq, G=Hq // Hkv, S=S, SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32,
               BD=meta["BD"], SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], R=R, COUNT=count is not None)
-    most = max((b - a for a, b in zip(lay.blk_off, lay.blk_off[1:])), default=1)    # blocks of the longest sequence
-    if GATE_HEADS == "1" and most - 1 <= kw["BNB"] and S < GATE_REPLACE_S:
+    if GATE_HEADS == "1" and lay.most_blocks - 1 <= kw["BNB"] and S < GATE_REPLACE_S:
         _gate_topk_g[(q0.numel(), Hkv)](*args, **kw, **launch)
     else:
         _gate_topk[(q0.numel(), Hq)](*args, **kw, REPLACE=S >= GATE_REPLACE_S, **launch)
@@ -1003,13 +1005,13 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
          sel_dtype=torch.int32):
     """Own block first (``_own_fwd``, or its Gluon twin with GLUON_OWN, writes every row's first result), then per
     query chunk the gate, the grouping by (slot, kv head, block) and one ``_sparse_fwd`` launch (or its Gluon
-    twin's) per slot that merges the chosen blocks into the output in place: no partial-output buffer. Chunks bound the selection and the entry
-    list (``SELECT_BYTES``, or q's size / 16). The selection is kept (``keep``) as ``sel_dtype``: int16 halves it
+    twin's) per slot that merges the chosen blocks into the output in place: no partial-output buffer. Chunks bound
+    the selection and the entry list (``SELECT_BYTES``, or q's size / 16). The selection is kept (``keep``) as ``sel_dtype``: int16 halves it
     where the block ids fit (``utils.sel_dtype``)."""
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     # no row has more than (its sequence's blocks - 1) earlier blocks: fewer slots, same selection
-    most = max((b - a for a, b in zip(lay.blk_off, lay.blk_off[1:])), default=1)
+    most = lay.most_blocks
     G, S, NB = Hq // Hkv, max(0, min(topk - 1, most - 1)), lay.n_blocks
     meta, launch = _cfg(D, DV, q.dtype, "fwd")
     meta_g, launch_g = _cfg(D, DV, q.dtype, "gate")
@@ -1042,7 +1044,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
     shape = (T if keep else chunk, Hq, max(S, 1))
     run_sparse = sparse and T > 0
-    own_qe = GLUON_OWN_SST == "1" and GLUON_OWN_QE == "1" and _ws_pf(D, True)
+    own_qe = GLUON_OWN_SST == "1" and GLUON_OWN_QE == "1" and _ws_fits(D, 4)      # Q twice per consumer
     # the gate inside the own-block kernel (GLUON_OWN_GATE): one query chunk, sequences of at most 33 blocks, at most
     # 8 slots (its top-k rounds are unrolled; ptxas spills a few registers from 8)
     own_gate = (GLUON_OWN_GATE == "1" and bool(ws) and own_ws and own_qe and run_sparse and chunk >= T
@@ -1105,12 +1107,15 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
     return out, lse, sel
 
 
-def _ws_pf(D: int, own: bool = False) -> bool:
-    """GLUON_WS_PF where it fits: the K/V ring and six [64, D] tiles (Q twice and O once per consumer) within the
-    227 KB of shared memory an sm_90 program may have; ``own``: the own-block kernel's QE, four tiles (Q twice)."""
-    if own:
-        return (GLUON_WS_NS * 128 * D * 2 + 4 * 64 * D) * 2 <= 229376
-    return GLUON_WS_PF == "1" and (GLUON_WS_NS * 128 * D * 2 + 6 * 64 * D) * 2 <= 229376
+def _ws_fits(D: int, tiles: int) -> bool:
+    """The Gluon forward's K/V ring and ``tiles`` [64, D] row tiles (16-bit) within the 227 KB of shared memory an
+    sm_90 program may have."""
+    return (GLUON_WS_NS * 128 * D * 2 + tiles * 64 * D) * 2 <= 229376
+
+
+def _ws_pf(D: int) -> bool:
+    """GLUON_WS_PF where it fits: six row tiles (Q twice and O once per consumer)."""
+    return GLUON_WS_PF == "1" and _ws_fits(D, 6)
 
 
 def _gluon_usable(q, D, DV, BN, *tensors):

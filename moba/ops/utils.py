@@ -89,6 +89,11 @@ class Layout:
     def n_blocks(self) -> int:
         return self.blk_off[-1]
 
+    @functools.cached_property
+    def most_blocks(self) -> int:
+        """Blocks of the longest sequence (1 if none)."""
+        return max((b - a for a, b in zip(self.blk_off, self.blk_off[1:])), default=1)
+
     @property
     def total_q(self) -> int:
         return self.cu_q[-1]
