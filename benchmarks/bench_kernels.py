@@ -103,7 +103,7 @@ def main():
     commit = source_commit()
     from moba.ops import parallel
     # which kernels ran: the switches of moba/ops/parallel.py (environment variables MOBA_*)
-    switches = {n: getattr(parallel, n) for n in dir(parallel) if n.endswith("_GLUON") or n.startswith("GLUON_")}
+    switches = {n: getattr(parallel, n) for n in dir(parallel) if n.endswith("_GLUON") or n.startswith(("GLUON_", "GATE_"))}
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=time.strftime("%Y-%m-%d"), commit=commit, dtype="bf16", heads=H, kv_heads=Hkv, head_dim=D,
                switches=switches)

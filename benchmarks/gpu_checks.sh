@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|gh|ab|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|gh|oggh|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -74,6 +74,21 @@ if [[ $what == gh ]]; then     # the gate by kv head (PERFLOG 47): its tests wit
     > /tmp/gh2.log 2>&1
   for f in /tmp/gh.log /tmp/gh2.log; do tail -1 $f; grep -m3 -E "^(FAILED|ERROR)|Error" $f; done
   ab_switch MOBA_GATE_HEADS gate_heads
+fi
+if [[ $what == oggh ]]; then   # both opt-in gates (PERFLOG 47): their tests side by side, then base, og, gh, both
+  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1 &
+  p1=$!
+  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "against_reference or captures" \
+    -p no:cacheprovider > /tmp/gh.log 2>&1 &
+  p2=$!
+  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_triton.py -k "gate" -p no:cacheprovider \
+    > /tmp/gh2.log 2>&1 &
+  p3=$!
+  wait $p1 $p2 $p3
+  for f in /tmp/og.log /tmp/gh.log /tmp/gh2.log; do echo "$f: $(tail -1 $f)"; grep -m3 -E "^(FAILED|ERROR)|Error" $f; done
+  for g in "0 0" "1 0" "0 1" "1 1"; do set -- $g
+    MOBA_GLUON_OWN_GATE=$1 MOBA_GATE_HEADS=$2 bench_pair "oggh_$1$2"
+  done
 fi
 if [[ $what == qe ]]; then                                               # the early Q copies (PERFLOG 45)
   ab_switch MOBA_GLUON_WS_QE qe

@@ -720,7 +720,7 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
 def _own_gate(q_s, m_s, M, SEL, CNT, q0, q1, p0, kb, fb, i_h, r0, block_size, sm_b, sm_h, NK, NB, Hq: gl.constexpr,
               G: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, NBC: gl.constexpr, R: gl.constexpr,
               COUNT: gl.constexpr):
-    """The gate for this warpgroup's BM rows of an own-block item (GATE, PERFLOG 47; not yet run on a GPU), their Q
+    """The gate for this warpgroup's BM rows of an own-block item (GATE, PERFLOG 48-49), their Q
     rows in ``q_s``: every row of an item has the same own block, so the same earlier blocks fb .. own - 1 (at most
     NBC); scores against their fp32 means as `parallel._gate_topk` makes them (the means cut into bf16 hi and lo
     parts, one product each, summed), the best S per row by decreasing score (ties to the lower block id, -1 where

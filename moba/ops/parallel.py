@@ -69,10 +69,11 @@ GLUON_WS_QE = os.environ.get("MOBA_GLUON_WS_QE", "1")
 # grouping's counters (`_gate_topk`'s COUNT), so that `_group` skips `_slot_place`'s counting pass (H100, fwd8k: gate
 # 0.047 -> 0.051 ms, grouping 0.040 -> 0.025; kernels as CUDA graphs 0.524 -> 0.509; PERFLOG 45); "0" that pass.
 GATE_COUNT = os.environ.get("MOBA_GATE_COUNT", "1")
-# GATE_HEADS: "1" where every sequence has at most 33 blocks, the gate's program takes a query tile for all the query
-# heads of one kv head (`_gate_topk_g`: the block means loaded once, the heads' rows in a pipelined loop); "0"
-# (default until its GPU A/B, PERFLOG 46) one program per query tile and head.
-GATE_HEADS = os.environ.get("MOBA_GATE_HEADS", "0")
+# GATE_HEADS: "1" (default; its GPU tests passed on an H100) where every sequence has at most 33 blocks, the gate's
+# program takes a query tile for all the query heads of one kv head (`_gate_topk_g`: the block means loaded once, the
+# heads' rows in a pipelined loop; H100, fwd8k: gate 0.051 -> 0.041 ms, PERFLOG 49); "0" one program per query tile
+# and head.
+GATE_HEADS = os.environ.get("MOBA_GATE_HEADS", "1")
 # GLUON_OWN_SST: "1" (default; its GPU tests passed on an H100) the own-block kernel's rows stored the same way (H100:
 # 0.157 -> 0.124 ms at fwd8k, 0.550 -> 0.446 at fwd32k; PERFLOG 45); "0" from the product's register layout.
 GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "1")
@@ -80,10 +81,11 @@ GLUON_OWN_SST = os.environ.get("MOBA_GLUON_OWN_SST", "1")
 # copied before the key loop (`gluon_fwd_ws._consumer_own_qe`; H100: 0.125 -> 0.121 ms at fwd8k, 0.446 -> 0.432 at
 # fwd32k, PERFLOG 45); "0" loaded at each item's start.
 GLUON_OWN_QE = os.environ.get("MOBA_GLUON_OWN_QE", "1")
-# GLUON_OWN_GATE: "1" the gate inside the own-block kernel (`gluon_fwd_ws._own_gate`: from the Q rows it has in shared
-# memory, one launch and one read of Q fewer) where the input is one query chunk of sequences of at most 33 blocks
-# and topk is at most 9; "0" (default: written and compiled, not yet run on a GPU, PERFLOG 47) the gate's own launch.
-GLUON_OWN_GATE = os.environ.get("MOBA_GLUON_OWN_GATE", "0")
+# GLUON_OWN_GATE: "1" (default; its GPU tests passed on an H100) the gate inside the own-block kernel
+# (`gluon_fwd_ws._own_gate`: from the Q rows it has in shared memory, one launch and one read of Q fewer) where the
+# input is one query chunk of sequences of at most 33 blocks and topk is at most 9 (H100, fwd8k: own kernel 0.117 ->
+# 0.146 ms and no gate launch; kernels as CUDA graphs 0.504 -> 0.485 ms, PERFLOG 49); "0" the gate's own launch.
+GLUON_OWN_GATE = os.environ.get("MOBA_GLUON_OWN_GATE", "1")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
