@@ -128,6 +128,25 @@ W1) # V1 with four seeds side by side (the 256-token model leaves the GPU mostly
 for s in (1, 2, 3, 4)}; print(r, file=__import__('sys').stderr); print(max(r, key=r.get))")
     rm -rf runs/v256; cp -r runs/w256_$best runs/v256; cp runs/v256/ckpt.pt "$OUT/"; echo "best: seed $best"
     for s in 1 2 3 4; do echo "runs/w256_$s.log: $(grep -h 'step ' runs/w256_$s.log | tail -1)"; done ;;
+X)  # 5. retrieval: W's MoBA curriculum again with other seeds, each seed's whole chain (stage 1 full at 256 tokens,
+    # stage 2 MoBA 32/12 at 2K, stage 3 MoBA 32/48 at 16K, every stage with that seed) side by side on one GPU;
+    # W ran seed 1's stage 1 and seed 0 for stages 2-3, one chain alone. Minutes per stage: XM (default 3.5 1.8 2.6)
+    m=(${XM:-3.5 1.8 2.6})
+    for s in ${SEEDS:-2 3}; do
+      ( timeout 260 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
+          --lr 3e-3 --max-minutes ${m[0]} --attn full --seed $s --out runs/x256_$s > runs/x256_$s.log 2>&1
+        timeout 150 python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 \
+          --max-minutes ${m[1]} --attn moba --block-size 32 --topk 12 --seed $s --init runs/x256_$s/ckpt.pt \
+          --out runs/x2k_$s > runs/x2k_$s.log 2>&1
+        timeout 200 python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
+          --max-minutes ${m[2]} --attn moba --block-size 32 --topk 48 --seed $s --init runs/x2k_$s/ckpt.pt \
+          --out runs/x16k_$s > runs/x16k_$s.log 2>&1 ) &
+    done
+    wait
+    for s in ${SEEDS:-2 3}; do for st in 256 2k 16k; do
+      echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
+      cp runs/x${st}_$s/retrieval.json "$OUT/cur_x${st}_$s.json" 2>/dev/null
+    done; done ;;
 V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
     [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
     export FROM=runs/v256/ckpt.pt

@@ -169,7 +169,9 @@ def main():
            "cur_w256_seed1", "cur_w256_seed2", "cur_w256_seed3", "cur_w256_seed4", "cur_w2k_full", "cur_w16k_full",
            "cur_w16k_full_lr3e-4", "cur_w16k_full_lr1e-4", "cur_w2k_moba32", "cur_w16k_moba32",
            "cur_w16k_zeroshot_vf2k_full", "cur_w16k_zeroshot_vf2k_moba32", "cur_w16k_zeroshot_vm2k_full",
-           "cur_w16k_zeroshot_vm2k_moba32"]
+           "cur_w16k_zeroshot_vm2k_moba32",
+           # X: W's MoBA curriculum with seeds 2 and 3, each seed's whole chain, side by side (stage 1 3.5 minutes)
+           "cur_x256_2", "cur_x2k_2", "cur_x16k_2", "cur_x256_3", "cur_x2k_3", "cur_x16k_3"]
     print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for n in cur:
