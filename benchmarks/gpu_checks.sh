@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, in priority order, each step time-limited; logs under $OUT (or ./out).
-# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|gh|oggh|ge|ab|all]...
+# Usage on the lent GPU machine:  bash benchmarks/gpu_checks.sh [tests|decode|tune|kernels|gluon|persist|own|wstests|pf|qe|og|gh|oggh|ab|all]...
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -89,17 +89,6 @@ if [[ $what == oggh ]]; then   # both opt-in gates (PERFLOG 47): their tests sid
   for g in "0 0" "1 0" "0 1" "1 1"; do set -- $g
     MOBA_GLUON_OWN_GATE=$1 MOBA_GATE_HEADS=$2 bench_pair "oggh_$1$2"
   done
-fi
-if [[ $what == ge ]]; then     # the fused gate's means copied before the key loop (PERFLOG 50): its tests, then fwd8k
-  # A/B twice, alternating (fwd8k is the shape it applies to: at most 17 blocks)
-  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate_early" -p no:cacheprovider \
-    > /tmp/ge.log 2>&1
-  tail -1 /tmp/ge.log; grep -m3 -E "^(FAILED|ERROR)|Error" /tmp/ge.log
-  for r in 1 2; do for o in 0 1; do
-    MOBA_GLUON_OWN_GATE_EARLY=$o timeout 90 python3 benchmarks/bench_kernels.py --cases fwd8k --dense cudnn --graph \
-      --profile --json "$OUT/ge_${o}_$r.json" > "/tmp/ge_${o}_$r.log" 2>&1
-    echo "early=$o round $r"; grep -hE "own_fwd|GPU kernels|^\| fwd8k" "/tmp/ge_${o}_$r.log"
-  done; done
 fi
 if [[ $what == qe ]]; then                                               # the early Q copies (PERFLOG 45)
   ab_switch MOBA_GLUON_WS_QE qe

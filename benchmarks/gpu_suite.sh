@@ -5,8 +5,7 @@ export PYTHONPATH=.
 pids=(); names=()
 groups=("against_reference or varlen_and_decode" "deterministic or gluon_dkdv" "captures or gluon_own"
         "gluon_fwd_ws and persistent_sst" "gluon_fwd_ws and persistent_pf" "gluon_fwd_ws and persistent_qe"
-        "gluon_fwd_ws and persistent_own and not gate" "gluon_fwd_ws and persistent_own_gate and not early"
-        "gluon_fwd_ws and persistent_own_gate_early"
+        "gluon_fwd_ws and persistent_own and not gate" "gluon_fwd_ws and persistent_own_gate"
         "gluon_fwd_ws and persistent and not own and not pf and not sst and not qe" "gluon_fwd_ws and per_tile")
 for i in "${!groups[@]}"; do
   timeout 450 python3 -m pytest -q tests/test_gpu.py -k "${groups[$i]}" -p no:cacheprovider > /tmp/s_$i.log 2>&1 &

@@ -124,17 +124,16 @@ def test_gpu_gluon_dkdv_skips_unaligned_rows():
     ([4000], [4000], 4, 4, 128, 448, 8),                 # 3.5 key tiles per block
 ], ids=lambda x: str(x))
 @pytest.mark.parametrize("persist,own,pf,sst,qe,og", [
-    ("1", "1", "1", "1", "1", "0"), ("1", "1", "1", "1", "1", "1"), ("1", "1", "1", "1", "1", "early"),
-    ("1", "0", "1", "0", "0", "0"), ("1", "0", "1", "1", "0", "0"), ("1", "0", "1", "1", "1", "0"),
-    ("1", "0", "0", "0", "0", "0"), ("0", "0", "0", "0", "0", "0")],
-    ids=["persistent_own", "persistent_own_gate", "persistent_own_gate_early", "persistent_pf", "persistent_sst",
-         "persistent_qe", "persistent", "per_tile"])
+    ("1", "1", "1", "1", "1", "0"), ("1", "1", "1", "1", "1", "1"), ("1", "0", "1", "0", "0", "0"),
+    ("1", "0", "1", "1", "0", "0"), ("1", "0", "1", "1", "1", "0"), ("1", "0", "0", "0", "0", "0"),
+    ("0", "0", "0", "0", "0", "0")],
+    ids=["persistent_own", "persistent_own_gate", "persistent_pf", "persistent_sst", "persistent_qe", "persistent",
+         "per_tile"])
 def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, qe, og, dtype, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """The warp-specialized Gluon forward of the chosen blocks (on by default on sm_90 for blocks of 128 keys
     or more; forced here for every block size), in both forms, with the own block by `_own_fwd` or by its Gluon
     twin (`own_fwd_ws_persistent_kernel`), with and without the persistent consumers' prefetch (PF), staged
-    stores (SST) and early Q copies (QE), and with the gate inside the own-block kernel (GLUON_OWN_GATE; "early":
-    its means copied before the key loop, GLUON_OWN_GATE_EARLY, where sequences have at most 17 blocks): the fp64
+    stores (SST) and early Q copies (QE), and with the gate inside the own-block kernel (GLUON_OWN_GATE): the fp64
     reference's output and log-sum-exp within the Triton
     kernels' error (outputs NaN-poisoned), the gradients through it within the reference's tolerance, and the
     persistent form bitwise equal to the one-program-per-tile form."""
@@ -145,8 +144,7 @@ def test_gpu_gluon_fwd_ws(monkeypatch, persist, own, pf, sst, qe, og, dtype, len
     monkeypatch.setattr(parallel, "GLUON_WS_SST", sst)
     monkeypatch.setattr(parallel, "GLUON_WS_QE", qe)
     monkeypatch.setattr(parallel, "GLUON_OWN_QE", qe)      # the own block's early Q copies too (GLUON_OWN)
-    monkeypatch.setattr(parallel, "GLUON_OWN_GATE", "0" if og == "0" else "1")
-    monkeypatch.setattr(parallel, "GLUON_OWN_GATE_EARLY", "1" if og == "early" else "0")
+    monkeypatch.setattr(parallel, "GLUON_OWN_GATE", og)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
     if not (gluon_dkdv.usable(q, D, D, 128) and gluon_fwd_ws.usable(k[0], v[0])):
         pytest.skip("the Gluon kernels need sm_90")

@@ -717,31 +717,24 @@ def _consumer_own(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB
 
 
 @gluon.jit
-def _own_means(M, fb, p0, kb, block_size, i_h, sm_b, sm_h, G: gl.constexpr, D: gl.constexpr, NBC: gl.constexpr):
-    """Pointers to the fp32 means of an own-block item's earlier blocks fb .. own - 1 ([NBC, D] in `_own_gate`'s load
-    layout) and their mask (rows past those blocks: off)."""
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    nb = (p0 - kb) // block_size
-    o_b = gl.arange(0, NBC, layout=gl.SliceLayout(1, ld))
-    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-    return (M + (fb + o_b).to(gl.int64)[:, None] * sm_b + (i_h // G) * sm_h + o_d[None, :],
-            (o_b < nb)[:, None] & (o_d[None, :] < D))
-
-
-@gluon.jit
-def _own_gate(q_s, m_s, b_mn, SEL, CNT, q0, q1, p0, kb, fb, i_h, r0, block_size, NK, NB, Hq: gl.constexpr,
+def _own_gate(q_s, m_s, M, SEL, CNT, q0, q1, p0, kb, fb, i_h, r0, block_size, sm_b, sm_h, NK, NB, Hq: gl.constexpr,
               G: gl.constexpr, S: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, NBC: gl.constexpr, R: gl.constexpr,
               COUNT: gl.constexpr):
     """The gate for this warpgroup's BM rows of an own-block item (GATE, PERFLOG 48-49), their Q
     rows in ``q_s``: every row of an item has the same own block, so the same earlier blocks fb .. own - 1 (at most
-    NBC); scores against their fp32 means ``b_mn`` ([NBC, D], zero past those blocks; `_own_means`) as `parallel._gate_topk` makes them (the means
-    cut into bf16 hi and lo parts, one product each, summed), the best S per row by decreasing score (ties to the
-    lower block id, -1 where none is left) into SEL, and (COUNT) each chosen entry counted for the forward's
-    grouping as `_gate_topk` counts it. ``m_s`` ([NBC, D]) holds the parts in turn."""
+    NBC); scores against their fp32 means as `parallel._gate_topk` makes them (the means cut into bf16 hi and lo
+    parts, one product each, summed), the best S per row by decreasing score (ties to the lower block id, -1 where
+    none is left) into SEL, and (COUNT) each chosen entry counted for the forward's grouping as `_gate_topk` counts
+    it. ``m_s`` ([NBC, D]) holds the parts in turn."""
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NBC, 16])
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     BIG: gl.constexpr = 2147483647
     nb = (p0 - kb) // block_size                          # earlier blocks of the item's sequence
     i_g = i_h // G
+    o_b = gl.arange(0, NBC, layout=gl.SliceLayout(1, ld))
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    b_mn = gl.load(M + (fb + o_b).to(gl.int64)[:, None] * sm_b + i_g * sm_h + o_d[None, :],
+                   mask=(o_b < nb)[:, None] & (o_d[None, :] < D), other=0.)
     b_hi = b_mn.to(q_s.dtype)
     zero = gl.zeros([BM, NBC], gl.float32, layout=mma_s)
     m_s.store(b_hi)
@@ -777,14 +770,11 @@ def _own_gate(q_s, m_s, b_mn, SEL, CNT, q0, q1, p0, kb, fb, i_h, r0, block_size,
 def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, TKB, TFB, n, block_size, sq_t, sq_h,
                      so_t, so_h, scale_log2, m_s, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq: gl.constexpr, G: gl.constexpr,
                      D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, GATE: gl.constexpr,
-                     S: gl.constexpr, NBC: gl.constexpr, R: gl.constexpr, COUNT: gl.constexpr,
-                     GE: gl.constexpr = False, mf_s=None):
+                     S: gl.constexpr, NBC: gl.constexpr, R: gl.constexpr, COUNT: gl.constexpr):
     """`_consumer_own` (with SST) with each item's Q rows copied (cp.async) into the other half of ``q_s`` ([2, BM, D])
     before the key loop of the item before, instead of loaded at its start (PERFLOG 45): the item table is read
     two items ahead and nothing is computed from it until it is used. Same arithmetic, row for row. GATE: after
-    each item's key loop, the gate for its rows from the same Q rows (`_own_gate`); GE: its block means copied
-    (cp.async) into ``mf_s`` ([NBC, D] fp32) before the key loop, their first block read with the item table an item
-    ahead, so that the copy completes under the loop (PERFLOG 50)."""
+    each item's key loop, the gate for its rows from the same Q rows (`_own_gate`)."""
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     ro: gl.constexpr = gl.SliceLayout(1, mma_o)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -793,9 +783,6 @@ def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, 
     i0 = gl.program_id(0)
     q0, q1, p0, kb, i_h = _own_raw(TQ0, TQ1, TP0, TKB, i0, n, Hq)
     n_q0, n_q1, n_p0, n_kb, n_h = _own_raw(TQ0, TQ1, TP0, TKB, i0 + step, n, Hq)
-    if GE:
-        fb = gl.load(TFB + gl.where(i0 < n, i0, 0) // Hq)
-        n_fb = gl.load(TFB + gl.where(i0 + step < n, i0 + step, 0) // Hq)
     o_m = q0 + r0 + gl.arange(0, BM, layout=lr)
     _copy_rows(q_s.index(0), Q, o_m.to(gl.int64), o_m * 0 + i_h, o_m < q1, sq_t, sq_h, D, ld)
     c = (n * 0).to(gl.int32)
@@ -809,29 +796,14 @@ def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, 
         _copy_rows(q_s.index((b + 1) % 2), Q, n_m.to(gl.int64), n_m * 0 + n_h, n_m < n_q1, sq_t, sq_h, D, ld)
         # the item after's table entries now: their loads complete under this item's key loop
         nn_q0, nn_q1, nn_p0, nn_kb, nn_h = _own_raw(TQ0, TQ1, TP0, TKB, i + 2 * step, n, Hq)
-        if GE:      # this item's means as a third commit group, the item after's first block with its table
-            p_m, m_m = _own_means(M, fb, p0, kb, block_size, i_h, sm_b, sm_h, G, D, NBC)
-            async_copy.async_copy_global_to_shared(mf_s, p_m, mask=m_m)
-            async_copy.commit_group()
-            nn_fb = gl.load(TFB + gl.where(i + 2 * step < n, i + 2 * step, 0) // Hq)
-            async_copy.wait_group(2)     # this item's rows (the next item's and the means may be in flight)
-        else:
-            async_copy.wait_group(1)     # this item's rows (the next item's may be in flight)
+        async_copy.wait_group(1)         # this item's rows (the next item's may be in flight)
         gl.thread_barrier()
         hopper.fence_async_shared()
         acc, b_m, b_l, c = _attend(q_s.index(b % 2), k_s, v_s, ready, empty, c, lo, lo, n_kt, scale_log2, D, BM, BN,
                                    NS, True, True, p0 + r0)
         if GATE:    # before the staged stores overwrite this item's Q rows
-            if GE:
-                async_copy.wait_group(0)         # the means (and the next item's rows, issued before the loop)
-                gl.thread_barrier()
-                _own_gate(q_s.index(b % 2), m_s, mf_s.load(ld), SEL, CNT, q0, q1, p0, kb, fb, i_h, r0, block_size,
-                          NK, NB, Hq, G, S, D, BM, NBC, R, COUNT)
-            else:
-                i_fb = gl.load(TFB + i // Hq)
-                p_m, m_m = _own_means(M, i_fb, p0, kb, block_size, i_h, sm_b, sm_h, G, D, NBC)
-                _own_gate(q_s.index(b % 2), m_s, gl.load(p_m, mask=m_m, other=0.), SEL, CNT, q0, q1, p0, kb, i_fb,
-                          i_h, r0, block_size, NK, NB, Hq, G, S, D, BM, NBC, R, COUNT)
+            _own_gate(q_s.index(b % 2), m_s, M, SEL, CNT, q0, q1, p0, kb, gl.load(TFB + i // Hq), i_h, r0, block_size,
+                      sm_b, sm_h, NK, NB, Hq, G, S, D, BM, NBC, R, COUNT)
         o_r = q0 + r0 + gl.arange(0, BM, layout=ro)
         l_o = gl.convert_layout(b_l, ro)
         o_m = q0 + r0 + gl.arange(0, BM, layout=lr)
@@ -841,8 +813,6 @@ def _consumer_own_qe(Q, O, LSE, q_s, k_s, v_s, ready, empty, r0, TQ0, TQ1, TP0, 
                  mask=o_r < q1)
         q0, q1, p0, kb, i_h = n_q0, n_q1, n_p0, n_kb, n_h
         n_q0, n_q1, n_p0, n_kb, n_h = nn_q0, nn_q1, nn_p0, nn_kb, nn_h
-        if GE:
-            fb, n_fb = n_fb, nn_fb
         b += 1
     async_copy.wait_group(0)             # the copy issued for the item past the last (all masked)
 
@@ -852,13 +822,12 @@ def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, 
                                  so_h, scale_log2, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq: gl.constexpr, G: gl.constexpr,
                                  D: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, SST: gl.constexpr = False,
                                  QE: gl.constexpr = False, GATE: gl.constexpr = False, S: gl.constexpr = 1,
-                                 NBC: gl.constexpr = 16, R: gl.constexpr = 1, COUNT: gl.constexpr = False,
-                                 GE: gl.constexpr = False):
+                                 NBC: gl.constexpr = 16, R: gl.constexpr = 1, COUNT: gl.constexpr = False):
     """`parallel._own_fwd` for n = tiles * Hq work items (tiles of <= 128 queries inside one block), a grid of at most
     one program per SM looping over them. SST: staged stores (`_consumer_own`); QE (implies SST): the next item's Q
     rows copied before the key loop (`_consumer_own_qe`); with QE, GATE: the gate too (`_own_gate`: S slots, at most
     NBC earlier blocks per sequence, means M, selection SEL of the whole input, counters CNT with COUNT; TFB: each
-    tile's sequence's first block; GE: the means loaded before the key loop)."""
+    tile's sequence's first block)."""
     BM: gl.constexpr = 64
     dt: gl.constexpr = Q.dtype.element_ty
     k_s, v_s, q0_s, q1_s, ready, empty = _buffers(k_desc, v_desc, dt, BM, D, BN, NS, QE)
@@ -870,19 +839,13 @@ def own_fwd_ws_persistent_kernel(Q, k_desc, v_desc, O, LSE, TQ0, TQ1, TP0, TKB, 
         else:       # unused
             m0_s = q0_s
             m1_s = q1_s
-        if GE:      # the fp32 means, one [NBC, D] tile per consumer
-            mf0_s = gl.allocate_shared_memory(gl.float32, [NBC, D], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-            mf1_s = gl.allocate_shared_memory(gl.float32, [NBC, D], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        else:       # unused
-            mf0_s = m0_s
-            mf1_s = m1_s
         gl.warp_specialize([
             (_consumer_own_qe, (Q, O, LSE, q0_s, k_s, v_s, ready, empty, 0, TQ0, TQ1, TP0, TKB, TFB, n, block_size,
                                 sq_t, sq_h, so_t, so_h, scale_log2, m0_s, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq, G, D,
-                                BM, BN, NS, GATE, S, NBC, R, COUNT, GE, mf0_s)),
+                                BM, BN, NS, GATE, S, NBC, R, COUNT)),
             (_consumer_own_qe, (Q, O, LSE, q1_s, k_s, v_s, ready, empty, BM, TQ0, TQ1, TP0, TKB, TFB, n, block_size,
                                 sq_t, sq_h, so_t, so_h, scale_log2, m1_s, M, SEL, CNT, sm_b, sm_h, NK, NB, Hq, G, D,
-                                BM, BN, NS, GATE, S, NBC, R, COUNT, GE, mf1_s)),
+                                BM, BN, NS, GATE, S, NBC, R, COUNT)),
             (_loader_own, (k_desc, v_desc, k_s, v_s, ready, empty, TQ0, TQ1, TP0, TKB, n, block_size, Hq, G, D, BN,
                            NS)),
         ], [4, 1], [232, 40])
@@ -914,7 +877,7 @@ def usable(k, v) -> bool:
 
 def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, even: bool = True, abl: int = 0,
                  persistent: bool = False, own: bool = False, pf: bool = False, time: bool = False,
-                 sst: bool = False, qe: bool = False, gate: bool = False, ge: bool = False):
+                 sst: bool = False, qe: bool = False, gate: bool = False):
     """Compiled for sm_90 without a GPU (as `gluon_dkdv.compile_sm90`); ``own``: the own block's kernel; ``pf``: the
     persistent kernel's prefetching consumers."""
     import torch
@@ -926,7 +889,7 @@ def compile_sm90(D: int = 128, dtype: str = "bf16", BN: int = 128, NS: int = 2, 
     if own:
         fn = own_fwd_ws_persistent_kernel
         cexpr = dict(Hq=32, G=4, D=D, BN=BN, NS=NS, SST=sst, QE=qe, GATE=gate, S=2 if gate else 1, NBC=16,
-                     R=8 if gate else 1, COUNT=gate, GE=ge)
+                     R=8 if gate else 1, COUNT=gate)
     else:
         fn = sparse_fwd_ws_persistent_kernel if persistent else sparse_fwd_ws_kernel
         cexpr = dict(Hq=32, S=2, D=D, BN=BN, NS=NS, EVEN=even,

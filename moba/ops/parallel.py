@@ -86,10 +86,6 @@ GLUON_OWN_QE = os.environ.get("MOBA_GLUON_OWN_QE", "1")
 # input is one query chunk of sequences of at most 33 blocks and topk is at most 9 (H100, fwd8k: own kernel 0.117 ->
 # 0.146 ms and no gate launch; kernels as CUDA graphs 0.504 -> 0.485 ms, PERFLOG 49); "0" the gate's own launch.
 GLUON_OWN_GATE = os.environ.get("MOBA_GLUON_OWN_GATE", "1")
-# GLUON_OWN_GATE_EARLY: "1" with GLUON_OWN_GATE where sequences have at most 17 blocks, each item's block means copied
-# into shared memory before its key loop instead of loaded after it (`gluon_fwd_ws._consumer_own_qe`'s GE; 16 KB
-# more shared memory); "0" (default until its GPU A/B, PERFLOG 50) loaded after it.
-GLUON_OWN_GATE_EARLY = os.environ.get("MOBA_GLUON_OWN_GATE_EARLY", "0")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
 # the Gluon forward runs (FWD_GLUON), "0" by `_own_fwd`.
@@ -1072,7 +1068,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
             q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
             *gate, Hq=Hq, G=G, D=D, BN=128, NS=GLUON_WS_NS, SST=GLUON_OWN_SST == "1", QE=own_qe, GATE=own_gate,
             S=S if own_gate else 1, NBC=16 if most - 1 <= 16 else 32, R=count0[2] if count0 else 1,
-            COUNT=count0 is not None, GE=own_gate and GLUON_OWN_GATE_EARLY == "1" and most - 1 <= 16, num_warps=4)
+            COUNT=count0 is not None, num_warps=4)
     else:
         (q0, q1, p0, kb, _), _ = _q_tiles(lay, meta_o["BM"], device=q.device)
         if q0.numel():
