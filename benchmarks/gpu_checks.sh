@@ -75,7 +75,7 @@ if [[ $what == gh ]]; then     # the gate by kv head (PERFLOG 47): its tests wit
   for f in /tmp/gh.log /tmp/gh2.log; do tail -1 $f; grep -m3 -E "^(FAILED|ERROR)|Error" $f; done
   ab_switch MOBA_GATE_HEADS gate_heads
 fi
-if [[ $what == oggh ]]; then   # both opt-in gates (PERFLOG 47): their tests side by side, then base, og, gh, both
+if [[ $what == oggh ]]; then   # the two gates of PERFLOG 47-48 (on since entry 49): their tests side by side, then base, og, gh, both
   timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1 &
   p1=$!
   MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "against_reference or captures" \

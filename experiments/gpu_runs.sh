@@ -147,6 +147,34 @@ X)  # 5. retrieval: W's MoBA curriculum again with other seeds, each seed's whol
       echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
       cp runs/x${st}_$s/retrieval.json "$OUT/cur_x${st}_$s.json" 2>/dev/null
     done; done ;;
+X1) # X with each stage 1 run past the 0.37 plateau (W1: ~13K steps in 8.3 minutes, four side by side): stage 1 of
+    # SEEDS (default 2 3) side by side, checkpoints kept in runs/x256_<seed> for X2 in the next call on this machine
+    for s in ${SEEDS:-2 3}; do
+      timeout 560 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
+        --lr 3e-3 --max-minutes 8.3 --attn full --seed $s --out runs/x256_$s > runs/x256_$s.log 2>&1 &
+    done
+    wait
+    for s in ${SEEDS:-2 3}; do
+      echo "seed $s: $(grep -h 'step ' runs/x256_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x256_$s.log
+      cp runs/x256_$s/retrieval.json "$OUT/cur_x1_256_$s.json"
+    done ;;
+X2) # from X1's checkpoints: stage 2 MoBA 32/12 at 2K, stage 3 MoBA 32/48 at 16K for each seed, side by side, by
+    # W's step counts (1943 of 3000 and 1363 of 5000 steps, where W's time limits stopped them, alone on the GPU) rather
+    # than by time, the learning-rate schedules W's
+    for s in ${SEEDS:-2 3}; do
+      [[ -f runs/x256_$s/ckpt.pt ]] || { echo "no runs/x256_$s/ckpt.pt: run X1 first on this machine"; exit 1; }
+      ( timeout 250 python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps 3000 --stop-step 1943 \
+          --lr 1e-3 --max-minutes 4 --attn moba --block-size 32 --topk 12 --seed $s --init runs/x256_$s/ckpt.pt \
+          --out runs/x2k_$s > runs/x2k_$s.log 2>&1
+        timeout 330 python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps 5000 --stop-step 1363 \
+          --lr 1e-3 --max-minutes 5.3 --attn moba --block-size 32 --topk 48 --seed $s --init runs/x2k_$s/ckpt.pt \
+          --out runs/x16k_$s > runs/x16k_$s.log 2>&1 ) &
+    done
+    wait
+    for s in ${SEEDS:-2 3}; do for st in 2k 16k; do
+      echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
+      cp runs/x${st}_$s/retrieval.json "$OUT/cur_x2_${st}_$s.json" 2>/dev/null
+    done; done ;;
 V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
     [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
     export FROM=runs/v256/ckpt.pt

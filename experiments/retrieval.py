@@ -138,6 +138,8 @@ def main(argv=None):
     p.add_argument("--needle-repeat", type=int, default=1,
                    help="write each needle this many times in a row (a longer needle, more of its block's mean)")
     p.add_argument("--init", default=None, help="a train.py checkpoint to fine-tune")
+    p.add_argument("--stop-step", type=int, default=0,
+                   help="stop after this many steps, the learning-rate schedule still that of --steps (0: --steps)")
     args, rest = p.parse_known_args(argv)
     cfg, _, _ = T.parse(rest)
     if args.needle_repeat < 1:
@@ -157,6 +159,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     steps_done = cfg.steps
     for step in range(cfg.steps):
+        if step == args.stop_step > 0:
+            steps_done = step
+            print(f"stopped by --stop-step at step {step} of {cfg.steps}", flush=True)
+            break
         if cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes:
             steps_done = step
             print(f"stopped by --max-minutes at step {step} of {cfg.steps}", flush=True)

@@ -61,7 +61,8 @@ def test_retrieval_smoke(tmp_path):
                                     seq_len=c.seq_len, batch=c.batch, steps=c.steps, block_size=c.block_size,
                                     topk=c.topk, eval_batches=2, max_corpus_mb=c.max_corpus_mb,
                                     data_dir=c.data_dir, out=c.out).items()]
-    res = ret.main(args)
+    res = ret.main(args + ["--stop-step=2"])      # stops after 2 of the schedule's 3 steps
+    assert res["steps_done"] == 2 and res["cfg"]["steps"] == 3
     acc, counts = res["accuracy_by_depth"], res["answers_per_bucket"]
     assert len(acc) == 10 and all((a is None) == (c == 0) for a, c in zip(acc, counts))
     assert all(0 <= a <= 1 for a in acc if a is not None) and sum(counts) > 0
