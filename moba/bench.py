@@ -165,8 +165,15 @@ def _dense_variants(device):
 
 
 def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, device, batch=1, repeats=3,
-        fwd_bwd=False, ref_max=8192, seed=0, log=sys.stderr):
+        fwd_bwd=False, ref_max=8192, seed=0, graph=False, log=sys.stderr):
+    """One row per length: each dense variant's and MoBA's median ms and peak memory, MoBA's speedup over the
+    fastest dense variant, and its error against the fp64 reference up to ``ref_max``. ``graph`` (CUDA, forward):
+    also every call replayed from a CUDA graph (`cuda_graph`: the kernels without the host's launch work), and
+    MoBA's speedup so."""
     device = torch.device(device)
+    if graph and (device.type != "cuda" or fwd_bwd):
+        raise ValueError(f"graph: CUDA graphs are timed for the forward on a CUDA device, got device={device}, "
+                         f"fwd_bwd={fwd_bwd}")
     dt = DTYPES[dtype]
     be = resolve_backend(backend, torch.empty(0, device=device))
     rows = []
@@ -199,6 +206,9 @@ def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, de
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:   # a backend that can't run this shape
                 print(f"    {name} unavailable: {str(e).splitlines()[0][:100]}", file=log)
                 row[f"{name}_ms"] = float("nan")
+            if graph:
+                row[f"{name}_graph_ms"] = (_time(cuda_graph(fn)[0], device, repeats) if not math.isnan(row[f"{name}_ms"])
+                                           else float("nan"))
         dense_ms = [row[f"{n}_ms"] for n in _dense_variants(device) if not math.isnan(row[f"{n}_ms"])]
         row["dense_ms"] = min(dense_ms) if dense_ms else float("nan")
         print(f"[{i + 1}/{len(lengths)}] T={T}: moba ({be}) ...", file=log, flush=True)
@@ -206,6 +216,11 @@ def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, de
         row["moba_ms"] = _time(fn, device, repeats)
         row["moba_peak_bytes"] = peak_bytes(fn, device)
         row["speedup"] = row["dense_ms"] / row["moba_ms"]
+        if graph:
+            row["moba_graph_ms"] = _time(cuda_graph(fn)[0], device, repeats)
+            g_ms = [row.get(f"{n}_graph_ms", math.nan) for n in _dense_variants(device)]
+            row["dense_graph_ms"] = min((x for x in g_ms if not math.isnan(x)), default=math.nan)
+            row["speedup_graph"] = row["dense_graph_ms"] / row["moba_graph_ms"]
         row["rel_err"] = float("nan")
         if T <= ref_max:   # the fp64 reference on the first kv head's group (it materialises T x T)
             G = heads // kv_heads
@@ -219,15 +234,20 @@ def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, de
 
 
 def format_table(rows) -> str:
-    dense_cols = [c[:-3] for c in rows[0] if c.endswith("_ms") and c not in ("dense_ms", "moba_ms")]
-    head = (["T"] + [f"{c} ms" for c in dense_cols] + ["moba ms", "speedup", "pairs read", "dense peak MB",
-                                                        "moba peak MB", "rel err"])
+    dense_cols = [c[:-3] for c in rows[0] if c.endswith("_ms") and not c.endswith("_graph_ms")
+                  and c not in ("dense_ms", "moba_ms")]
+    graph = "moba_graph_ms" in rows[0]
+    head = (["T"] + [f"{c} ms" for c in dense_cols] + ["moba ms", "speedup"]
+            + ([f"{c} graph ms" for c in dense_cols] + ["moba graph ms", "speedup (graphs)"] if graph else [])
+            + ["pairs read", "dense peak MB", "moba peak MB", "rel err"])
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         peak_d = max(r.get(f"{c}_peak_bytes", float("nan")) for c in dense_cols) / 2**20
         cells = ([str(r["T"])] + [f"{r[c + '_ms']:.2f}" for c in dense_cols]
-                 + [f"{r['moba_ms']:.2f}", f"{r['speedup']:.2f}x", f"{100 * r['frac_pairs']:.1f}%",
-                    f"{peak_d:.0f}", f"{r['moba_peak_bytes'] / 2**20:.0f}",
+                 + [f"{r['moba_ms']:.2f}", f"{r['speedup']:.2f}x"]
+                 + ([f"{r[c + '_graph_ms']:.3f}" for c in dense_cols]
+                    + [f"{r['moba_graph_ms']:.3f}", f"{r['speedup_graph']:.2f}x"] if graph else [])
+                 + [f"{100 * r['frac_pairs']:.1f}%", f"{peak_d:.0f}", f"{r['moba_peak_bytes'] / 2**20:.0f}",
                     "-" if math.isnan(r["rel_err"]) else f"{r['rel_err']:.1e}"])
         lines.append(" | ".join(cells))
     return "\n".join(lines)
@@ -249,6 +269,9 @@ def add_arguments(p):
     p.add_argument("--fwd-bwd", action="store_true", help="time forward + backward instead of forward")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats on CPU (median reported)")
     p.add_argument("--ref-max", type=int, default=8192, help="longest T checked against the reference")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA, forward: also time every call replayed from a CUDA graph (the kernels without the "
+                        "host's launch work: what torch.compile's reduce-overhead mode or a serving engine pays)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
 
 
@@ -268,7 +291,7 @@ def main_bench(args):
           f"{'fwd+bwd' if args.fwd_bwd else 'fwd'}", flush=True)
     rows = run(args.lengths, args.block_size, args.topk, args.heads, args.kv_heads, args.head_dim, args.dtype,
                args.backend, device, batch=args.batch, repeats=args.repeats, fwd_bwd=args.fwd_bwd,
-               ref_max=args.ref_max)
+               ref_max=args.ref_max, graph=args.graph)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

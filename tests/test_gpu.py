@@ -236,3 +236,18 @@ def test_gpu_forward_backward_captures_in_a_cuda_graph(deterministic):
         else:
             assert rel_err(a, b) < 1e-2
 
+
+
+def test_gpu_bench_graph_rows():
+    """`moba bench --graph` on a GPU: eager and CUDA-graph times of each dense variant and of MoBA, the speedups
+    from them, the table's graph columns, and MoBA's output against the fp64 reference."""
+    import math
+    from moba import bench
+    rows = bench.run([2048], 256, 3, 8, 2, 128, "bfloat16", "auto", "cuda", repeats=1, graph=True)
+    r = rows[0]
+    g = [r[f"{n}_graph_ms"] for n in ("cudnn", "flash") if not math.isnan(r[f"{n}_graph_ms"])]
+    assert g and all(x > 0 for x in g) and r["dense_graph_ms"] == min(g)
+    assert r["moba_graph_ms"] > 0 and r["speedup_graph"] == pytest.approx(r["dense_graph_ms"] / r["moba_graph_ms"])
+    assert r["rel_err"] < 2e-2
+    head = bench.format_table(rows).splitlines()[0]
+    assert "cudnn graph ms" in head and "moba graph ms" in head and "speedup (graphs)" in head
