@@ -3,7 +3,7 @@
 # other GPU-capable test files, all side by side; one line per process. Usage: bash benchmarks/gpu_suite.sh
 export PYTHONPATH=.
 pids=(); names=()
-groups=("against_reference or varlen_and_decode" "deterministic or gluon_dkdv" "captures or gluon_own"
+groups=("against_reference or varlen_and_decode" "deterministic or gluon_dkdv" "captures or gluon_own or bench"
         "gluon_fwd_ws and persistent_sst" "gluon_fwd_ws and persistent_pf" "gluon_fwd_ws and persistent_qe"
         "gluon_fwd_ws and persistent_own and not gate" "gluon_fwd_ws and persistent_own_gate"
         "gluon_fwd_ws and persistent and not own and not pf and not sst and not qe" "gluon_fwd_ws and per_tile")
