@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .parallel import _mean_scores, _online_softmax, _topk_merge
-from .utils import Layout, LayoutTensors, cached, new_empty, sm_count, to_device
+from .utils import Layout, LayoutTensors, cached, new_empty, next_pow2, sm_count, to_device
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
@@ -148,12 +148,12 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     N, Hq, D = q.shape
     Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
-    GP = max(16, triton.next_power_of_2(G))
+    GP = max(16, next_pow2(G))
     S = topk - 1
-    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
     sms = sm_count(q.device) if q.is_cuda else 1
-    NSPLIT = min(MAX_SPLITS, max(2, triton.next_power_of_2(-(-8 * sms // (N * Hkv)))))
+    NSPLIT = min(MAX_SPLITS, max(2, next_pow2(-(-8 * sms // (N * Hkv)))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
     part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)
     pm, pl, pacc = part[:n_part], part[n_part:2 * n_part], part[2 * n_part:].view(n_part, BDV)
@@ -164,7 +164,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
         q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
         scale * 1.4426950408889634, block_size,
-        G=G, GP=GP, S=S, SP=triton.next_power_of_2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
+        G=G, GP=GP, S=S, SP=next_pow2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
         SPLIT_M=q.dtype != torch.float32, PREC=prec, num_warps=4, num_stages=2)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import Layout, LayoutTensors, cached, new_empty, poisoned, sm_count, to_device
+from .utils import Layout, LayoutTensors, cached, cdiv, new_empty, next_pow2, poisoned, sm_count, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -652,7 +652,7 @@ GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (64, 64, 4, 3), "own": (64, 64, 4
 
 
 def _cfg(D: int, DV: int, dtype, kind: str = "fwd"):
-    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     BM, BN, warps, stages = CONFIG[kind] if CONFIG[kind] is not None else GPU_DEFAULT[kind]
     return (dict(BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if dtype == torch.float32 else "tf32"),
             dict(num_warps=warps, num_stages=stages))
@@ -836,15 +836,15 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     ent = None if stable else torch.empty(max(n_ent, 1), dtype=torch.int32, device=dev)
     grp_off = torch.empty(NK + 1, dtype=torch.int64, device=dev)
     tile_cum = torch.empty(NK + 1, dtype=torch.int64, device=dev)
-    n_max = triton.cdiv(n_ent, BM) + NK                                          # >= real tiles
+    n_max = cdiv(n_ent, BM) + NK                                          # >= real tiles
     tile_g = torch.empty(n_max, dtype=torch.int64, device=dev)
     tile_e0 = torch.empty(n_max, dtype=torch.int64, device=dev)
-    grid = (triton.cdiv(n_ent, 1024),)
+    grid = (cdiv(n_ent, 1024),)
     kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG if by_slot else 0, R=R, BLOCK=1024)
     if n_ent and not counted:
         _slot_place[grid](sel, cnt, cnt if stable else ent, n_ent, NK, SCATTER=False, **kw)   # writes no ids
     blk = 2048 // R
-    n_span = triton.cdiv(NK, blk)
+    n_span = cdiv(NK, blk)
     if n_span > SCAN_SPANS:     # many groups (small blocks, many slots): the scan in parallel spans
         part = torch.empty(n_span, 2, dtype=torch.int64, device=dev)
         _scan_part[(n_span,)](cnt, part, NK, BM=BM, R=R, BLOCK=blk)
@@ -861,7 +861,7 @@ def _group(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, stable:
     tables = (grp_off, tile_cum[1:], tile_g, tile_e0)
     info = dict(BM=BM, BLOCK=1024, ROUNDS=NK.bit_length(), INFO=blocks is not None)
     blks = blocks if blocks is not None else (tile_g, tile_g)
-    n_ti = triton.cdiv(n_max, 1024)
+    n_ti = cdiv(n_max, 1024)
     if stable or not n_ent:
         _tile_index[(n_ti,)](*tables, NK, n_max, tinfo, *blks, NB, **info)
     else:   # the scatter and the tile table in one launch
@@ -967,8 +967,8 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
     if lay.n_blocks:
         # 32 columns per program: at 8K (16 blocks x 8 kv heads) one program per (block, head) was 128 programs each
         # reading 512 rows in turn, 0.032 ms on an H100 (PERFLOG 41)
-        BD = min(32, max(16, triton.next_power_of_2(D)))
-        _block_means[(lay.n_blocks, Hkv, triton.cdiv(D, BD))](
+        BD = min(32, max(16, next_pow2(D)))
+        _block_means[(lay.n_blocks, Hkv, cdiv(D, BD))](
             k, out, lt.blk_start, lt.blk_end, k.stride(0), k.stride(1), out.stride(0), out.stride(1), D=D, BN=128,
             BD=BD, num_warps=4)
     return out
@@ -995,7 +995,7 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, c
     cnt, NK, R = count if count is not None else (sel_c, 1, 1)
     args = (q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1), means.stride(0), means.stride(1), t0,
             lay.block_size, cnt, NK, lay.n_blocks)
-    kw = dict(Hq=Hq, G=Hq // Hkv, S=S, SP=triton.next_power_of_2(S), D=q.shape[2], BM=meta["BM"], BNB=32,
+    kw = dict(Hq=Hq, G=Hq // Hkv, S=S, SP=next_pow2(S), D=q.shape[2], BM=meta["BM"], BNB=32,
               BD=meta["BD"], SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], R=R, COUNT=count is not None)
     if GATE_HEADS == "1" and lay.most_blocks - 1 <= kw["BNB"] and S < GATE_REPLACE_S:
         _gate_topk_g[(q0.numel(), Hkv)](*args, **kw, **launch)
@@ -1092,7 +1092,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         ent, grp_off, tile_g, tile_e0, tile_cum, *tinfo = _group(
             sel_c, Hkv, NB, bm, by_slot=True, blocks=(lt.blk_start, lt.blk_end) if ws and persist and qe else None,
             cnt=count[0] if count else None)
-        grid = (triton.cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
+        grid = (cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
             if ws:
@@ -1137,7 +1137,7 @@ def _bwd(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk:
     delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     if T:
         dl = dlse.contiguous() if dlse is not None else delta
-        _delta[(triton.cdiv(T * Hq, 64),)](out, do, dl, delta, T * Hq, out.stride(0), out.stride(1), do.stride(0),
+        _delta[(cdiv(T * Hq, 64),)](out, do, dl, delta, T * Hq, out.stride(0), out.stride(1), do.stride(0),
                                            do.stride(1), Hq=Hq, DV=DV, BR=64, BDV=meta["BDV"],
                                            HAS_DLSE=dlse is not None)
     dk = new_empty(Tk, Hkv, D, dtype=k.dtype, device=q.device)

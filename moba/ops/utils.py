@@ -116,6 +116,17 @@ _CACHE_SIZE = 16
 
 
 @functools.lru_cache(maxsize=None)
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in
+    Triton 3.6, a few microseconds per host call, which an 8K forward's launches add up."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """`triton.next_power_of_2` for host integers >= 0 (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def sm_count(device) -> int:
     """Streaming multiprocessors of a CUDA device (the persistent kernels' grids, the decode split count)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
