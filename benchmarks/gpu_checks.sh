@@ -4,6 +4,21 @@
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
+# the two gates' GPU tests (PERFLOG 47-48), logs in /tmp: the gate inside the own-block kernel; and with the gate by
+# kv head on, the forward against the reference and the gate's own tests, side by side
+og_tests() {
+  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1
+}
+gh_tests() {
+  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "against_reference or captures" \
+    -p no:cacheprovider > /tmp/gh.log 2>&1 &
+  local p=$!
+  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_triton.py -k "gate" -p no:cacheprovider \
+    > /tmp/gh2.log 2>&1
+  wait $p
+}
+# each log's last line and its first failures
+tail_logs() { for f in "$@"; do echo "$f: $(tail -1 "$f")"; grep -m3 -E "^(FAILED|ERROR)|Error" "$f"; done; }
 for what in "${@:-all}"; do
 if [[ $what == tests || $what == all ]]; then
   # the compiled kernels against the fp64 reference: the whole GPU suite, test_gpu in groups, all side by side
@@ -47,7 +62,7 @@ if [[ $what == wstests || $what == own || $what == pf || $what == qe ]]; then
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait $p; done
-  for i in "${!pids[@]}"; do echo "tests $i: $(tail -1 "/tmp/tests_ws_$i.log")"; grep -m3 -E "^(FAILED|ERROR)|Error" "/tmp/tests_ws_$i.log"; done
+  tail_logs /tmp/tests_ws_*.log
 fi
 # fwd8k/fwd32k/fb32k (cuDNN, CUDA graphs) and fwd1m kernel times into $OUT/$1.json and $OUT/${1}_1m.json (the logs
 # stay in /tmp: the device returns only ~8 files per call)
@@ -63,29 +78,17 @@ ab_switch() { for o in 0 1; do export "$1=$o"; bench_pair "${2}_$o"; done; unset
 if [[ $what == own ]]; then ab_switch MOBA_GLUON_OWN_SST own_sst; fi   # the own block's staged stores (PERFLOG 44)
 if [[ $what == pf ]]; then ab_switch MOBA_GLUON_WS_PF pf; fi           # the prefetching consumers (PERFLOG 42)
 if [[ $what == og ]]; then     # the gate inside the own-block kernel (PERFLOG 47): its tests, then A/B
-  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1
-  tail -1 /tmp/og.log; grep -m3 -E "^(FAILED|ERROR)|Error" /tmp/og.log
+  og_tests; tail_logs /tmp/og.log
   ab_switch MOBA_GLUON_OWN_GATE own_gate
 fi
 if [[ $what == gh ]]; then     # the gate by kv head (PERFLOG 47): its tests with it on, then A/B
-  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "against_reference or captures" \
-    -p no:cacheprovider > /tmp/gh.log 2>&1
-  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_triton.py -k "gate" -p no:cacheprovider \
-    > /tmp/gh2.log 2>&1
-  for f in /tmp/gh.log /tmp/gh2.log; do tail -1 $f; grep -m3 -E "^(FAILED|ERROR)|Error" $f; done
+  gh_tests; tail_logs /tmp/gh.log /tmp/gh2.log
   ab_switch MOBA_GATE_HEADS gate_heads
 fi
 if [[ $what == oggh ]]; then   # the two gates of PERFLOG 47-48 (on since entry 49): their tests side by side, then base, og, gh, both
-  timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "persistent_own_gate" -p no:cacheprovider > /tmp/og.log 2>&1 &
-  p1=$!
-  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_gpu.py -k "against_reference or captures" \
-    -p no:cacheprovider > /tmp/gh.log 2>&1 &
-  p2=$!
-  MOBA_GATE_HEADS=1 timeout 300 python3 -m pytest -q -x tests/test_triton.py -k "gate" -p no:cacheprovider \
-    > /tmp/gh2.log 2>&1 &
-  p3=$!
-  wait $p1 $p2 $p3
-  for f in /tmp/og.log /tmp/gh.log /tmp/gh2.log; do echo "$f: $(tail -1 $f)"; grep -m3 -E "^(FAILED|ERROR)|Error" $f; done
+  og_tests & p1=$!
+  gh_tests; wait $p1
+  tail_logs /tmp/og.log /tmp/gh.log /tmp/gh2.log
   for g in "0 0" "1 0" "0 1" "1 1"; do set -- $g
     MOBA_GLUON_OWN_GATE=$1 MOBA_GATE_HEADS=$2 bench_pair "oggh_$1$2"
   done

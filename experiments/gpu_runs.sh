@@ -23,6 +23,30 @@ curriculum() {
   done
   for f in runs/${p}*.log; do echo "$f: $(grep -h 'step ' $f | tail -1)"; grep -h "accuracy by depth" $f; done
 }
+# X, X1, X2 (retrieval, W's MoBA curriculum by seed): stage 1 (full, 256 tokens) and stages 2-3 (MoBA 32/12 at 2K,
+# 32/48 at 16K) of seed $1 into runs/x{256,2k,16k}_<seed>; each stage steps:minutes:timeout-seconds[:stop-step]
+x_stage1() {
+  local a=(${2//:/ })
+  timeout ${a[2]} python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps ${a[0]} \
+    --lr 3e-3 --max-minutes ${a[1]} --attn full --seed $1 --out runs/x256_$1 > runs/x256_$1.log 2>&1
+}
+x_stages23() {
+  local a=(${2//:/ }) c=(${3//:/ })
+  timeout ${a[2]} python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps ${a[0]} \
+    ${a[3]:+--stop-step ${a[3]}} --lr 1e-3 --max-minutes ${a[1]} --attn moba --block-size 32 --topk 12 --seed $1 \
+    --init runs/x256_$1/ckpt.pt --out runs/x2k_$1 > runs/x2k_$1.log 2>&1
+  timeout ${c[2]} python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps ${c[0]} \
+    ${c[3]:+--stop-step ${c[3]}} --lr 1e-3 --max-minutes ${c[1]} --attn moba --block-size 32 --topk 48 --seed $1 \
+    --init runs/x2k_$1/ckpt.pt --out runs/x16k_$1 > runs/x16k_$1.log 2>&1
+}
+# each seed's stages ($2...) of X*: last step line and accuracy by depth, results into $OUT/<$1><stage>_<seed>.json
+x_report() {
+  local p=$1 s st; shift
+  for s in ${SEEDS:-2 3}; do for st in "$@"; do
+    echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
+    cp runs/x${st}_$s/retrieval.json "$OUT/$p${st}_$s.json" 2>/dev/null
+  done; done
+}
 tr() { name=$1; shift; python3 experiments/train.py $D --out runs/$name "$@" > runs/$name.log 2>&1; tail -2 runs/$name.log; }
 case ${1:-A} in
 A)  # 1. loss parity at 8K (block 512, topk 3)
@@ -133,48 +157,24 @@ X)  # 5. retrieval: W's MoBA curriculum again with other seeds, each seed's whol
     # W ran seed 1's stage 1 and seed 0 for stages 2-3, one chain alone. Minutes per stage: XM (default 3.5 1.8 2.6)
     m=(${XM:-3.5 1.8 2.6})
     for s in ${SEEDS:-2 3}; do
-      ( timeout 260 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
-          --lr 3e-3 --max-minutes ${m[0]} --attn full --seed $s --out runs/x256_$s > runs/x256_$s.log 2>&1
-        timeout 150 python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 \
-          --max-minutes ${m[1]} --attn moba --block-size 32 --topk 12 --seed $s --init runs/x256_$s/ckpt.pt \
-          --out runs/x2k_$s > runs/x2k_$s.log 2>&1
-        timeout 200 python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps 5000 --lr 1e-3 \
-          --max-minutes ${m[2]} --attn moba --block-size 32 --topk 48 --seed $s --init runs/x2k_$s/ckpt.pt \
-          --out runs/x16k_$s > runs/x16k_$s.log 2>&1 ) &
+      ( x_stage1 $s 24000:${m[0]}:260; x_stages23 $s 3000:${m[1]}:150 5000:${m[2]}:200 ) &
     done
     wait
-    for s in ${SEEDS:-2 3}; do for st in 256 2k 16k; do
-      echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
-      cp runs/x${st}_$s/retrieval.json "$OUT/cur_x${st}_$s.json" 2>/dev/null
-    done; done ;;
+    x_report cur_x 256 2k 16k ;;
 X1) # X with each stage 1 run past the 0.37 plateau (W1: ~13K steps in 8.3 minutes, four side by side): stage 1 of
     # SEEDS (default 2 3) side by side, checkpoints kept in runs/x256_<seed> for X2 in the next call on this machine
-    for s in ${SEEDS:-2 3}; do
-      timeout 560 python3 experiments/retrieval.py $RC --pairs 8 --queries 8 --seq-len 256 --batch 64 --steps 24000 \
-        --lr 3e-3 --max-minutes 8.3 --attn full --seed $s --out runs/x256_$s > runs/x256_$s.log 2>&1 &
-    done
+    for s in ${SEEDS:-2 3}; do x_stage1 $s 24000:8.3:560 & done
     wait
-    for s in ${SEEDS:-2 3}; do
-      echo "seed $s: $(grep -h 'step ' runs/x256_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x256_$s.log
-      cp runs/x256_$s/retrieval.json "$OUT/cur_x1_256_$s.json"
-    done ;;
+    x_report cur_x1_ 256 ;;
 X2) # from X1's checkpoints: stage 2 MoBA 32/12 at 2K, stage 3 MoBA 32/48 at 16K for each seed, side by side, by
     # W's step counts (1943 of 3000 and 1363 of 5000 steps, where W's time limits stopped them, alone on the GPU) rather
     # than by time, the learning-rate schedules W's
     for s in ${SEEDS:-2 3}; do
       [[ -f runs/x256_$s/ckpt.pt ]] || { echo "no runs/x256_$s/ckpt.pt: run X1 first on this machine"; exit 1; }
-      ( timeout 250 python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps 3000 --stop-step 1943 \
-          --lr 1e-3 --max-minutes 4 --attn moba --block-size 32 --topk 12 --seed $s --init runs/x256_$s/ckpt.pt \
-          --out runs/x2k_$s > runs/x2k_$s.log 2>&1
-        timeout 330 python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps 5000 --stop-step 1363 \
-          --lr 1e-3 --max-minutes 5.3 --attn moba --block-size 32 --topk 48 --seed $s --init runs/x2k_$s/ckpt.pt \
-          --out runs/x16k_$s > runs/x16k_$s.log 2>&1 ) &
+      x_stages23 $s 3000:4:250:1943 5000:5.3:330:1363 &
     done
     wait
-    for s in ${SEEDS:-2 3}; do for st in 2k 16k; do
-      echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
-      cp runs/x${st}_$s/retrieval.json "$OUT/cur_x2_${st}_$s.json" 2>/dev/null
-    done; done ;;
+    x_report cur_x2_ 2k 16k ;;
 V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
     [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
     export FROM=runs/v256/ckpt.pt

@@ -218,7 +218,7 @@ def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, de
         row["speedup"] = row["dense_ms"] / row["moba_ms"]
         if graph:
             row["moba_graph_ms"] = _time(cuda_graph(fn)[0], device, repeats)
-            g_ms = [row.get(f"{n}_graph_ms", math.nan) for n in _dense_variants(device)]
+            g_ms = [row[f"{n}_graph_ms"] for n in _dense_variants(device)]
             row["dense_graph_ms"] = min((x for x in g_ms if not math.isnan(x)), default=math.nan)
             row["speedup_graph"] = row["dense_graph_ms"] / row["moba_graph_ms"]
         row["rel_err"] = float("nan")

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .parallel import _mean_scores, _online_softmax, _topk_merge
-from .utils import Layout, LayoutTensors, cached, new_empty, next_pow2, sm_count, to_device
+from .utils import Layout, LayoutTensors, cached, cdiv, new_empty, next_pow2, sm_count, to_device
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
@@ -153,7 +153,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
     sms = sm_count(q.device) if q.is_cuda else 1
-    NSPLIT = min(MAX_SPLITS, max(2, next_pow2(-(-8 * sms // (N * Hkv)))))
+    NSPLIT = min(MAX_SPLITS, max(2, next_pow2(cdiv(8 * sms, N * Hkv))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
     part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)
     pm, pl, pacc = part[:n_part], part[n_part:2 * n_part], part[2 * n_part:].view(n_part, BDV)
