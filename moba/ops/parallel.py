@@ -84,7 +84,7 @@ GLUON_OWN_QE = os.environ.get("MOBA_GLUON_OWN_QE", "1")
 # GLUON_OWN_GATE: "1" (default; its GPU tests passed on an H100) the gate inside the own-block kernel
 # (`gluon_fwd_ws._own_gate`: from the Q rows it has in shared memory, one launch and one read of Q fewer) where the
 # input is one query chunk of sequences of at most 33 blocks and topk is at most 9 (H100, fwd8k: own kernel 0.117 ->
-# 0.146 ms and no gate launch; kernels as CUDA graphs 0.504 -> 0.485 ms, PERFLOG 49); "0" the gate's own launch.
+# 0.145 ms and no gate launch; kernels as CUDA graphs 0.504 -> 0.485 ms, PERFLOG 49); "0" the gate's own launch.
 GLUON_OWN_GATE = os.environ.get("MOBA_GLUON_OWN_GATE", "1")
 # GLUON_OWN: "1" (default; its GPU tests passed on an H100, PERFLOG 42) the own block by the same kind of kernel
 # (`gluon_fwd_ws.own_fwd_ws_persistent_kernel`; H100: 0.166 -> 0.157 ms at fwd8k, 0.625 -> 0.550 at fwd32k) where
