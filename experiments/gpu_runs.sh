@@ -31,13 +31,21 @@ x_stage1() {
     --lr 3e-3 --max-minutes ${a[1]} --attn full --seed $1 --out runs/x256_$1 > runs/x256_$1.log 2>&1
 }
 x_stages23() {
-  local a=(${2//:/ }) c=(${3//:/ })
+  local a=(${2//:/ }) c=(${3//:/ }) i=${4:-runs/x256_$1/ckpt.pt} o=${5:-x}
   timeout ${a[2]} python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps ${a[0]} \
     ${a[3]:+--stop-step ${a[3]}} --lr 1e-3 --max-minutes ${a[1]} --attn moba --block-size 32 --topk 12 --seed $1 \
-    --init runs/x256_$1/ckpt.pt --out runs/x2k_$1 > runs/x2k_$1.log 2>&1
+    --init $i --out runs/${o}2k_$1 > runs/${o}2k_$1.log 2>&1
   timeout ${c[2]} python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps ${c[0]} \
     ${c[3]:+--stop-step ${c[3]}} --lr 1e-3 --max-minutes ${c[1]} --attn moba --block-size 32 --topk 48 --seed $1 \
-    --init runs/x2k_$1/ckpt.pt --out runs/x16k_$1 > runs/x16k_$1.log 2>&1
+    --init runs/${o}2k_$1/ckpt.pt --out runs/${o}16k_$1 > runs/${o}16k_$1.log 2>&1
+}
+# the full-attention baseline of x_stages23 (seed $1, stage-1 checkpoint $2, runs/$3{2k,16k}_<seed>): full attention
+# at 2K for 3000 steps, then at 16K for 1200 (W's full stages), time limits for running beside a MoBA chain
+x_full23() {
+  timeout 250 python3 experiments/retrieval.py $RC --seq-len 2048 --batch 16 --steps 3000 --lr 1e-3 --max-minutes 3.6 \
+    --attn full --seed $1 --init $2 --out runs/${3}2k_$1 > runs/${3}2k_$1.log 2>&1
+  timeout 300 python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps 1200 --lr 1e-3 --max-minutes 4.5 \
+    --attn full --seed $1 --init runs/${3}2k_$1/ckpt.pt --out runs/${3}16k_$1 > runs/${3}16k_$1.log 2>&1
 }
 # each seed's stages ($2...) of X*: last step line and accuracy by depth, results into $OUT/<$1><stage>_<seed>.json
 x_report() {
@@ -166,15 +174,19 @@ X1) # X with each stage 1 run past the 0.37 plateau (W1: ~13K steps in 8.3 minut
     for s in ${SEEDS:-2 3}; do x_stage1 $s 24000:8.3:560 & done
     wait
     x_report cur_x1_ 256 ;;
-X2) # from X1's checkpoints: stage 2 MoBA 32/12 at 2K, stage 3 MoBA 32/48 at 16K for each seed, side by side, by
-    # W's step counts (1943 of 3000 and 1363 of 5000 steps, where W's time limits stopped them, alone on the GPU) rather
-    # than by time, the learning-rate schedules W's
-    for s in ${SEEDS:-2 3}; do
-      [[ -f runs/x256_$s/ckpt.pt ]] || { echo "no runs/x256_$s/ckpt.pt: run X1 first on this machine"; exit 1; }
-      x_stages23 $s 3000:4:250:1943 5000:5.3:330:1363 &
-    done
+X2) # from X1's stage 1 of seed S1 (default 2; seed 3's stayed on the plateau in X1): stages 2-3 with seed SEED (default
+    # S1), MoBA (32/12 at 2K, 32/48 at 16K, by W's step counts: 1943 of 3000 and 1363 of 5000 steps, where W's time
+    # limits stopped them alone on the GPU; the learning-rate schedules W's) and full attention (x_full23) side by side
+    # from the same checkpoint: ~5 minutes; call again on the warm machine with SEED=3, 4, ...
+    s1=${S1:-2} sd=${SEED:-${S1:-2}}
+    [[ -f runs/x256_$s1/ckpt.pt ]] || { echo "no runs/x256_$s1/ckpt.pt: run X1 first on this machine"; exit 1; }
+    x_full23 $sd runs/x256_$s1/ckpt.pt xf${s1}_ &
+    x_stages23 $sd 3000:4:250:1943 5000:5.3:330:1363 runs/x256_$s1/ckpt.pt xm${s1}_
     wait
-    x_report cur_x2_ 2k 16k ;;
+    for st in xm${s1}_2k xm${s1}_16k xf${s1}_2k xf${s1}_16k; do
+      echo "$st seed $sd: $(grep -h 'step ' runs/${st}_$sd.log | tail -1)"; grep -h "accuracy by depth\|gate selects" runs/${st}_$sd.log
+      cp runs/${st}_$sd/retrieval.json "$OUT/cur_${st}_$sd.json" 2>/dev/null
+    done ;;
 V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
     [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
     export FROM=runs/v256/ckpt.pt

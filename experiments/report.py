@@ -171,7 +171,9 @@ def main():
            "cur_w16k_zeroshot_vf2k_full", "cur_w16k_zeroshot_vf2k_moba32", "cur_w16k_zeroshot_vm2k_full",
            "cur_w16k_zeroshot_vm2k_moba32",
            # X: W's MoBA curriculum with seeds 2 and 3, each seed's whole chain, side by side (stage 1 3.5 minutes)
-           "cur_x256_2", "cur_x2k_2", "cur_x16k_2", "cur_x256_3", "cur_x2k_3", "cur_x16k_3"]
+           "cur_x256_2", "cur_x2k_2", "cur_x16k_2", "cur_x256_3", "cur_x2k_3", "cur_x16k_3",
+           # X1: stage 1 of seeds 2 and 3 to 24000 steps; X2: MoBA (xm) and full (xf) from seed 2's, seeds 2-4
+           "cur_x1_256_2", "cur_x1_256_3"] + [f"cur_x{a}2_{t}_{s}" for s in (2, 3, 4) for a in "mf" for t in ("2k", "16k")]
     print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for n in cur:
@@ -194,6 +196,14 @@ def main():
         ("full 2K model, full, untrained at 16K", "cur_w16k_zeroshot_vf2k_full"),
         ("MoBA 2K model, full, untrained at 16K", "cur_w16k_zeroshot_vm2k_full"),
         ("MoBA 2K model, MoBA, untrained at 16K", "cur_w16k_zeroshot_vm2k_moba32")])
+    # X2: MoBA and its full-attention baseline from one stage-1 checkpoint, three seeds of stages 2-3
+    print("\n| seed | full at 16K | MoBA 32/48 at 16K | MoBA / full |\n|---|---|---|---|")
+    f, m = ([load(f"cur_x{a}2_16k_{s}")["mean_accuracy"] for s in (2, 3, 4)] for a in "fm")
+    for s, a, b in zip((2, 3, 4), f, m):
+        print(f"| {s} | {a:.3f} | {b:.3f} | {b / a:.1%} |")
+    print(f"| mean | {sum(f) / 3:.3f} | {sum(m) / 3:.3f} | {sum(m) / sum(f):.1%} |")
+    heat("retrieval_seeds.png", [(f"seed {s}: {n}", f"cur_x{a}2_16k_{s}") for s in (2, 3, 4)
+                                 for a, n in (("f", "full"), ("m", "MoBA 32/48"))])
 
 
 def heat(fname, rows):

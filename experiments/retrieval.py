@@ -85,21 +85,79 @@ def answer_logits(logits, pos):
 
 
 def accuracy_by_depth(model, data, cfg, device, pairs, queries, buckets=10, **task):
-    """Answer accuracy of every query of cfg.eval_batches batches, binned by the depth of its needle."""
+    """Answer accuracy of every query of cfg.eval_batches batches, binned by the depth of its needle; and the gate's
+    recall on the same queries (``gate_recall``)."""
     model.eval()
     g = torch.Generator().manual_seed(4321)
     hits, counts = torch.zeros(buckets), torch.zeros(buckets)
+    recall = GateRecall(model, cfg, task)
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
             x, _, pos, a, d = make_batch(data, cfg, g, pairs, queries, **task)
+            recall.expect(pos, d)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 pred = answer_logits(model(x.to(device)), pos).argmax(-1).cpu()
+            recall.answered(pred == a)
             bins = (d * buckets).long().clamp(0, buckets - 1).flatten()
             hits.index_add_(0, bins, (pred == a).float().flatten())
             counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float))
+    recall.close()
     model.train()
     # buckets no needle can reach (the queries' tail) are None, not a zero accuracy
-    return [h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())], counts.tolist()
+    return [h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())], counts.tolist(), recall.summary()
+
+
+class GateRecall:
+    """How often each MoBA layer's gate selects the queried needle's block for the query that asks for it.
+
+    A forward pre-hook on every MoBA layer computes ``moba.select_blocks`` for the sequences' query tail (queries
+    aligned to the end of the keys) and records, per query and head, whether a selected block (the own block
+    included) overlaps the needle's tokens. ``summary()``: recall per layer and head, the share of queries for which
+    some head of some layer selects it, and the answer accuracy of queries with and without such a head.
+    """
+
+    def __init__(self, model, cfg, task):
+        self.cfg, self.span = cfg, (task.get("key_len", 2) + 2 + task.get("v_mark", True)) * task.get("repeat", 1)
+        self.sel, self.rows, self.correct = {}, {}, []
+        self.hooks = [b.attn.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(model.blocks)
+                      if b.attn.mode == "moba"]
+
+    def expect(self, pos, depth):
+        """The queries of the next forward: positions [B, Q] and their needles' depths [B, Q]."""
+        self.pos, self.start = pos, (depth * self.cfg.seq_len).round().long()
+
+    def _hook(self, layer):
+        def fn(mod, args):
+            xx, cos, sin = args
+            B, L, _ = xx.shape
+            p0 = int(self.pos.min())
+            q = T.rope(mod.q(xx).view(B, L, mod.cfg.heads, mod.hd), cos, sin)[:, p0:]
+            k = T.rope(mod.kv(xx).view(B, L, 2, mod.cfg.kv_heads, mod.hd).unbind(2)[0], cos, sin)
+            sel = moba.select_blocks(q, k, mod.cfg.block_size, mod.cfg.topk).cpu().long()   # [B, L - p0, H, topk]
+            sel = sel.gather(1, (self.pos - p0)[..., None, None].expand(-1, -1, *sel.shape[2:]))   # [B, Q, H, topk]
+            first = (self.start // mod.cfg.block_size)[..., None, None]
+            last = ((self.start + self.span - 1) // mod.cfg.block_size)[..., None, None]
+            hit = ((sel >= first) & (sel <= last)).any(-1)                                # [B, Q, H]
+            self.rows.setdefault(layer, []).append(hit.flatten(0, 1))
+        return fn
+
+    def answered(self, correct):
+        self.correct.append(correct.flatten())
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+    def summary(self):
+        if not self.rows:
+            return None
+        per = {k: torch.cat(v).float() for k, v in sorted(self.rows.items())}         # [N, H] each
+        found = torch.stack([v.amax(1) for v in per.values()]).amax(0).bool()          # [N]
+        ok = torch.cat(self.correct).float()
+        acc = lambda m: ok[m].mean().item() if m.any() else None                       # noqa: E731
+        return dict(by_layer_head={str(k): v.mean(0).tolist() for k, v in per.items()},
+                    any_head=found.float().mean().item(), queries=int(found.numel()),
+                    accuracy_when_selected=acc(found), accuracy_when_not=acc(~found))
 
 
 def gate_picks(model, data, cfg, device, pairs, queries, **task):
@@ -190,9 +248,13 @@ def main(argv=None):
                   flush=True)
     # saved before the evaluation, so that a stage cut short by its time limit still feeds the next (--init)
     torch.save(dict(model=model.state_dict(), cfg=dataclasses.asdict(cfg)), out / "ckpt.pt")
-    acc, counts = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, **task)
+    acc, counts, recall = accuracy_by_depth(model, val_data, cfg, device, args.pairs, args.queries, **task)
     picks, needle_block = gate_picks(model, val_data, cfg, device, args.pairs, args.queries, **task)
     print("accuracy by depth bucket:", " ".join("-" if x is None else f"{x:.2f}" for x in acc))
+    if recall:
+        print(f"gate selects the queried needle's block (some layer and head) for {recall['any_head']:.2f} of "
+              f"{recall['queries']} queries; accuracy {recall['accuracy_when_selected']} when it does, "
+              f"{recall['accuracy_when_not']} when not")
     res = dict(cfg=dataclasses.asdict(cfg), **T.run_info(device), init=args.init, wall_s=time.perf_counter() - t0,
                steps_done=steps_done,
                pairs=args.pairs, queries=args.queries, key_len=args.key_len, background=args.background,
@@ -200,7 +262,8 @@ def main(argv=None):
                answers_per_bucket=counts,
                accuracy_by_depth=acc,
                mean_accuracy=sum(a for a in acc if a is not None) / max(1, sum(a is not None for a in acc)),
-               gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block)
+               gate_picks={str(k): v.tolist() for k, v in picks.items()}, needle_block=needle_block,
+               gate_recall=recall)
     (out / "retrieval.json").write_text(json.dumps(res, indent=1))
     try:
         import matplotlib

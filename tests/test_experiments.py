@@ -49,12 +49,16 @@ def test_validation_split_is_by_document():
     assert set(val).isdisjoint(n for n in names if not train.is_val(n))
 
 
-def test_retrieval_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("moba_experiments_retrieval",
-                                                  ROOT / "experiments" / "retrieval.py")
+def load_retrieval():
+    spec = importlib.util.spec_from_file_location("moba_experiments_retrieval", ROOT / "experiments" / "retrieval.py")
     ret = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = ret
     spec.loader.exec_module(ret)
+    return ret
+
+
+def test_retrieval_smoke(tmp_path):
+    ret = load_retrieval()
     c = cfg(tmp_path, steps=3)
     args = ["--pairs", "3", "--queries", "2"] + [f"--{k.replace('_', '-')}={v}" for k, v in
                                dict(vocab=c.vocab, dim=c.dim, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
@@ -67,6 +71,9 @@ def test_retrieval_smoke(tmp_path):
     assert len(acc) == 10 and all((a is None) == (c == 0) for a, c in zip(acc, counts))
     assert all(0 <= a <= 1 for a in acc if a is not None) and sum(counts) > 0
     assert set(res["gate_picks"]) == {"0", "1"}
+    rec = res["gate_recall"]
+    assert set(rec["by_layer_head"]) == {"0", "1"} and rec["queries"] == 2 * 2 * c.batch
+    assert all(len(r) == c.heads and all(0 <= v <= 1 for v in r) for r in rec["by_layer_head"].values())
     torch = __import__("torch")
     g = torch.Generator().manual_seed(0)
     x, y, pos, a, d = ret.make_batch(torch.arange(5000) % 500, c, g, 3, 2)
@@ -104,3 +111,54 @@ def test_retrieval_smoke(tmp_path):
             p, s = int(pos[b, j]), int(round(float(d[b, j]) * c.seq_len))
             assert y[b, p] == a[b, j] and all(x[b, s + 3 * r] == V - 1 and x[b, s + 3 * r + 1] == x[b, p]
                                               and x[b, s + 3 * r + 2] == a[b, j] for r in range(3))
+
+
+@pytest.mark.parametrize("topk", [1, 3, 99])
+def test_gate_recall_against_brute_force(tmp_path, topk):
+    """GateRecall's per-query, per-head hits equal select_blocks over the whole sequence, read at each query's
+    position, against the blocks of its needle's tokens; topk >= the number of blocks finds every needle."""
+    import torch
+    import moba
+    ret = load_retrieval()
+    torch.manual_seed(0)
+    c = cfg(tmp_path, seq_len=200, block_size=16, topk=topk, full_last=1, layers=3, eval_batches=2)
+    model = train.GPT(c).eval()
+    task = dict(key_len=1, background="random", kv_vocab=8, v_mark=False, repeat=2)
+    g = torch.Generator().manual_seed(5)
+    x, _, pos, a, d = ret.make_batch(None, c, g, 5, 4, **task)
+    rec = ret.GateRecall(model, c, task)
+    rec.expect(pos, d)
+    with torch.no_grad():
+        pred = ret.answer_logits(model(x), pos).argmax(-1)
+    rec.answered(pred == a)
+    rec.close()
+    assert set(rec.rows) == {0, 1} and not model.blocks[0].attn._forward_pre_hooks     # MoBA layers; hooks removed
+    # brute force: the layers' q and k from their inputs, select_blocks over all positions
+    inputs = {}
+    hs = [b.attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args))
+          for i, b in enumerate(model.blocks[:2])]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    start = (d * c.seq_len).round().long()
+    span = 3 * 2
+    for layer, (xx, cos, sin) in inputs.items():
+        mod = model.blocks[layer].attn
+        B, L, _ = xx.shape
+        q = train.rope(mod.q(xx).view(B, L, c.heads, mod.hd), cos, sin)
+        k = train.rope(mod.kv(xx).view(B, L, 2, c.kv_heads, mod.hd).unbind(2)[0], cos, sin)
+        sel = moba.select_blocks(q, k, c.block_size, c.topk)
+        want = torch.zeros(B, pos.shape[1], c.heads, dtype=torch.bool)
+        for b in range(B):
+            for j in range(pos.shape[1]):
+                blocks = set(range(int(start[b, j]) // 16, (int(start[b, j]) + span - 1) // 16 + 1))
+                for h in range(c.heads):
+                    want[b, j, h] = bool(blocks & set(sel[b, int(pos[b, j]), h].tolist()))
+        assert torch.equal(rec.rows[layer][0], want.flatten(0, 1))
+    s = rec.summary()
+    assert s["queries"] == 8 and set(s["by_layer_head"]) == {"0", "1"}
+    if topk == 99:
+        assert s["any_head"] == 1.0 and all(v == 1.0 for r in s["by_layer_head"].values() for v in r)
+    if topk == 1:      # only the own block: needles lie before the queries' blocks unless they share one
+        assert s["any_head"] < 1.0
