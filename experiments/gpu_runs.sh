@@ -234,6 +234,26 @@ R3) # 1. loss parity at a second, smaller model size (dim 256, 4 layers, 4 query
     done
     for p in "${pids[@]}"; do wait $p; done
     for a in full moba; do echo "$a: $(grep -h "^eval" runs/s8k6k_small_$a${SEED:+_seed$SEED}.log | tail -1)"; done ;;
+R5) # 2. position-wise loss at 32K with R3's 4.92M model at R's tokens (6000 steps of 1 x 32768 = 197M tokens; B's
+    # 26.75M runs at 59M tokens were flat by position): full, MoBA 512/3 and MoBA with the last layer full side by
+    # side on one GPU, seed SEED (default 0), resumable as R (call again on the warm machine until all three print
+    # their last evaluation); the evaluations log the trailing 2K tokens' loss ("last 2K")
+    end=$((SECONDS + ${SECONDS_LEFT:-540}))
+    M="--preset s32k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0 --eval-batches 16"
+    pids=()
+    for v in "full:--attn full" "moba:--attn moba" "last1:--attn moba --full-last 1"; do
+      n=s32k6k_small_${v%%:*}${SEED:+_seed$SEED}
+      [[ -f runs/$n/history.json ]] && continue
+      timeout $((end - SECONDS)) python3 experiments/train.py $D $M ${v#*:} --seed ${SEED:-0} --out runs/$n --resume \
+        >> runs/$n.log 2>&1 &
+      pids+=($!)
+      for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
+    done
+    for p in "${pids[@]}"; do wait $p; done
+    for v in full moba last1; do
+      n=s32k6k_small_$v${SEED:+_seed$SEED}; echo "$v: $(grep -h "^eval" runs/$n.log | tail -1)"
+      cp runs/$n/history.json "$OUT/$n.json" 2>/dev/null
+    done ;;
 R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsity (block 128, topk 12: 1536 keys per
     # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position;
     # side by side on the same GPU, the same for R3's 4.92M model (compare with its full 2.3520 and MoBA 2.3254)

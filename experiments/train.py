@@ -255,8 +255,9 @@ class GPT(nn.Module):
 # training
 # ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, data, cfg, device, buckets=8):
-    """Validation loss and loss by position bucket (the last bucket holds the trailing tokens)."""
+def evaluate(model, data, cfg, device, buckets=8, trailing=2048):
+    """Validation loss, loss by position bucket, and the loss of the last ``trailing`` positions (the trailing
+    tokens; all of them where the sequence is shorter)."""
     model.eval()
     g = torch.Generator().manual_seed(1234)
     tot = torch.zeros(cfg.seq_len, dtype=torch.float64)
@@ -267,7 +268,7 @@ def evaluate(model, data, cfg, device, buckets=8):
         tot += loss.double().sum(0).cpu()
     model.train()
     per_pos = tot / (cfg.eval_batches * cfg.batch)
-    return per_pos.mean().item(), [c.mean().item() for c in per_pos.chunk(buckets)]
+    return per_pos.mean().item(), [c.mean().item() for c in per_pos.chunk(buckets)], per_pos[-trailing:].mean().item()
 
 
 def run_info(device) -> dict:
@@ -339,10 +340,10 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
                 f"{tokens / (now - t_last):.0f} tok/s{'  [full]' if switched else ''}")
             t_last, tokens = now, 0
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            vl, buckets = evaluate(model, val_data, cfg, device)
-            history.append(dict(step=step, val_loss=vl, buckets=buckets, tokens_seen=step * cfg.batch * cfg.seq_len,
-                                wall_s=wall))
-            log(f"eval step {step}: val loss {vl:.4f}  by position bucket "
+            vl, buckets, trail = evaluate(model, val_data, cfg, device)
+            history.append(dict(step=step, val_loss=vl, buckets=buckets, trailing_2k=trail,
+                                tokens_seen=step * cfg.batch * cfg.seq_len, wall_s=wall))
+            log(f"eval step {step}: val loss {vl:.4f}  last 2K {trail:.4f}  by position bucket "
                 + " ".join(f"{b:.3f}" for b in buckets))
             save_checkpoint(ck, model, opt, step, history, wall, cfg)
     if out_of_time:

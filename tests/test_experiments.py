@@ -24,10 +24,23 @@ def cfg(tmp_path, **kw):
 def test_train_and_resume(tmp_path):
     full = train.train(cfg(tmp_path, out=str(tmp_path / "a")), log=lambda *_: None)
     assert len(full) == 2 and all(h["val_loss"] == h["val_loss"] for h in full)
+    assert all(h["trailing_2k"] == pytest.approx(h["val_loss"]) for h in full)     # 128 tokens: all are trailing
     train.train(cfg(tmp_path, out=str(tmp_path / "b")), log=lambda *_: None, stop_at=3)
     resumed = train.train(cfg(tmp_path, out=str(tmp_path / "b")), resume=True, log=lambda *_: None)
     assert resumed[-1]["step"] == 8
     assert abs(resumed[-1]["val_loss"] - full[-1]["val_loss"]) < 1e-4
+
+
+def test_evaluate_trailing_tokens(tmp_path):
+    """The trailing-token loss is the mean over the last positions: with 4 buckets of 32 the last bucket's."""
+    import torch
+    torch.manual_seed(0)
+    c = cfg(tmp_path)
+    model = train.GPT(c)
+    data = torch.randint(0, c.vocab, (5000,))
+    vl, buckets, trail = train.evaluate(model, data, c, torch.device("cpu"), buckets=4, trailing=32)
+    assert len(buckets) == 4 and trail == pytest.approx(buckets[-1]) and vl == pytest.approx(sum(buckets) / 4)
+    assert trail != pytest.approx(buckets[0])
 
 
 def test_hybrids_and_presets(tmp_path):
