@@ -118,7 +118,7 @@ class GateRecall:
 
     def __init__(self, model, cfg, task):
         self.cfg, self.span = cfg, (task.get("key_len", 2) + 2 + task.get("v_mark", True)) * task.get("repeat", 1)
-        self.sel, self.rows, self.correct = {}, {}, []
+        self.rows, self.correct = {}, []
         self.hooks = [b.attn.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(model.blocks)
                       if b.attn.mode == "moba"]
 
@@ -128,12 +128,9 @@ class GateRecall:
 
     def _hook(self, layer):
         def fn(mod, args):
-            xx, cos, sin = args
-            B, L, _ = xx.shape
+            q, k, _ = mod.qkv(*args)
             p0 = int(self.pos.min())
-            q = T.rope(mod.q(xx).view(B, L, mod.cfg.heads, mod.hd), cos, sin)[:, p0:]
-            k = T.rope(mod.kv(xx).view(B, L, 2, mod.cfg.kv_heads, mod.hd).unbind(2)[0], cos, sin)
-            sel = moba.select_blocks(q, k, mod.cfg.block_size, mod.cfg.topk).cpu().long()   # [B, L - p0, H, topk]
+            sel = moba.select_blocks(q[:, p0:], k, mod.cfg.block_size, mod.cfg.topk).cpu().long()  # [B, L-p0, H, S]
             sel = sel.gather(1, (self.pos - p0)[..., None, None].expand(-1, -1, *sel.shape[2:]))   # [B, Q, H, topk]
             first = (self.start // mod.cfg.block_size)[..., None, None]
             last = ((self.start + self.span - 1) // mod.cfg.block_size)[..., None, None]
@@ -168,10 +165,7 @@ def gate_picks(model, data, cfg, device, pairs, queries, **task):
 
     def hook(layer):
         def fn(mod, args):
-            xx, cos, sin = args
-            B, L, _ = xx.shape
-            q = T.rope(mod.q(xx).view(B, L, mod.cfg.heads, mod.hd), cos, sin)
-            k = T.rope(mod.kv(xx).view(B, L, 2, mod.cfg.kv_heads, mod.hd).unbind(2)[0], cos, sin)
+            q, k, _ = mod.qkv(*args)
             captured[layer] = moba.select_blocks(q[:1], k[:1], mod.cfg.block_size, mod.cfg.topk)[0, -1]
         return fn
     hs = [b.attn.register_forward_pre_hook(hook(i)) for i, b in enumerate(model.blocks) if b.attn.mode == "moba"]

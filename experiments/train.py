@@ -190,11 +190,16 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.heads * self.hd, cfg.dim, bias=False)
         self.mode = "full" if cfg.attn == "full" or layer >= cfg.layers - cfg.full_last else "moba"
 
-    def forward(self, x, cos, sin):
+    def qkv(self, x, cos, sin):
+        """Queries and keys after RoPE, and values: [B, T, heads or kv_heads, head dim]."""
         B, T, _ = x.shape
         q = rope(self.q(x).view(B, T, self.cfg.heads, self.hd), cos, sin)
         k, v = self.kv(x).view(B, T, 2, self.cfg.kv_heads, self.hd).unbind(2)
-        k = rope(k, cos, sin)
+        return q, rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if self.mode == "moba":
             y = moba.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk)
         else:

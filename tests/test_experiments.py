@@ -159,7 +159,7 @@ def test_gate_recall_against_brute_force(tmp_path, topk):
     for layer, (xx, cos, sin) in inputs.items():
         mod = model.blocks[layer].attn
         B, L, _ = xx.shape
-        q = train.rope(mod.q(xx).view(B, L, c.heads, mod.hd), cos, sin)
+        q = train.rope(mod.q(xx).view(B, L, c.heads, mod.hd), cos, sin)      # as Attention.forward, written out
         k = train.rope(mod.kv(xx).view(B, L, 2, c.kv_heads, mod.hd).unbind(2)[0], cos, sin)
         sel = moba.select_blocks(q, k, c.block_size, c.topk)
         want = torch.zeros(B, pos.shape[1], c.heads, dtype=torch.bool)
