@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import moba
+from moba.ops import grouped
 from helpers import check_against_reference, make_inputs, rel_err
 
 CASES = [
@@ -26,6 +27,39 @@ CASES = [
 def test_torch_backend_matches_reference(lens_q, lens_k, Hq, Hkv, D, bs, topk):
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, Dv=D + 8)
     check_against_reference(q, k, v, bs, topk, "torch", 1e-10, extra)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("lens_q,lens_k,Hq,Hkv,D,bs,topk", CASES, ids=lambda x: str(x))
+def test_torch_backend_same_head_dims(lens_q, lens_k, Hq, Hkv, D, bs, topk, fused, monkeypatch):
+    """V's head dim equal to Q's: on the CPU the forward's tiles go through PyTorch's fused attention kernel
+    (``grouped.CPU_FUSED``), or through the matmul tiles when it is off; both against the fp64 reference."""
+    real, calls = grouped._fused_cpu, []
+
+    def spy(q, v):
+        f = real(q, v)
+        return None if f is None else lambda *a, **kw: calls.append(a[0].shape) or f(*a, **kw)
+    monkeypatch.setattr(grouped, "CPU_FUSED", fused)
+    monkeypatch.setattr(grouped, "_fused_cpu", spy)
+    q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D)
+    check_against_reference(q, k, v, bs, topk, "torch", 1e-10, extra)
+    if not fused:
+        assert not calls
+    elif lens_q == lens_k and sum(lens_q):      # every own block is a causal square, chosen blocks or not
+        assert calls
+
+
+def test_torch_backend_fused_runs_split_by_tile(monkeypatch):
+    """Runs of causal squares cut at TILE elements of Q and across packed sequences: still the reference."""
+    monkeypatch.setattr(grouped, "TILE", 4 * 16 * 4 * 16)          # 4 blocks of 16 rows x 4 heads x D 16 per run
+    q, k, v, extra = make_inputs([100, 48, 7], [100, 48, 7], 4, 2, 16)
+    plan_runs = []
+    real = grouped._square_runs
+    monkeypatch.setattr(grouped, "_square_runs", lambda *a: plan_runs.append(real(*a)) or plan_runs[-1])
+    check_against_reference(q, k, v, 16, 3, "torch", 1e-10, extra)
+    runs, rest = plan_runs[0]
+    assert max(nb for _, _, nb, _ in runs) == 4 and not rest
+    assert sum(nb * n for _, _, nb, n in runs) == 155 and {n for *_, n in runs} == {16, 4, 7}
 
 
 def test_torch_backend_fp32_and_noncontiguous():

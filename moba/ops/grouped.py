@@ -10,9 +10,17 @@ Shape of the computation (no Tq x Tk tensor, no fp32 blocks x heads x tokens ten
 4. partial results merge into a running (max, sum, acc) per row, as in FlashAttention's online softmax.
 Backward recomputes the same tiles from the saved log-sum-exp (FlashAttention-2 style), no atomics.
 Working tiles are bounded by ``TILE`` elements whatever the sequence length.
+
+On the CPU the forward hands both kinds of tile to PyTorch's fused attention kernel where it can (the one SDPA
+uses on the CPU, which also returns the log-sum-exp): a run of own blocks whose queries are all of their
+positions (causal squares) is one call per kv head, its K/V a stride-0 view for the group's query heads (no
+copy, whatever the kernel's own support for grouped heads); each chosen (kv head, block) group is one unmasked
+call. Elsewhere (other devices, V's head dim unlike Q's, a PyTorch without that kernel, or ``CPU_FUSED =
+False``) the same tiles are computed with matmuls as above.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +28,17 @@ import torch
 from .utils import Layout, LayoutTensors, new_empty
 
 TILE = 1 << 23  # elements of one score tile (fp32: 32 MB)
+# the CPU forward's tiles through PyTorch's fused attention kernel (see the module's docstring); MOBA_CPU_FUSED=0: the
+# matmul tiles
+CPU_FUSED = os.environ.get("MOBA_CPU_FUSED", "1") != "0"
+
+
+def _fused_cpu(q, v):
+    """PyTorch's fused CPU attention (query, key, value [B, H, L, D]; dropout_p, is_causal, *, attn_mask, scale ->
+    output, log-sum-exp), or None where it does not apply."""
+    if not CPU_FUSED or q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
+        return None
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _acc(dtype):
@@ -75,16 +94,34 @@ def _chunks(n: int, per_row: int):
 OWN_ROWS = 128  # queries per own-block tile: a tile reads keys only up to its last query
 
 
-def _own_tiles(plan: Plan, Hq: int):
-    """(q_start, a, b, k_start, k_end): queries q_start+a..q_start+b-1 against keys k_start..k_end-1."""
+def _own_tiles(plan: Plan, Hq: int, own=None):
+    """(q_start, a, b, k_start, k_end): queries q_start+a..q_start+b-1 against keys k_start..k_end-1; of the own
+    blocks ``own`` (default: all of the plan's)."""
     pos = None
-    for qs, qe, ks, ke in plan.own:
+    for qs, qe, ks, ke in plan.own if own is None else own:
         if pos is None:
             pos = plan.q_pos.tolist()
         for a, b in _chunks(qe - qs, Hq * (ke - ks)):
             for a2 in range(a, b, OWN_ROWS):
                 b2 = min(b, a2 + OWN_ROWS)
                 yield qs, a2, b2, ks, min(ke, pos[qs + b2 - 1] + 1)
+
+
+def _square_runs(plan: Plan, Hq: int, D: int):
+    """Own blocks whose queries are exactly the block's key positions (a causal square), as runs of consecutive
+    blocks of one length: (q_start, k_start, n_blocks, length), each run at most ``TILE`` elements of Q; and the
+    other own blocks, for the tiles."""
+    runs, rest, pos = [], [], plan.q_pos.tolist() if plan.own else []
+    for qs, qe, ks, ke in plan.own:
+        n = qe - qs
+        if n != ke - ks or pos[qs] != ks:
+            rest.append((qs, qe, ks, ke))
+        elif runs and runs[-1][3] == n and runs[-1][0] + runs[-1][2] * n == qs \
+                and runs[-1][1] + runs[-1][2] * n == ks and (runs[-1][2] + 1) * n * Hq * D <= TILE:
+            runs[-1][2] += 1
+        else:
+            runs.append([qs, ks, 1, n])
+    return runs, rest
 
 
 def forward(q, k, v, plan: Plan, scale: float):
@@ -97,8 +134,23 @@ def forward(q, k, v, plan: Plan, scale: float):
     L = new_empty(T * Hq, dtype=acc, device=q.device)
     O = new_empty(T * Hq, Dv, dtype=acc, device=q.device)
     qsc = q.to(acc) * scale                                                 # scaled once, gathered below
+    fused = _fused_cpu(q, v)
+    runs, rest = _square_runs(plan, Hq, D) if fused else ([], None)
+    O3, M2 = O.view(T, Hq, Dv), M.view(T, Hq)
+    for qs, ks, nb, n in runs:                      # causal squares: softmax output and log-sum-exp (sum 1)
+        rows = slice(qs, qs + nb * n)
+        qb = qsc[rows].view(nb, n, Hq, D).transpose(1, 2)                     # [blocks, heads, n, D] views
+        kb = k[ks:ks + nb * n].to(acc).view(nb, n, Hkv, D).transpose(1, 2)
+        vb = v[ks:ks + nb * n].to(acc).view(nb, n, Hkv, Dv).transpose(1, 2)
+        for g in range(Hkv):                        # the group's K/V head as a stride-0 view: no copy
+            h = slice(g * G, (g + 1) * G)
+            o, lse = fused(qb[:, h], kb[:, g:g + 1].expand(-1, G, -1, -1), vb[:, g:g + 1].expand(-1, G, -1, -1),
+                           0.0, True, scale=1.0)
+            O3[rows, h] = o.transpose(1, 2).reshape(nb * n, G, Dv)
+            M2[rows, h] = lse.transpose(1, 2).reshape(nb * n, G)
+        L[rows.start * Hq:rows.stop * Hq] = 1
     # own blocks: dense causal attention of a run of queries over one block, all heads at once
-    for qs, a, b, ks, ke in _own_tiles(plan, Hq):
+    for qs, a, b, ks, ke in _own_tiles(plan, Hq, rest):
         kb = k[ks:ke].to(acc)                                               # [l, Hkv, D]
         vb = v[ks:ke].to(acc)
         s = torch.einsum("ngjd,lgd->ngjl", qsc[qs + a:qs + b].view(b - a, Hkv, G, D), kb)
@@ -117,14 +169,20 @@ def forward(q, k, v, plan: Plan, scale: float):
         vb = v[ks:ke, g].to(acc)
         for a, b in _chunks(n, ke - ks):
             r = plan.rows[off + a:off + b]
-            s = qf[r] @ kb.T                                                # [n, l]
-            m = s.amax(-1)
-            p = torch.exp_(s.sub_(m[:, None]))
+            if fused:                       # normalised output and log-sum-exp of the rows over this block
+                o, m = (x[0, 0] for x in fused(qf[r][None, None], kb[None, None], vb[None, None], 0.0, False,
+                                               scale=1.0))
+                p_sum = 1
+            else:
+                s = qf[r] @ kb.T                                            # [n, l]
+                m = s.amax(-1)
+                p = torch.exp_(s.sub_(m[:, None]))
+                p_sum, o = p.sum(-1), p @ vb
             m0 = M[r]
             mn = torch.maximum(m0, m)
             a0, a1 = torch.exp(m0 - mn), torch.exp(m - mn)
-            L[r] = L[r] * a0 + p.sum(-1) * a1
-            O[r] = O[r] * a0[:, None] + (p @ vb) * a1[:, None]
+            L[r] = L[r] * a0 + p_sum * a1
+            O[r] = O[r] * a0[:, None] + o * a1[:, None]
             M[r] = mn
     out = (O / L[:, None]).view(T, Hq, Dv)
     lse = (M + torch.log(L)).view(T, Hq)
