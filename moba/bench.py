@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import platform
 import statistics
@@ -285,7 +286,8 @@ def main_bench(args):
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     env = dict(device=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
                torch=torch.__version__, threads=torch.get_num_threads(),
-               date=time.strftime("%Y-%m-%d"), commit=source_commit())
+               date=time.strftime("%Y-%m-%d"), commit=source_commit(),
+               settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("MOBA_")})
     print(f"moba bench on {env['device']} (torch {env['torch']}): B={args.batch} H={args.heads}/"
           f"{args.kv_heads} D={args.head_dim} {args.dtype} block={args.block_size} topk={args.topk} "
           f"{'fwd+bwd' if args.fwd_bwd else 'fwd'}", flush=True)

@@ -7,11 +7,14 @@ import pytest
 from moba import bench, cli
 
 
-def test_bench_cli_rows_and_table(tmp_path, capsys):
+def test_bench_cli_rows_and_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOBA_CPU_FUSED", "1")
     out = tmp_path / "bench.json"
     cli.main(["bench", "--lengths", "300,640", "--block-size", "64", "--topk", "3", "--heads", "4", "--kv-heads", "2",
               "--head-dim", "16", "--repeats", "1", "--device", "cpu", "--json", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["env"]["settings"]["MOBA_CPU_FUSED"] == "1"      # the MOBA_* settings a run was made with
     assert [r["T"] for r in rows] == [300, 640]
     for r in rows:
         assert r["rel_err"] < 1e-5          # against the fp64 reference on the first kv head's group
