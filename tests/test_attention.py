@@ -29,11 +29,24 @@ def test_torch_backend_matches_reference(lens_q, lens_k, Hq, Hkv, D, bs, topk):
     check_against_reference(q, k, v, bs, topk, "torch", 1e-10, extra)
 
 
+def check_out_only_grads(q, k, v, bs, topk, extra):
+    """The torch backend's output and gradients through the output alone (no lse gradient) against the reference."""
+    dout = torch.randn(q.shape[:3] + (v.shape[3],), dtype=torch.float64)
+    got, want = ([x.detach().clone().requires_grad_() for x in (q, k, v)] for _ in range(2))
+    out = moba.moba_attention(*got, bs, topk, backend="torch", **extra)
+    ref = moba.naive_moba_attention(*want, bs, topk, **extra)
+    out.backward(dout)
+    ref.backward(dout)
+    for a, b in zip([out] + [x.grad for x in got], [ref] + [x.grad for x in want]):
+        assert not a.isnan().any() and (a - b).norm() <= 1e-10 * b.norm() + 1e-12    # dq, dk are 0 at T = 1
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("lens_q,lens_k,Hq,Hkv,D,bs,topk", CASES, ids=lambda x: str(x))
 def test_torch_backend_same_head_dims(lens_q, lens_k, Hq, Hkv, D, bs, topk, fused, monkeypatch):
     """V's head dim equal to Q's: on the CPU the forward's tiles go through PyTorch's fused attention kernel
-    (``grouped.CPU_FUSED``), or through the matmul tiles when it is off; both against the fp64 reference."""
+    (``grouped.CPU_FUSED``), or through the matmul tiles when it is off; both against the fp64 reference, gradients
+    with and without the lse's."""
     real, calls = grouped._fused_cpu, []
 
     def spy(q, v):
@@ -43,6 +56,7 @@ def test_torch_backend_same_head_dims(lens_q, lens_k, Hq, Hkv, D, bs, topk, fuse
     monkeypatch.setattr(grouped, "_fused_cpu", spy)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D)
     check_against_reference(q, k, v, bs, topk, "torch", 1e-10, extra)
+    check_out_only_grads(q, k, v, bs, topk, extra)
     if not fused:
         assert not calls
     elif lens_q == lens_k and sum(lens_q):      # every own block is a causal square, chosen blocks or not
