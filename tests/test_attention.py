@@ -85,8 +85,12 @@ def test_torch_backend_fp32_and_noncontiguous():
     check_against_reference(q, k, v, 16, 3, "torch", 1e-5, {})
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_torch_backend_half(dtype):
+def test_torch_backend_half(dtype, fused, monkeypatch):
+    """fp16/bf16 within twice the reference's own rounding at that dtype; fused (the CPU kernel reads them as they
+    are, each tile's output rounded once) or as fp32 matmul tiles."""
+    monkeypatch.setattr(grouped, "CPU_FUSED", fused)
     q, k, v, _ = make_inputs([120], [120], 4, 2, 32, dtype=dtype)
     out = moba.moba_attention(q, k, v, 16, 3, backend="torch")
     assert out.dtype == dtype

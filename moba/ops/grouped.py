@@ -15,8 +15,10 @@ On the CPU the forward hands both kinds of tile to PyTorch's fused attention ker
 uses on the CPU, which also returns the log-sum-exp): a run of own blocks whose queries are all of their
 positions (causal squares) is one call per kv head, its K/V a stride-0 view for the group's query heads (no
 copy, whatever the kernel's own support for grouped heads); each chosen (kv head, block) group is one unmasked
-call. Elsewhere (other devices, V's head dim unlike Q's, a PyTorch without that kernel, or ``CPU_FUSED =
-False``) the same tiles are computed with matmuls as above.
+call. fp16/bf16 inputs go in as they are (fp32 inside the kernel; each tile's output is rounded once to that
+dtype before the fp32 merge: about 1.5x the error of one attention computed at that dtype, PERFLOG 54). Elsewhere
+(other devices, V's head dim unlike Q's, a PyTorch without that kernel, or ``CPU_FUSED = False``) the same tiles
+are computed with matmuls as above.
 """
 from __future__ import annotations
 
@@ -136,16 +138,20 @@ def forward(q, k, v, plan: Plan, scale: float):
     qsc = q.to(acc) * scale                                                 # scaled once, gathered below
     fused = _fused_cpu(q, v)
     runs, rest = _square_runs(plan, Hq, D) if fused else ([], None)
+    # the fused kernel reads fp16/bf16 inputs as they are (fp32 inside; each tile's output rounded once to that
+    # dtype before the fp32 merge), fp32/fp64 ones pre-scaled
+    half = fused is not None and q.dtype in (torch.float16, torch.bfloat16)
+    kdt, qk, sk = (q.dtype, q, scale) if half else (acc, qsc, 1.0)
     O3, M2 = O.view(T, Hq, Dv), M.view(T, Hq)
     for qs, ks, nb, n in runs:                      # causal squares: softmax output and log-sum-exp (sum 1)
         rows = slice(qs, qs + nb * n)
-        qb = qsc[rows].view(nb, n, Hq, D).transpose(1, 2)                     # [blocks, heads, n, D] views
-        kb = k[ks:ks + nb * n].to(acc).view(nb, n, Hkv, D).transpose(1, 2)
-        vb = v[ks:ks + nb * n].to(acc).view(nb, n, Hkv, Dv).transpose(1, 2)
+        qb = qk[rows].view(nb, n, Hq, D).transpose(1, 2)                      # [blocks, heads, n, D] views
+        kb = k[ks:ks + nb * n].to(kdt).view(nb, n, Hkv, D).transpose(1, 2)
+        vb = v[ks:ks + nb * n].to(kdt).view(nb, n, Hkv, Dv).transpose(1, 2)
         for g in range(Hkv):                        # the group's K/V head as a stride-0 view: no copy
             h = slice(g * G, (g + 1) * G)
             o, lse = fused(qb[:, h], kb[:, g:g + 1].expand(-1, G, -1, -1), vb[:, g:g + 1].expand(-1, G, -1, -1),
-                           0.0, True, scale=1.0)
+                           0.0, True, scale=sk)
             O3[rows, h] = o.transpose(1, 2).reshape(nb * n, G, Dv)
             M2[rows, h] = lse.transpose(1, 2).reshape(nb * n, G)
         L[rows.start * Hq:rows.stop * Hq] = 1
@@ -163,15 +169,15 @@ def forward(q, k, v, plan: Plan, scale: float):
         M[r] = m.reshape(-1)
         O[r] = torch.einsum("ngjl,lgd->ngjd", p, vb).reshape(-1, Dv)
     # chosen earlier blocks: gathered rows against one block of one kv head; never masked
-    qf = qsc.view(T * Hq, D)
+    qf = qk.view(T * Hq, D)
     for g, ks, ke, off, n in plan.groups:
-        kb = k[ks:ke, g].to(acc)                                            # [l, D]
-        vb = v[ks:ke, g].to(acc)
+        kb = k[ks:ke, g].to(kdt)                                            # [l, D]
+        vb = v[ks:ke, g].to(kdt)
         for a, b in _chunks(n, ke - ks):
             r = plan.rows[off + a:off + b]
             if fused:                       # normalised output and log-sum-exp of the rows over this block
                 o, m = (x[0, 0] for x in fused(qf[r][None, None], kb[None, None], vb[None, None], 0.0, False,
-                                               scale=1.0))
+                                               scale=sk))
                 p_sum = 1
             else:
                 s = qf[r] @ kb.T                                            # [n, l]
@@ -182,7 +188,7 @@ def forward(q, k, v, plan: Plan, scale: float):
             mn = torch.maximum(m0, m)
             a0, a1 = torch.exp(m0 - mn), torch.exp(m - mn)
             L[r] = L[r] * a0 + p_sum * a1
-            O[r] = O[r] * a0[:, None] + o * a1[:, None]
+            O[r] = O[r] * a0[:, None] + o.to(acc) * a1[:, None]
             M[r] = mn
     out = (O / L[:, None]).view(T, Hq, Dv)
     lse = (M + torch.log(L)).view(T, Hq)
