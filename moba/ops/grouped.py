@@ -135,12 +135,12 @@ def forward(q, k, v, plan: Plan, scale: float):
     M = new_empty(T * Hq, dtype=acc, device=q.device)
     L = new_empty(T * Hq, dtype=acc, device=q.device)
     O = new_empty(T * Hq, Dv, dtype=acc, device=q.device)
-    qsc = q.to(acc) * scale                                                 # scaled once, gathered below
     fused = _fused_cpu(q, v)
     runs, rest = _square_runs(plan, Hq, D) if fused else ([], None)
     # the fused kernel reads fp16/bf16 inputs as they are (fp32 inside; each tile's output rounded once to that
     # dtype before the fp32 merge), fp32/fp64 ones pre-scaled
     half = fused is not None and q.dtype in (torch.float16, torch.bfloat16)
+    qsc = q.to(acc) * scale if not half or rest else None                  # scaled once, gathered below
     kdt, qk, sk = (q.dtype, q, scale) if half else (acc, qsc, 1.0)
     O3, M2 = O.view(T, Hq, Dv), M.view(T, Hq)
     for qs, ks, nb, n in runs:                      # causal squares: softmax output and log-sum-exp (sum 1)
