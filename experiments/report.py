@@ -139,6 +139,15 @@ def main():
     plot("position_32k.png", "32K context, block 512, topk 3: loss by position (step 1800)",
          "position (K tokens), bucket centre", [by_position(n) for n in runs32])
     table(runs32, title="32K")
+    # 2. again with R3's 4.92M model for 197M tokens (gpu_runs.sh R5: s32k6k_small_<full|moba|last1>[_<card>]),
+    # once its results are in
+    runs32s = sorted(f.stem for f in HERE.glob("s32k6k_small_*.json"))
+    if runs32s:
+        plot("position_32k_small.png", "32K context, 4.92M model, block 512, topk 3: loss by position",
+             "position (K tokens), bucket centre", [by_position(n) for n in runs32s])
+        table(runs32s, title="32K, 4.92M model")
+        print("trailing 2K tokens: " + ", ".join(f"{n} {final(n)[1].get('trailing_2k', float('nan')):.4f}"
+                                                 for n in runs32s))
 
     # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
     runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]
