@@ -76,6 +76,18 @@ def test_torch_backend_fused_runs_split_by_tile(monkeypatch):
     assert sum(nb * n for _, _, nb, n in runs) == 155 and {n for *_, n in runs} == {16, 4, 7}
 
 
+def test_fused_cpu_kernel_probe():
+    """The CPU kernel is used only if a probe finds it computing what it is used for; this PyTorch's passes."""
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert grouped._probe(real) and grouped._fused_cpu_op() is not None
+    wrong = lambda q, k, v, *a, **kw: (lambda o, lse: (o + 1e-3, lse))(*real(q, k, v, *a, **kw))   # noqa: E731
+    assert not grouped._probe(wrong)
+
+    def changed(*a, **kw):
+        raise RuntimeError("an argument it no longer takes")
+    assert not grouped._probe(changed)
+
+
 def test_torch_backend_fp32_and_noncontiguous():
     # transformers hands [B, H, T, D] tensors transposed to [B, T, H, D]: not contiguous
     q = torch.randn(2, 4, 90, 32).transpose(1, 2)

@@ -17,12 +17,14 @@ positions (causal squares) is one call per kv head, its K/V a stride-0 view for 
 copy, whatever the kernel's own support for grouped heads); each chosen (kv head, block) group is one unmasked
 call. fp16/bf16 inputs go in as they are (fp32 inside the kernel; each tile's output is rounded once to that
 dtype before the fp32 merge: about 1.5x the error of one attention computed at that dtype, PERFLOG 54). Elsewhere
-(other devices, V's head dim unlike Q's, a PyTorch without that kernel, or ``CPU_FUSED = False``) the same tiles
-are computed with matmuls as above.
+(other devices, V's head dim unlike Q's, a PyTorch without that kernel or whose kernel fails a first-use probe, or
+``CPU_FUSED = False``) the same tiles are computed with matmuls as above.
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,32 @@ def _fused_cpu(q, v):
     output, log-sum-exp), or None where it does not apply."""
     if not CPU_FUSED or q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
         return None
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return _fused_cpu_op()
+
+
+@functools.cache
+def _fused_cpu_op():
+    """The kernel if this PyTorch has it and it passes ``_probe`` (it is an internal op of PyTorch's, used as SDPA
+    uses it: a missing or changed one means the matmul tiles, with a warning, never a wrong result)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and not _probe(op):
+        warnings.warn("moba: PyTorch's fused CPU attention kernel did not match its definition on a probe; the CPU "
+                      "forward computes its tiles with matmuls instead", RuntimeWarning, stacklevel=3)
+        return None
+    return op
+
+
+def _probe(op) -> bool:
+    """``op`` computes causal attention and its log-sum-exp as used here: a kv head as a stride-0 view, a scale."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
+    s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    try:
+        o, lse = op(q, k, v, 0.0, True, scale=0.5)
+        return torch.allclose(o, s.softmax(-1) @ v) and torch.allclose(lse.to(s.dtype), s.logsumexp(-1))
+    except Exception:           # any failure of an internal op's call is a "no"
+        return False
 
 
 def _acc(dtype):
