@@ -51,8 +51,9 @@ def test_torch_backend_same_head_dims(lens_q, lens_k, Hq, Hkv, D, bs, topk, fuse
 
     def spy(q, v):
         f = real(q, v)
-        return None if f is None else lambda *a, **kw: calls.append(a[0].shape) or f(*a, **kw)
+        return None if f is None else lambda *a, **kw: calls.append(a[4]) or f(*a, **kw)     # is_causal
     monkeypatch.setattr(grouped, "CPU_FUSED", fused)
+    monkeypatch.setattr(grouped, "FUSED_MIN_ROWS", 1)     # every chosen group fused too, however few its rows
     monkeypatch.setattr(grouped, "_fused_cpu", spy)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D)
     check_against_reference(q, k, v, bs, topk, "torch", 1e-10, extra)
@@ -60,12 +61,15 @@ def test_torch_backend_same_head_dims(lens_q, lens_k, Hq, Hkv, D, bs, topk, fuse
     if not fused:
         assert not calls
     elif lens_q == lens_k and sum(lens_q):      # every own block is a causal square, chosen blocks or not
-        assert calls
+        assert True in calls
+    if fused and topk > 1 and max(lens_q) and max(lens_k) > bs:
+        assert False in calls                   # a chosen group's (unmasked) call
 
 
 def test_torch_backend_fused_runs_split_by_tile(monkeypatch):
     """Runs of causal squares cut at TILE elements of Q and across packed sequences: still the reference."""
     monkeypatch.setattr(grouped, "TILE", 4 * 16 * 4 * 16)          # 4 blocks of 16 rows x 4 heads x D 16 per run
+    monkeypatch.setattr(grouped, "FUSED_MIN_ROWS", 1)
     q, k, v, extra = make_inputs([100, 48, 7], [100, 48, 7], 4, 2, 16)
     plan_runs = []
     real = grouped._square_runs
@@ -106,6 +110,7 @@ def test_torch_backend_half(dtype, fused, monkeypatch):
     """fp16/bf16 within twice the reference's own rounding at that dtype; fused (the CPU kernel reads them as they
     are, each tile's output rounded once) or as fp32 matmul tiles."""
     monkeypatch.setattr(grouped, "CPU_FUSED", fused)
+    monkeypatch.setattr(grouped, "FUSED_MIN_ROWS", 1)
     q, k, v, _ = make_inputs([120], [120], 4, 2, 32, dtype=dtype)
     out = moba.moba_attention(q, k, v, 16, 3, backend="torch")
     assert out.dtype == dtype

@@ -35,6 +35,7 @@ TILE = 1 << 23  # elements of one score tile (fp32: 32 MB)
 # the CPU forward's tiles through PyTorch's fused attention kernel (see the module's docstring); MOBA_CPU_FUSED=0: the
 # matmul tiles
 CPU_FUSED = os.environ.get("MOBA_CPU_FUSED", "1") != "0"
+FUSED_MIN_ROWS = 64  # a chosen group of fewer rows (a decode step's) costs less as two small matmuls
 
 
 def _fused_cpu(q, v):
@@ -202,7 +203,7 @@ def forward(q, k, v, plan: Plan, scale: float):
         vb = v[ks:ke, g].to(kdt)
         for a, b in _chunks(n, ke - ks):
             r = plan.rows[off + a:off + b]
-            if fused:                       # normalised output and log-sum-exp of the rows over this block
+            if fused and b - a >= FUSED_MIN_ROWS:  # normalised output and log-sum-exp of the rows over this block
                 o, m = (x[0, 0] for x in fused(qf[r][None, None], kb[None, None], vb[None, None], 0.0, False,
                                                scale=sk))
                 p_sum = 1
