@@ -59,14 +59,21 @@ def _fused_cpu_op():
 
 
 def _probe(op) -> bool:
-    """``op`` computes causal attention and its log-sum-exp as used here: a kv head as a stride-0 view, a scale."""
+    """``op`` computes attention and its log-sum-exp as used here: causal and not, a kv head as a stride-0 view,
+    a scale, fp64 and bf16."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
     k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
-    s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    s = q @ k.transpose(-1, -2) * 0.5
     try:
-        o, lse = op(q, k, v, 0.0, True, scale=0.5)
-        return torch.allclose(o, s.softmax(-1) @ v) and torch.allclose(lse.to(s.dtype), s.logsumexp(-1))
+        for causal, dtype, tol in ((True, torch.float64, 1e-8), (False, torch.float64, 1e-8),
+                                   (True, torch.bfloat16, 3e-2)):
+            sc = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")) if causal else s
+            o, lse = op(q.to(dtype), k.to(dtype), v.to(dtype), 0.0, causal, scale=0.5)
+            if not (torch.allclose(o.double(), sc.softmax(-1) @ v, atol=tol, rtol=tol)
+                    and torch.allclose(lse.double(), sc.logsumexp(-1), atol=tol, rtol=tol)):
+                return False
+        return True
     except Exception:           # any failure of an internal op's call is a "no"
         return False
 
