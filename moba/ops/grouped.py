@@ -60,14 +60,14 @@ def _fused_cpu_op():
 
 def _probe(op) -> bool:
     """``op`` computes attention and its log-sum-exp as used here: causal and not, a kv head as a stride-0 view,
-    a scale, fp64 and bf16."""
+    a scale, fp64, bf16 and fp16."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
     k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
     s = q @ k.transpose(-1, -2) * 0.5
     try:
         for causal, dtype, tol in ((True, torch.float64, 1e-8), (False, torch.float64, 1e-8),
-                                   (True, torch.bfloat16, 3e-2)):
+                                   (True, torch.bfloat16, 3e-2), (False, torch.float16, 1e-2)):
             sc = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")) if causal else s
             o, lse = op(q.to(dtype), k.to(dtype), v.to(dtype), 0.0, causal, scale=0.5)
             if not (torch.allclose(o.double(), sc.softmax(-1) @ v, atol=tol, rtol=tol)
