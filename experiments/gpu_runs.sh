@@ -47,15 +47,32 @@ x_full23() {
   timeout 300 python3 experiments/retrieval.py $RC --seq-len 16384 --batch 4 --steps 1200 --lr 1e-3 --max-minutes 4.5 \
     --attn full --seed $1 --init runs/${3}2k_$1/ckpt.pt --out runs/${3}16k_$1 > runs/${3}16k_$1.log 2>&1
 }
-# each seed's stages ($2...) of X*: last step line and accuracy by depth, results into $OUT/<$1><stage>_<seed>.json
+# each seed's (SEEDS) stages ($2...) of X*: last step line, accuracy by depth and the gate's recall, results into
+# $OUT/<$1><stage>_<seed>.json
 x_report() {
   local p=$1 s st; shift
   for s in ${SEEDS:-2 3}; do for st in "$@"; do
-    echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"; grep -h "accuracy by depth" runs/x${st}_$s.log
+    echo "seed $s $st: $(grep -h 'step ' runs/x${st}_$s.log | tail -1)"
+    grep -h "accuracy by depth\|gate selects" runs/x${st}_$s.log
     cp runs/x${st}_$s/retrieval.json "$OUT/$p${st}_$s.json" 2>/dev/null
   done; done
 }
 tr() { name=$1; shift; python3 experiments/train.py $D --out runs/$name "$@" > runs/$name.log 2>&1; tail -2 runs/$name.log; }
+# R3-R5: train.py runs side by side on one GPU, resumable over warm calls within $end: side_by_side <name prefix>
+# <common arguments> <name:arguments>...; runs/<prefix><name>[_seed<SEED>], skipped once finished; each later run
+# starts once the first has built the corpus; then each run's last evaluation
+side_by_side() {
+  local pre=$1 common=$2 v n p i pids=(); shift 2
+  for v in "$@"; do
+    n=$pre${v%%:*}${SEED:+_seed$SEED}
+    [[ -f runs/$n/history.json ]] && continue
+    timeout $((end - SECONDS)) python3 experiments/train.py $D $common ${v#*:} --out runs/$n --resume >> runs/$n.log 2>&1 &
+    pids+=($!)
+    for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
+  done
+  for p in "${pids[@]}"; do wait $p; done
+  for v in "$@"; do echo "${v%%:*}: $(grep -h "^eval" runs/$pre${v%%:*}${SEED:+_seed$SEED}.log | tail -1)"; done
+}
 case ${1:-A} in
 A)  # 1. loss parity at 8K (block 512, topk 3)
     tr s8k_full --preset s8k --attn full --max-minutes 3
@@ -183,10 +200,7 @@ X2) # from X1's stage 1 of seed S1 (default 2; seed 3's stayed on the plateau in
     x_full23 $sd runs/x256_$s1/ckpt.pt xf${s1}_ &
     x_stages23 $sd 3000:4:250:1943 5000:5.3:330:1363 runs/x256_$s1/ckpt.pt xm${s1}_
     wait
-    for st in xm${s1}_2k xm${s1}_16k xf${s1}_2k xf${s1}_16k; do
-      echo "$st seed $sd: $(grep -h 'step ' runs/${st}_$sd.log | tail -1)"; grep -h "accuracy by depth\|gate selects" runs/${st}_$sd.log
-      cp runs/${st}_$sd/retrieval.json "$OUT/cur_${st}_$sd.json" 2>/dev/null
-    done ;;
+    SEEDS=$sd x_report cur_x m${s1}_2k m${s1}_16k f${s1}_2k f${s1}_16k ;;
 V2) # from V1's stage 1: full attention at 2K and 16K (the baseline) and MoBA 32/12 at 2K, 32/48 at 16K
     [[ -f runs/v256/ckpt.pt ]] || { echo "no runs/v256/ckpt.pt: run V1 first on this machine"; exit 1; }
     export FROM=runs/v256/ckpt.pt
@@ -223,52 +237,22 @@ R3) # 1. loss parity at a second, smaller model size (dim 256, 4 layers, 4 query
     # parameters) at R's tokens (6000 steps of 4 x 8K), seed 0: full and MoBA side by side on one GPU (the
     # second starts once the first has built the corpus), resumable as R
     end=$((SECONDS + ${SECONDS_LEFT:-540}))
-    M="--preset s8k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0 --seed ${SEED:-0}"
-    pids=()
-    for a in full moba; do
-      n=s8k6k_small_$a${SEED:+_seed$SEED}
-      [[ -f runs/$n/history.json ]] && continue
-      timeout $((end - SECONDS)) python3 experiments/train.py $D $M --attn $a --out runs/$n --resume >> runs/$n.log 2>&1 &
-      pids+=($!)
-      for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
-    done
-    for p in "${pids[@]}"; do wait $p; done
-    for a in full moba; do echo "$a: $(grep -h "^eval" runs/s8k6k_small_$a${SEED:+_seed$SEED}.log | tail -1)"; done ;;
+    side_by_side s8k6k_small_ "--preset s8k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0
+      --seed ${SEED:-0}" "full:--attn full" "moba:--attn moba" ;;
 R5) # 2. position-wise loss at 32K with R3's 4.92M model at R's tokens (6000 steps of 1 x 32768 = 197M tokens; B's
     # 26.75M runs at 59M tokens were flat by position): full, MoBA 512/3 and MoBA with the last layer full side by
     # side on one GPU, seed SEED (default 0), resumable as R (call again on the warm machine until all three print
     # their last evaluation); the evaluations log the trailing 2K tokens' loss ("last 2K")
     end=$((SECONDS + ${SECONDS_LEFT:-540}))
-    M="--preset s32k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0 --eval-batches 16"
-    pids=()
-    for v in "full:--attn full" "moba:--attn moba" "last1:--attn moba --full-last 1"; do
-      n=s32k6k_small_${v%%:*}${SEED:+_seed$SEED}
-      [[ -f runs/$n/history.json ]] && continue
-      timeout $((end - SECONDS)) python3 experiments/train.py $D $M ${v#*:} --seed ${SEED:-0} --out runs/$n --resume \
-        >> runs/$n.log 2>&1 &
-      pids+=($!)
-      for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
-    done
-    for p in "${pids[@]}"; do wait $p; done
-    for v in full moba last1; do
-      n=s32k6k_small_$v${SEED:+_seed$SEED}; echo "$v: $(grep -h "^eval" runs/$n.log | tail -1)"
-      cp runs/$n/history.json "$OUT/$n.json" 2>/dev/null
-    done ;;
+    side_by_side s32k6k_small_ "--preset s32k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0
+      --eval-batches 16 --seed ${SEED:-0}" "full:--attn full" "moba:--attn moba" "last1:--attn moba --full-last 1"
+    for v in full moba last1; do n=s32k6k_small_$v${SEED:+_seed$SEED}; cp runs/$n/history.json "$OUT/$n.json" 2>/dev/null; done ;;
 R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsity (block 128, topk 12: 1536 keys per
     # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position;
     # side by side on the same GPU, the same for R3's 4.92M model (compare with its full 2.3520 and MoBA 2.3254)
     end=$((SECONDS + ${SECONDS_LEFT:-540}))
-    M="--preset s8k --steps 6000 --max-minutes 0 --attn moba --block-size 128 --topk 12 --seed ${SEED:-0}"
-    pids=()
-    for v in "moba128:" "small_moba128:--dim 256 --layers 4 --heads 4 --kv-heads 1"; do
-      n=s8k6k_${v%%:*}${SEED:+_seed$SEED}
-      [[ -f runs/$n/history.json ]] && continue
-      timeout $((end - SECONDS)) python3 experiments/train.py $D $M ${v#*:} --out runs/$n --resume >> runs/$n.log 2>&1 &
-      pids+=($!)
-      for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
-    done
-    for p in "${pids[@]}"; do wait $p; done
-    for n in moba128 small_moba128; do echo "$n: $(grep -h "^eval" runs/s8k6k_$n${SEED:+_seed$SEED}.log | tail -1)"; done ;;
+    side_by_side s8k6k_ "--preset s8k --steps 6000 --max-minutes 0 --attn moba --block-size 128 --topk 12 --seed ${SEED:-0}" \
+      "moba128:" "small_moba128:--dim 256 --layers 4 --heads 4 --kv-heads 1" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
