@@ -115,7 +115,6 @@ _CACHE: dict = {}
 _CACHE_SIZE = 16
 
 
-@functools.lru_cache(maxsize=None)
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host integers: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in
     Triton 3.6, a few microseconds per host call, which an 8K forward's launches add up."""
@@ -127,6 +126,7 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+@functools.lru_cache(maxsize=None)
 def sm_count(device) -> int:
     """Streaming multiprocessors of a CUDA device (the persistent kernels' grids, the decode split count)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
