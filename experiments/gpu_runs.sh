@@ -250,9 +250,11 @@ R5) # 2. position-wise loss at 32K with R3's 4.92M model at R's tokens (6000 ste
 R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsity (block 128, topk 12: 1536 keys per
     # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position;
     # side by side on the same GPU, the same for R3's 4.92M model (compare with its full 2.3520 and MoBA 2.3254)
-    end=$((SECONDS + ${SECONDS_LEFT:-540}))
+    # R4_BIG_ONLY=1: the 26.75M run alone (the 4.92M one has run twice)
+    end=$((SECONDS + ${SECONDS_LEFT:-540})); v=("moba128:" "small_moba128:--dim 256 --layers 4 --heads 4 --kv-heads 1")
+    [[ -n ${R4_BIG_ONLY:-} ]] && v=("moba128:")
     side_by_side s8k6k_ "--preset s8k --steps 6000 --max-minutes 0 --attn moba --block-size 128 --topk 12 --seed ${SEED:-0}" \
-      "moba128:" "small_moba128:--dim 256 --layers 4 --heads 4 --kv-heads 1" ;;
+      "${v[@]}" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"
