@@ -8,13 +8,16 @@ groups=("against_reference or varlen_and_decode" "deterministic or gluon_dkdv" "
         "gluon_fwd_ws and persistent_own and not gate" "gluon_fwd_ws and persistent_own_gate"
         "gluon_fwd_ws and persistent and not own and not pf and not sst and not qe" "gluon_fwd_ws and per_tile")
 for i in "${!groups[@]}"; do
-  timeout 450 python3 -m pytest -q tests/test_gpu.py -k "${groups[$i]}" -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
+  timeout 540 python3 -m pytest -q tests/test_gpu.py -k "${groups[$i]}" -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
   pids+=($!); names+=("test_gpu: ${groups[$i]}")
 done
 for f in test_triton test_decode test_compile test_hf test_attention; do
   i=${#pids[@]}
-  timeout 450 python3 -m pytest -q tests/$f.py -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
+  timeout 540 python3 -m pytest -q tests/$f.py -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
   pids+=($!); names+=("$f")
 done
-for p in "${pids[@]}"; do wait $p; done
-for i in "${!pids[@]}"; do echo "${names[$i]}: $(tail -1 /tmp/s_$i.log)"; grep -m3 -E "^(FAILED|ERROR)" /tmp/s_$i.log; done
+rcs=(); for p in "${pids[@]}"; do wait $p; rcs+=($?); done
+for i in "${!pids[@]}"; do
+  echo "${names[$i]}: $(tail -1 /tmp/s_$i.log)$( ((rcs[i] == 124)) && echo "  [cut by the 540 s limit]")"
+  grep -m3 -E "^(FAILED|ERROR)" /tmp/s_$i.log
+done

@@ -75,8 +75,8 @@ def gap_by_position(long8, small, hyb8):
     print("\n| model | pairs | " + " | ".join(f"{i}-{i + 1}K" for i in range(8)) + " |\n|---|---|"
           + "---|" * 8)
     series = []
-    for label, pairs in (("26.75M, MoBA (2 seeds)", list(zip(long8[::2], long8[1::2]))),
-                         ("4.92M, MoBA (3 seeds)", list(zip(small[::2], small[1::2]))),
+    for label, pairs in ((f"26.75M, MoBA ({len(long8) // 2} seeds)", list(zip(long8[::2], long8[1::2]))),
+                         (f"4.92M, MoBA ({len(small) // 2} seeds)", list(zip(small[::2], small[1::2]))),
                          ("26.75M, MoBA then full 10%", [(long8[0], hyb8[0])]),
                          ("26.75M, last 2 layers full", [(long8[0], hyb8[1])])):
         rows, mean = gaps(pairs)
@@ -97,10 +97,10 @@ def main():
     seeds = ["s8k_full_seed1_h100", "s8k_moba_seed1_h100"]   # the MoBA run was cut by its time guard at 1848
     table(seeds, step=1750, title="8K, seed 1, compared at step 1750")
     table(["s8k_full_seed2_h100", "s8k_moba_seed2_h100"], title="8K, seed 2")
-    # the same at 3x the tokens (6000 steps, gpu_runs.sh R), seeds 0 and 1
-    long8 = [f"s8k6k_{a}{s}_h100" for s in ("", "_seed1") for a in ("full", "moba")]
+    # the same at 3x the tokens (6000 steps, gpu_runs.sh R), seeds 0 and 1 (H100), seed 2 (H200)
+    long8 = [f"s8k6k_{a}{s}" for s in ("_h100", "_seed1_h100", "_seed2_h200") for a in ("full", "moba")]
     hyb8 = ["s8k6k_until90_h100", "s8k6k_last2_h100"]     # 4. the hybrids at this scale (gpu_runs.sh R2), seed 0
-    plot("loss_8k_6000.png", "8K context, block 512, topk 3, 6000 steps (seeds 0, 1)", "tokens seen (M)",
+    plot("loss_8k_6000.png", "8K context, block 512, topk 3, 6000 steps (seeds 0-2)", "tokens seen (M)",
          [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in long8])
     plot("hybrid_8k_6000.png", "8K, 6000 steps, seed 0: full, MoBA and the hybrids", "tokens seen (M)",
          [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in [
@@ -120,10 +120,11 @@ def main():
         mf, mm = (sum(x) / len(pairs) for x in zip(*pairs))
         print(f"{size}: MoBA vs full per seed {gaps}; means {mf:.4f} / {mm:.4f} ({100 * (mm / mf - 1):+.2f}%)")
 
-    # 3. granularity at 8K (R4): blocks of 128 / topk 12 against 512 / topk 3; the 26.75M runs stopped early (their
-    # histories parsed from the logs), so compared at the steps they reached
+    # 3. granularity at 8K (R4): blocks of 128 / topk 12 against 512 / topk 3; two 26.75M runs stopped early (their
+    # histories parsed from the logs), so compared at the steps they reached; the third ran to the end
     gran = [("26.75M full", "s8k6k_full_h100"), ("26.75M MoBA 512/3", "s8k6k_moba_h100"),
             ("26.75M MoBA 128/12", "s8k6k_moba128_h200"), ("26.75M MoBA 128/12, again", "s8k6k_moba128_rerun_h200"),
+            ("26.75M MoBA 128/12, third run", "s8k6k_moba128_end_h200"),
             ("4.92M full", "s8k6k_small_full_h200"), ("4.92M MoBA 512/3", "s8k6k_small_moba_h200"),
             ("4.92M MoBA 128/12", "s8k6k_small_moba128_h200"),
             ("4.92M MoBA 128/12, again", "s8k6k_small_moba128_rerun_h200")]
@@ -147,7 +148,17 @@ def main():
              "position (K tokens), bucket centre", [by_position(n) for n in runs32s])
         table(runs32s, title="32K, 4.92M model")
         print("trailing 2K tokens: " + ", ".join(f"{n} {final(n)[1].get('trailing_2k', float('nan')):.4f}"
+                                                 + (f" (short context {final(n)[1]['trailing_2k_short']:.4f})"
+                                                    if "trailing_2k_short" in final(n)[1] else "")
                                                  for n in runs32s))
+        full32 = next((n for n in runs32s if "_full" in n), None)
+        print("\n| vs full | " + " | ".join(f"{4 * i}-{4 * i + 4}K" for i in range(8)) + " | last 2K |\n|---|"
+              + "---|" * 9)
+        for n in runs32s:
+            if full32 and n != full32:
+                (bf, tf), (bm, tm) = ((final(x)[1]["buckets"], final(x)[1]["trailing_2k"]) for x in (full32, n))
+                print(f"| {n} | " + " | ".join(f"{100 * (y / x - 1):+.2f}%" for x, y in zip(bf, bm))
+                      + f" | {100 * (tm / tf - 1):+.2f}% |")
 
     # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
     runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]

@@ -63,6 +63,7 @@ class Config:
     grad_clip: float = 1.0
     eval_every: int = 50
     eval_batches: int = 8
+    eval_short: int = 4096        # also score the trailing tokens with only this many tokens of context (0: off)
     seed: int = 0
     max_minutes: float = 0.0      # >0: stop early (final evaluation, history marked) after this much training
     # data
@@ -261,19 +262,28 @@ class GPT(nn.Module):
 # ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, data, cfg, device, buckets=8, trailing=2048):
-    """Validation loss, loss by position bucket, and the loss of the last ``trailing`` positions (the trailing
-    tokens; all of them where the sequence is shorter)."""
+    """Validation loss, loss by position bucket, the loss of the last ``trailing`` positions (the trailing tokens;
+    all of them where the sequence is shorter), and the same trailing tokens' loss when the model sees only the last
+    ``cfg.eval_short`` tokens of each sequence (None unless that is shorter than the sequence): the difference is what
+    the context beyond ``eval_short`` tokens is worth to the model, the position buckets of a few random windows
+    being too noisy for that (windows cross document boundaries, and each bucket's text differs)."""
     model.eval()
     g = torch.Generator().manual_seed(1234)
-    tot = torch.zeros(cfg.seq_len, dtype=torch.float64)
+    short = cfg.eval_short if 0 < cfg.eval_short < cfg.seq_len else 0
+    tot, tot_short = torch.zeros(cfg.seq_len, dtype=torch.float64), torch.zeros(max(short, 1), dtype=torch.float64)
     for _ in range(cfg.eval_batches):
         x, y = batch_of(data, cfg, g, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(x, y, reduction="none").view(x.shape)
+            if short:
+                tot_short += model(x[:, -short:], y[:, -short:], reduction="none").view(-1, short).double().sum(0).cpu()
         tot += loss.double().sum(0).cpu()
     model.train()
-    per_pos = tot / (cfg.eval_batches * cfg.batch)
-    return per_pos.mean().item(), [c.mean().item() for c in per_pos.chunk(buckets)], per_pos[-trailing:].mean().item()
+    n = cfg.eval_batches * cfg.batch
+    per_pos = tot / n
+    trail_short = (tot_short / n)[-trailing:].mean().item() if short else None
+    return (per_pos.mean().item(), [c.mean().item() for c in per_pos.chunk(buckets)], per_pos[-trailing:].mean().item(),
+            trail_short)
 
 
 def run_info(device) -> dict:
@@ -345,10 +355,12 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
                 f"{tokens / (now - t_last):.0f} tok/s{'  [full]' if switched else ''}")
             t_last, tokens = now, 0
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            vl, buckets, trail = evaluate(model, val_data, cfg, device)
+            vl, buckets, trail, trail_short = evaluate(model, val_data, cfg, device)
             history.append(dict(step=step, val_loss=vl, buckets=buckets, trailing_2k=trail,
-                                tokens_seen=step * cfg.batch * cfg.seq_len, wall_s=wall))
-            log(f"eval step {step}: val loss {vl:.4f}  last 2K {trail:.4f}  by position bucket "
+                                tokens_seen=step * cfg.batch * cfg.seq_len, wall_s=wall,
+                                **({} if trail_short is None else dict(trailing_2k_short=trail_short))))
+            short = "" if trail_short is None else f" ({trail_short:.4f} with {cfg.eval_short} tokens of context)"
+            log(f"eval step {step}: val loss {vl:.4f}  last 2K {trail:.4f}{short}  by position bucket "
                 + " ".join(f"{b:.3f}" for b in buckets))
             save_checkpoint(ck, model, opt, step, history, wall, cfg)
     if out_of_time:

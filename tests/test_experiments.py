@@ -25,6 +25,7 @@ def test_train_and_resume(tmp_path):
     full = train.train(cfg(tmp_path, out=str(tmp_path / "a")), log=lambda *_: None)
     assert len(full) == 2 and all(h["val_loss"] == h["val_loss"] for h in full)
     assert all(h["trailing_2k"] == pytest.approx(h["val_loss"]) for h in full)     # 128 tokens: all are trailing
+    assert all("trailing_2k_short" not in h for h in full)                            # 128 <= eval_short
     train.train(cfg(tmp_path, out=str(tmp_path / "b")), log=lambda *_: None, stop_at=3)
     resumed = train.train(cfg(tmp_path, out=str(tmp_path / "b")), resume=True, log=lambda *_: None)
     assert resumed[-1]["step"] == 8
@@ -38,14 +39,34 @@ def test_evaluate_trailing_tokens(tmp_path):
     c = cfg(tmp_path)
     model = train.GPT(c)
     data = torch.randint(0, c.vocab, (5000,))
-    vl, buckets, trail = train.evaluate(model, data, c, torch.device("cpu"), buckets=4, trailing=32)
+    vl, buckets, trail, short = train.evaluate(model, data, c, torch.device("cpu"), buckets=4, trailing=32)
     assert len(buckets) == 4 and trail == pytest.approx(buckets[-1]) and vl == pytest.approx(sum(buckets) / 4)
-    assert trail != pytest.approx(buckets[0])
+    assert trail != pytest.approx(buckets[0]) and short is None     # eval_short (4096) >= seq_len: off
+
+
+@pytest.mark.parametrize("attn", ["full", "moba"])
+def test_evaluate_trailing_tokens_with_short_context(tmp_path, attn):
+    """With eval_short 48 of 128 tokens the last 32 positions are scored again on each window's last 48 tokens alone:
+    the same windows as the full evaluation (its generator's seed), written out here with the model's own loss."""
+    import torch
+    torch.manual_seed(0)
+    c = cfg(tmp_path, eval_short=48, attn=attn)
+    model = train.GPT(c)
+    data = torch.randint(0, c.vocab, (5000,))
+    vl, buckets, trail, short = train.evaluate(model, data, c, torch.device("cpu"), buckets=4, trailing=32)
+    g, want, whole = torch.Generator().manual_seed(1234), [], []
+    with torch.no_grad():
+        for _ in range(c.eval_batches):
+            x, y = train.batch_of(data, c, g, torch.device("cpu"))
+            want.append(model(x[:, -48:], y[:, -48:], reduction="none").view(-1, 48)[:, -32:])
+            whole.append(model(x, y, reduction="none").view(x.shape)[:, -32:])
+    assert short == pytest.approx(torch.cat(want).double().mean().item(), rel=1e-6)
+    assert trail == pytest.approx(torch.cat(whole).double().mean().item(), rel=1e-6) and short != pytest.approx(trail)
 
 
 def test_hybrids_and_presets(tmp_path):
-    h = train.train(cfg(tmp_path, full_last=1, moba_until=0.5), log=lambda *_: None)
-    assert h[-1]["step"] == 8
+    h = train.train(cfg(tmp_path, full_last=1, moba_until=0.5, eval_short=64), log=lambda *_: None)
+    assert h[-1]["step"] == 8 and h[-1]["trailing_2k_short"] == h[-1]["trailing_2k_short"]    # present, not NaN
     c, resume, stop = train.parse(["--preset", "tiny-cpu", "--attn", "full", "--steps", "3"])
     assert c.steps == 3 and c.attn == "full" and c.dim == train.PRESETS["tiny-cpu"]["dim"] and not resume
     model = train.GPT(cfg(tmp_path, full_last=1))
