@@ -104,19 +104,33 @@ def test_torch_backend_fp32_and_noncontiguous():
     check_against_reference(x[..., :32], y[..., :32], y[..., 32:], 16, 3, "torch", 1e-5, {})
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused,min_rows", [(True, 1), (True, 12), (True, 10**9), (False, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_torch_backend_half(dtype, fused, monkeypatch):
-    """fp16/bf16 within twice the reference's own rounding at that dtype; fused (the CPU kernel reads them as they
-    are, each tile's output rounded once) or as fp32 matmul tiles."""
+def test_torch_backend_half(dtype, fused, min_rows, monkeypatch):
+    """fp16/bf16 within twice the reference's own rounding at that dtype, forward and gradients; fused (the CPU
+    kernel reads them as they are, each tile's output rounded once) with every chosen group through the kernel, some
+    (groups of 12 rows or more; the others, unscaled half rows, as matmuls), none, or as fp32 matmul tiles."""
     monkeypatch.setattr(grouped, "CPU_FUSED", fused)
-    monkeypatch.setattr(grouped, "FUSED_MIN_ROWS", 1)
+    monkeypatch.setattr(grouped, "FUSED_MIN_ROWS", min_rows)
+    plans, make_plan = [], grouped.make_plan
+    monkeypatch.setattr(grouped, "make_plan", lambda *a: plans.append(make_plan(*a)) or plans[-1])
     q, k, v, _ = make_inputs([120], [120], 4, 2, 32, dtype=dtype)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     out = moba.moba_attention(q, k, v, 16, 3, backend="torch")
     assert out.dtype == dtype
-    ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3)
-    low = moba.naive_moba_attention(q, k, v, 16, 3)   # the reference's own rounding at this dtype
+    sizes = [n for *_, n in plans[0].groups]
+    assert min(sizes) < 12 <= max(sizes)            # the 12-row threshold splits the groups both ways
+    w = torch.randn_like(out, dtype=torch.float64)
+    (out.double() * w).sum().backward()
+    grads = [x.grad for x in (q, k, v)]
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = moba.naive_moba_attention(qd, kd, vd, 16, 3)
+    (ref * w).sum().backward()
+    low = moba.naive_moba_attention(*(x.detach() for x in (q, k, v)), 16, 3)   # the reference's own rounding
     assert rel_err(out, ref) <= 2 * rel_err(low, ref) + 1e-3
+    for g, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        assert g.dtype == dtype and rel_err(g, want) < 2e-2
+
 
 
 def _causal(q, k, v, scale=None):

@@ -214,11 +214,13 @@ def forward(q, k, v, plan: Plan, scale: float):
                 o, m = (x[0, 0] for x in fused(qf[r][None, None], kb[None, None], vb[None, None], 0.0, False,
                                                scale=sk))
                 p_sum = 1
-            else:
-                s = qf[r] @ kb.T                                            # [n, l]
+            else:                                   # fp32/fp64 rows come pre-scaled; fp16/bf16 ones as they are
+                s = qf[r].to(acc) @ kb.to(acc).T                                # [n, l]
+                if sk != 1.0:
+                    s.mul_(sk)
                 m = s.amax(-1)
                 p = torch.exp_(s.sub_(m[:, None]))
-                p_sum, o = p.sum(-1), p @ vb
+                p_sum, o = p.sum(-1), p @ vb.to(acc)
             m0 = M[r]
             mn = torch.maximum(m0, m)
             a0, a1 = torch.exp(m0 - mn), torch.exp(m - mn)
