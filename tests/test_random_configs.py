@@ -1,0 +1,57 @@
+"""Random configurations of the default CPU path (the `torch` backend with its fused CPU tiles and their thresholds as
+shipped, nothing patched) against the fp64 reference, forward and gradients: every dtype, GQA ratios, V's head dim
+unlike Q's, block sizes, topk, packed sequences, fewer queries than keys. A fixed-threshold bug (half-precision
+groups under ``FUSED_MIN_ROWS`` rows scored unscaled) got past the targeted tests, which patch the thresholds."""
+import random
+
+import pytest
+import torch
+
+import moba
+from helpers import make_inputs
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _err(a, b, floor):
+    """Relative error with a floor under the reference's norm: gradients that are exactly 0 in fp64 (a query that
+    reads one key) come out as rounding noise in lower precision."""
+    return ((a.double() - b).norm() / max(b.norm().item(), floor)).item()
+
+
+def _config(rng):
+    Hkv, G, D = rng.choice([1, 2, 3]), rng.choice([1, 2, 3]), rng.choice([16, 32, 64])
+    lens_k = [rng.randint(1, 400) for _ in range(rng.choice([1, 1, 3]))]
+    lens_q = [rng.choice([n, n, 1, max(1, n // 3)]) for n in lens_k]
+    return dict(dtype=rng.choice([torch.float32, torch.float64, *HALF]), Hq=Hkv * G, Hkv=Hkv, D=D,
+                Dv=rng.choice([D, D, 24]), bs=rng.choice([8, 16, 64]), topk=rng.choice([1, 2, 3, 5]),
+                lens_q=lens_q, lens_k=lens_k)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configs_against_reference(seed, fused, monkeypatch):
+    from moba.ops import grouped
+    monkeypatch.setattr(grouped, "CPU_FUSED", fused == "1")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for _ in range(12):
+        c = _config(rng)
+        dt = c["dtype"]
+        q, k, v, extra = make_inputs(c["lens_q"], c["lens_k"], c["Hq"], c["Hkv"], c["D"], c["Dv"], dtype=dt,
+                                     varlen=len(c["lens_k"]) > 1 or c["lens_q"] != c["lens_k"])
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        out = moba.moba_attention(q, k, v, c["bs"], c["topk"], **extra)
+        w = torch.randn(out.shape, dtype=torch.float64)
+        (out.double() * w).sum().backward()
+        qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+        ref = moba.naive_moba_attention(qd, kd, vd, c["bs"], c["topk"], **extra)
+        (ref * w).sum().backward()
+        if dt in HALF:   # twice the reference's own rounding at this dtype
+            low = moba.naive_moba_attention(*(x.detach() for x in (q, k, v)), c["bs"], c["topk"], **extra)
+            tol, gtol = 2 * _err(low, ref, 0) + 1e-3, 3e-2
+        else:
+            tol, gtol = (1e-5, 1e-4) if dt == torch.float32 else (1e-10, 1e-9)
+        assert out.dtype == dt and _err(out, ref, 0) <= tol, c
+        for g, want in zip((q.grad, k.grad, v.grad), (qd.grad, kd.grad, vd.grad)):
+            assert g.dtype == dt and _err(g, want, 1e-2) <= gtol, c
