@@ -11,7 +11,7 @@ for i in "${!groups[@]}"; do
   timeout 540 python3 -m pytest -q tests/test_gpu.py -k "${groups[$i]}" -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
   pids+=($!); names+=("test_gpu: ${groups[$i]}")
 done
-for f in test_triton test_decode test_compile test_hf test_attention; do
+for f in test_triton test_decode test_compile test_hf test_attention test_random_configs; do
   i=${#pids[@]}
   timeout 540 python3 -m pytest -q tests/$f.py -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
   pids+=($!); names+=("$f")
