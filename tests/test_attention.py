@@ -194,3 +194,16 @@ def test_default_backend_runs_on_cpu():
     q, k, v, _ = make_inputs([50], [50], 2, 2, 16, dtype=torch.float32)
     out = moba.moba_attention(q, k, v, 8, 2)
     assert rel_err(out, moba.naive_moba_attention(q, k, v, 8, 2)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_backend_transposed_inputs(dtype):
+    """q, k, v transposed from [B, H, T, D] (as attention modules hold them): T and H do not fold into one dimension;
+    the CPU forward reads them in place whatever their dtype (bf16/fp16 once failed here with a view error)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 150, 32, generator=g).to(dtype).transpose(1, 2) for h in (4, 2, 2))
+    assert not q.is_contiguous()
+    out = moba.moba_attention(q, k, v, 16, 3, backend="torch")
+    ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3)
+    low = moba.naive_moba_attention(q, k, v, 16, 3)
+    assert rel_err(out, ref) <= 2 * rel_err(low, ref) + (1e-3 if dtype != torch.float32 else 1e-6)

@@ -12,7 +12,7 @@ import torch
 from .utils import Layout, LayoutTensors, to_device
 
 # Elements of one chunk's score tile (fp32): 32M * 4 B = 128 MB at most.
-SCORE_TILE = 1 << 25
+SCORE_TILE = 1 << 22
 POOL_TILE = 1 << 25
 SLICE_SEQS = 64       # block_means sums per-sequence views up to this many sequences, else gathers
 

@@ -15,8 +15,10 @@ On the CPU the forward hands both kinds of tile to PyTorch's fused attention ker
 uses on the CPU, which also returns the log-sum-exp): a run of own blocks whose queries are all of their
 positions (causal squares) is one call per kv head, its K/V a stride-0 view for the group's query heads (no
 copy, whatever the kernel's own support for grouped heads); each chosen (kv head, block) group is one unmasked
-call. fp16/bf16 inputs go in as they are (fp32 inside the kernel; each tile's output is rounded once to that
-dtype before the fp32 merge: about 1.5x the error of one attention computed at that dtype, PERFLOG 54). Elsewhere
+call. Inputs go in as they are, the kernel applying the scale; fp16/bf16 ones are computed in fp32 inside the kernel
+and each tile's output is rounded once to that dtype before the fp32 merge (about 1.5x the error of one attention
+computed at that dtype, PERFLOG 54). No scaled copy of q is made: matmul tiles upcast and scale their own rows,
+chosen groups gather their rows by (token, head), so q may have any strides. Elsewhere
 (other devices, V's head dim unlike Q's, a PyTorch without that kernel or whose kernel fails a first-use probe, or
 ``CPU_FUSED = False``) the same tiles are computed with matmuls as above.
 """
@@ -66,7 +68,7 @@ def _probe(op) -> bool:
     k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
     s = q @ k.transpose(-1, -2) * 0.5
     try:
-        for causal, dtype, tol in ((True, torch.float64, 1e-8), (False, torch.float64, 1e-8),
+        for causal, dtype, tol in ((True, torch.float64, 1e-8), (False, torch.float64, 1e-8), (True, torch.float32, 1e-5),
                                    (True, torch.bfloat16, 3e-2), (False, torch.float16, 1e-2)):
             sc = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")) if causal else s
             o, lse = op(q.to(dtype), k.to(dtype), v.to(dtype), 0.0, causal, scale=0.5)
@@ -172,21 +174,20 @@ def forward(q, k, v, plan: Plan, scale: float):
     O = new_empty(T * Hq, Dv, dtype=acc, device=q.device)
     fused = _fused_cpu(q, v)
     runs, rest = _square_runs(plan, Hq, D) if fused else ([], None)
-    # the fused kernel reads fp16/bf16 inputs as they are (fp32 inside; each tile's output rounded once to that
-    # dtype before the fp32 merge), fp32/fp64 ones pre-scaled
-    half = fused is not None and q.dtype in (torch.float16, torch.bfloat16)
-    qsc = q.to(acc) * scale if not half or rest else None                  # scaled once, gathered below
-    kdt, qk, sk = (q.dtype, q, scale) if half else (acc, qsc, 1.0)
+    # the fused kernel reads the inputs as they are (fp16/bf16 too: fp32 inside, each tile's output rounded once to
+    # that dtype before the fp32 merge) and applies the scale; the matmul tiles upcast and scale their own rows
+    # (no scaled copy of q: any strides, one tile at a time)
+    kdt = q.dtype if fused else acc
     O3, M2 = O.view(T, Hq, Dv), M.view(T, Hq)
     for qs, ks, nb, n in runs:                      # causal squares: softmax output and log-sum-exp (sum 1)
         rows = slice(qs, qs + nb * n)
-        qb = qk[rows].view(nb, n, Hq, D).transpose(1, 2)                      # [blocks, heads, n, D] views
+        qb = q[rows].view(nb, n, Hq, D).transpose(1, 2)                       # [blocks, heads, n, D] views
         kb = k[ks:ks + nb * n].to(kdt).view(nb, n, Hkv, D).transpose(1, 2)
         vb = v[ks:ks + nb * n].to(kdt).view(nb, n, Hkv, Dv).transpose(1, 2)
         for g in range(Hkv):                        # the group's K/V head as a stride-0 view: no copy
             h = slice(g * G, (g + 1) * G)
             o, lse = fused(qb[:, h], kb[:, g:g + 1].expand(-1, G, -1, -1), vb[:, g:g + 1].expand(-1, G, -1, -1),
-                           0.0, True, scale=sk)
+                           0.0, True, scale=scale)
             O3[rows, h] = o.transpose(1, 2).reshape(nb * n, G, Dv)
             M2[rows, h] = lse.transpose(1, 2).reshape(nb * n, G)
         L[rows.start * Hq:rows.stop * Hq] = 1
@@ -194,7 +195,7 @@ def forward(q, k, v, plan: Plan, scale: float):
     for qs, a, b, ks, ke in _own_tiles(plan, Hq, rest):
         kb = k[ks:ke].to(acc)                                               # [l, Hkv, D]
         vb = v[ks:ke].to(acc)
-        s = torch.einsum("ngjd,lgd->ngjl", qsc[qs + a:qs + b].view(b - a, Hkv, G, D), kb)
+        s = torch.einsum("ngjd,lgd->ngjl", q[qs + a:qs + b].to(acc).view(b - a, Hkv, G, D), kb).mul_(scale)
         future = torch.arange(ks, ke, device=q.device)[None, :] > plan.q_pos[qs + a:qs + b, None]
         s.masked_fill_(future[:, None, None, :], float("-inf"))             # [n, Hkv, G, l]
         m = s.amax(-1, keepdim=True)
@@ -204,20 +205,18 @@ def forward(q, k, v, plan: Plan, scale: float):
         M[r] = m.reshape(-1)
         O[r] = torch.einsum("ngjl,lgd->ngjd", p, vb).reshape(-1, Dv)
     # chosen earlier blocks: gathered rows against one block of one kv head; never masked
-    qf = qk.view(T * Hq, D)
     for g, ks, ke, off, n in plan.groups:
         kb = k[ks:ke, g].to(kdt)                                            # [l, D]
         vb = v[ks:ke, g].to(kdt)
         for a, b in _chunks(n, ke - ks):
             r = plan.rows[off + a:off + b]
+            qr = q[r // Hq, r % Hq]                                         # [n, D] gathered rows, any strides
             if fused and b - a >= FUSED_MIN_ROWS:  # normalised output and log-sum-exp of the rows over this block
-                o, m = (x[0, 0] for x in fused(qf[r][None, None], kb[None, None], vb[None, None], 0.0, False,
-                                               scale=sk))
+                o, m = (x[0, 0] for x in fused(qr[None, None], kb[None, None], vb[None, None], 0.0, False,
+                                               scale=scale))
                 p_sum = 1
-            else:                                   # fp32/fp64 rows come pre-scaled; fp16/bf16 ones as they are
-                s = qf[r].to(acc) @ kb.to(acc).T                                # [n, l]
-                if sk != 1.0:
-                    s.mul_(sk)
+            else:
+                s = (qr.to(acc) @ kb.to(acc).T).mul_(scale)                     # [n, l]
                 m = s.amax(-1)
                 p = torch.exp_(s.sub_(m[:, None]))
                 p_sum, o = p.sum(-1), p @ vb.to(acc)
@@ -227,9 +226,8 @@ def forward(q, k, v, plan: Plan, scale: float):
             L[r] = L[r] * a0 + p_sum * a1
             O[r] = O[r] * a0[:, None] + o.to(acc) * a1[:, None]
             M[r] = mn
-    out = (O / L[:, None]).view(T, Hq, Dv)
     lse = (M + torch.log(L)).view(T, Hq)
-    return out, lse
+    return O.div_(L[:, None]).view(T, Hq, Dv), lse
 
 
 def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
