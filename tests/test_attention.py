@@ -207,3 +207,19 @@ def test_torch_backend_transposed_inputs(dtype):
     ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 3)
     low = moba.naive_moba_attention(q, k, v, 16, 3)
     assert rel_err(out, ref) <= 2 * rel_err(low, ref) + (1e-3 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_gate_top_matches_topk(n):
+    """The gate's small-n top (repeated max) equals ``topk(sorted=True)``: values, indices and order, rows with masked
+    (-inf) blocks and rows with fewer finite blocks than n included."""
+    from moba.ops.gate import _top
+    g = torch.Generator().manual_seed(n)
+    score = torch.randn(50, 3, 9, generator=g)
+    score[:, :, 6:] = float("-inf")                 # blocks not yet earlier than any query
+    score[:10, :, 2:] = float("-inf")               # rows with only two finite blocks
+    want_v, want_i = score.topk(n, dim=-1, sorted=True)
+    got_v, got_i = _top(score.clone(), n)
+    assert torch.equal(got_v, want_v)
+    fin = torch.isfinite(want_v)                    # where the value is -inf the index is arbitrary (unused: -1)
+    assert torch.equal(got_i[fin], want_i[fin])

@@ -69,6 +69,24 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
     return out
 
 
+TOP_BY_MAX = 4   # up to this many chosen blocks, repeated max is ~3x faster than torch.topk on the CPU
+
+
+def _top(score: torch.Tensor, n: int):
+    """``score.topk(n, dim=-1, sorted=True)``; for small ``n`` by repeated max, each winner then masked out of
+    ``score`` (which is overwritten: the caller's temporary)."""
+    if n > TOP_BY_MAX:
+        return score.topk(n, dim=-1, sorted=True)
+    vals, idxs = [], []
+    for j in range(n):
+        v, i = score.max(-1, keepdim=True)
+        vals.append(v)
+        idxs.append(i)
+        if j + 1 < n:
+            score.scatter_(-1, i, float("-inf"))
+    return torch.cat(vals, -1), torch.cat(idxs, -1)
+
+
 def select_past_blocks(q: torch.Tensor, k: torch.Tensor, lay: Layout, lt: LayoutTensors, topk: int,
                        means: torch.Tensor | None = None) -> torch.Tensor:
     """Chosen earlier blocks per (query, head).
@@ -102,7 +120,7 @@ def select_past_blocks(q: torch.Tensor, k: torch.Tensor, lay: Layout, lt: Layout
             blk = torch.arange(b_lo, b_hi, device=q.device)
             ok = (blk[None, :] >= lt.first_block[t0:t1, None]) & (blk[None, :] < lt.own_block[t0:t1, None])
             score.masked_fill_(~ok[:, None, :], float("-inf"))
-            val, idx = score.topk(n, dim=-1, sorted=True)
+            val, idx = _top(score, n)
             idx = torch.where(torch.isfinite(val), idx + b_lo, torch.full_like(idx, -1))
             sel[t0:t1, :, :n] = idx.to(torch.int32)
         t0 = t1
