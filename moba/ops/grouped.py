@@ -273,10 +273,10 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
         vb = v[ks:ke, g].to(acc)
         for a, b in _chunks(n, ke - ks):
             r = plan.rows[off + a:off + b]
-            qr, dor = qf[r].to(acc), dof[r]
-            p = torch.exp_((qr @ kb.T).mul_(scale).sub_(lsef[r, None]))      # [n, l]
+            qr, dor = qf.index_select(0, r).to(acc), dof.index_select(0, r)     # index_select: see forward
+            p = torch.exp_((qr @ kb.T).mul_(scale).sub_(lsef.index_select(0, r)[:, None]))      # [n, l]
             dv[ks:ke, g] += p.T @ dor
-            ds = p.mul_((dor @ vb.T).sub_(deltaf[r, None])).mul_(scale)
+            ds = p.mul_((dor @ vb.T).sub_(deltaf.index_select(0, r)[:, None])).mul_(scale)
             dqf.index_add_(0, r, ds @ kb)
             dk[ks:ke, g] += ds.T @ qr
     return dq, dk, dv
