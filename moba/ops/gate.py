@@ -11,7 +11,8 @@ import torch
 
 from .utils import Layout, LayoutTensors, to_device
 
-# Elements of one chunk's score tile (fp32): 32M * 4 B = 128 MB at most.
+# Elements of one chunk's score tile (fp32): 4M * 4 B = 16 MB at most (with the chunk's fp32 queries: a larger tile
+# was slower on the CPU, PERFLOG 58).
 SCORE_TILE = 1 << 22
 POOL_TILE = 1 << 25
 SLICE_SEQS = 64       # block_means sums per-sequence views up to this many sequences, else gathers
