@@ -210,16 +210,17 @@ def test_torch_backend_transposed_inputs(dtype):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
-def test_gate_top_matches_topk(n):
+def test_gate_top_matches_topk(n, monkeypatch):
     """The gate's small-n top (repeated max) equals ``topk(sorted=True)``: values, indices and order, rows with masked
     (-inf) blocks and rows with fewer finite blocks than n included."""
-    from moba.ops.gate import _top
+    from moba.ops import gate
+    monkeypatch.setattr(gate, "TOP_MIN_SIZE", 1)
     g = torch.Generator().manual_seed(n)
     score = torch.randn(50, 3, 9, generator=g)
     score[:, :, 6:] = float("-inf")                 # blocks not yet earlier than any query
     score[:10, :, 2:] = float("-inf")               # rows with only two finite blocks
     want_v, want_i = score.topk(n, dim=-1, sorted=True)
-    got_v, got_i = _top(score.clone(), n)
+    got_v, got_i = gate._top(score.clone(), n)
     assert torch.equal(got_v, want_v)
     fin = torch.isfinite(want_v)                    # where the value is -inf the index is arbitrary (unused: -1)
     assert torch.equal(got_i[fin], want_i[fin])

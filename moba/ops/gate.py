@@ -71,12 +71,13 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
 
 
 TOP_BY_MAX = 4   # up to this many chosen blocks, repeated max is ~3x faster than torch.topk on the CPU
+TOP_MIN_SIZE = 1 << 16   # on scores this large or larger (a decode step's few are faster through one topk call)
 
 
 def _top(score: torch.Tensor, n: int):
-    """``score.topk(n, dim=-1, sorted=True)``; for small ``n`` by repeated max, each winner then masked out of
-    ``score`` (which is overwritten: the caller's temporary)."""
-    if n > TOP_BY_MAX:
+    """``score.topk(n, dim=-1, sorted=True)``; for small ``n`` on large scores by repeated max, each winner then
+    masked out of ``score`` (which is overwritten: the caller's temporary)."""
+    if n > TOP_BY_MAX or score.numel() < TOP_MIN_SIZE:
         return score.topk(n, dim=-1, sorted=True)
     vals, idxs = [], []
     for j in range(n):
