@@ -160,6 +160,16 @@ def main():
                 print(f"| {n} | " + " | ".join(f"{100 * (y / x - 1):+.2f}%" for x, y in zip(bf, bm))
                       + f" | {100 * (tm / tf - 1):+.2f}% |")
 
+    # 2. again: what the context beyond 4K is worth (the trailing 2K scored with only 4K of context), R5's full and
+    # MoBA runs again alone (ctx32k_small_<attn>_h200)
+    ctx = [("full attention", "ctx32k_small_full_h200"), ("MoBA 512/3", "ctx32k_small_moba_h200")]
+    if all((HERE / f"{n}.json").exists() for _, n in ctx):
+        plot("context_32k_small.png", "32K, 4.92M model: trailing 2K with only 4K of context",
+             "step (32K tokens each)",
+             [(label, [r["step"] for r in load(n)["history"]],
+               [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in load(n)["history"]], 3)
+              for label, n in ctx], ylabel="loss change from cutting the context (%)", zero_line=True)
+
     # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
     runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]
     plot("granularity_32k.png", "32K, 75% sparse: block/topk", "step (32K tokens each)",
