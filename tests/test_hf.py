@@ -274,8 +274,14 @@ def test_half_precision_model_on_cpu(dtype):
     """A half-precision model on the CPU (the fused CPU tiles read half inputs as they are, transposed views from the
     hook included): topk covering every block within rounding of SDPA's logits, alone and as a padded row (the packed
     path). With a small topk a padded row is not compared with the row alone: rounding differences upstream flip the
-    gate's near-ties at a few positions (seen: 3 of 70 in bf16), as they would for any hard top-k."""
+    gate's near-ties at a few positions (seen: 3 of 70 in bf16), as they would for any hard top-k. The query and key
+    projections are scaled up: a random tiny model's attention is nearly uniform, which hides a wrong softmax scale
+    (cc484d6's half-precision small groups passed with it, and fail with this)."""
     m = tiny().to(dtype)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
     x = ids(T=100)
     a, b = ids(T=70, seed=2)[0], ids(T=100, seed=3)[0]
     batch, mask = left_padded(a, b)
