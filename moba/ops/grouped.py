@@ -37,6 +37,7 @@ TILE = 1 << 23  # elements of one score tile (fp32: 32 MB)
 # the CPU forward's tiles through PyTorch's fused attention kernel (see the module's docstring); MOBA_CPU_FUSED=0: the
 # matmul tiles
 CPU_FUSED = os.environ.get("MOBA_CPU_FUSED", "1") != "0"
+BWD_TILE = 1 << 21  # elements of one score tile of the backward's chosen groups (it holds three: p, dp, ds)
 FUSED_MIN_ROWS = 64  # a chosen group of fewer rows (a decode step's) costs less as two small matmuls
 
 
@@ -124,8 +125,8 @@ def make_plan(sel: torch.Tensor, lay: Layout, lt: LayoutTensors, Hkv: int) -> Pl
     return Plan(own=own, groups=groups, rows=rows, q_pos=lt.q_pos)
 
 
-def _chunks(n: int, per_row: int):
-    step = max(1, TILE // max(1, per_row))
+def _chunks(n: int, per_row: int, tile: int = TILE):
+    step = max(1, tile // max(1, per_row))
     for i in range(0, n, step):
         yield i, min(n, i + step)
 
@@ -240,8 +241,10 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
     acc = _acc(q.dtype)
-    do = dout.to(acc)
-    delta = (do * out.to(acc)).sum(-1)                                      # [T, Hq]
+    # dout and out stay in their dtype; rows are upcast per tile (no whole fp32 copies for fp16/bf16)
+    delta = torch.empty(T, Hq, dtype=acc, device=q.device)                 # [T, Hq]
+    for t0, t1 in _chunks(T, Hq * Dv):
+        delta[t0:t1] = (dout[t0:t1].to(acc) * out[t0:t1].to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
     lse = lse.to(acc)
@@ -254,7 +257,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
         kb = k[ks:ke].to(acc)
         vb = v[ks:ke].to(acc)
         qb = q[sl].to(acc).view(n, Hkv, G, D)
-        dob = do[sl].view(n, Hkv, G, Dv)
+        dob = dout[sl].to(acc).view(n, Hkv, G, Dv)
         s = torch.einsum("ngjd,lgd->ngjl", qb, kb) * scale
         future = torch.arange(ks, ke, device=q.device)[None, :] > plan.q_pos[sl, None]
         s.masked_fill_(future[:, None, None, :], float("-inf"))
@@ -265,15 +268,15 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
         dq[sl] += torch.einsum("ngjl,lgd->ngjd", ds, kb).reshape(n, Hq, D)
         dk[ks:ke] += torch.einsum("ngjl,ngjd->lgd", ds, qb)
     qf = q.reshape(T * Hq, D)
-    dof = do.reshape(T * Hq, Dv)
+    dof = dout.reshape(T * Hq, Dv)
     dqf = dq.view(T * Hq, D)
     lsef, deltaf = lse.reshape(-1), delta.reshape(-1)
     for g, ks, ke, off, n in plan.groups:
         kb = k[ks:ke, g].to(acc)
         vb = v[ks:ke, g].to(acc)
-        for a, b in _chunks(n, ke - ks):
+        for a, b in _chunks(n, ke - ks, BWD_TILE):   # p, dp and ds live at once: smaller tiles than the forward's
             r = plan.rows[off + a:off + b]
-            qr, dor = qf.index_select(0, r).to(acc), dof.index_select(0, r)     # index_select: see forward
+            qr, dor = qf.index_select(0, r).to(acc), dof.index_select(0, r).to(acc)   # index_select: see forward
             p = torch.exp_((qr @ kb.T).mul_(scale).sub_(lsef.index_select(0, r)[:, None]))      # [n, l]
             dv[ks:ke, g] += p.T @ dor
             ds = p.mul_((dor @ vb.T).sub_(deltaf.index_select(0, r)[:, None])).mul_(scale)
