@@ -17,8 +17,8 @@ positions (causal squares) is one call per kv head, its K/V a stride-0 view for 
 copy, whatever the kernel's own support for grouped heads); each chosen (kv head, block) group is one unmasked
 call. Inputs go in as they are, the kernel applying the scale; fp16/bf16 ones are computed in fp32 inside the kernel
 and each tile's output is rounded once to that dtype before the fp32 merge (about 1.5x the error of one attention
-computed at that dtype, PERFLOG 54). No scaled copy of q is made: matmul tiles upcast and scale their own rows,
-chosen groups gather their rows by (token, head), so q may have any strides. Elsewhere
+computed at that dtype, PERFLOG 54). No scaled copy of q is made: matmul tiles upcast and scale their own rows, and
+q may have any strides. Elsewhere
 (other devices, V's head dim unlike Q's, a PyTorch without that kernel or whose kernel fails a first-use probe, or
 ``CPU_FUSED = False``) the same tiles are computed with matmuls as above.
 """
@@ -206,16 +206,14 @@ def forward(q, k, v, plan: Plan, scale: float):
         M[r] = m.reshape(-1)
         O[r] = torch.einsum("ngjl,lgd->ngjd", p, vb).reshape(-1, Dv)
     # chosen earlier blocks: gathered rows against one block of one kv head; never masked
-    try:                                            # rows gathered with index_select (several times faster than
-        qf = q.view(T * Hq, D)                      # advanced indexing on the CPU) where (T, H) fold into one dim
-    except RuntimeError:
-        qf = None
+    qf = q.reshape(T * Hq, D)    # rows gathered with index_select (several times faster than advanced indexing on
+    #                              the CPU); a view unless (T, H) do not fold into one dim (then one copy, as backward)
     for g, ks, ke, off, n in plan.groups:
         kb = k[ks:ke, g].to(kdt)                                            # [l, D]
         vb = v[ks:ke, g].to(kdt)
         for a, b in _chunks(n, ke - ks):
             r = plan.rows[off + a:off + b]
-            qr = qf.index_select(0, r) if qf is not None else q[r // Hq, r % Hq]     # [n, D], any strides
+            qr = qf.index_select(0, r)                                          # [n, D]
             if fused and b - a >= FUSED_MIN_ROWS:  # normalised output and log-sum-exp of the rows over this block
                 o, m = (x[0, 0] for x in fused(qr[None, None], kb[None, None], vb[None, None], 0.0, False,
                                                scale=scale))
