@@ -247,6 +247,16 @@ R5) # 2. position-wise loss at 32K with R3's 4.92M model at R's tokens (6000 ste
     side_by_side s32k6k_small_ "--preset s32k --dim 256 --layers 4 --heads 4 --kv-heads 1 --steps 6000 --max-minutes 0
       --eval-batches 16 --seed ${SEED:-0}" "full:--attn full" "moba:--attn moba" "last1:--attn moba --full-last 1"
     for v in full moba last1; do n=s32k6k_small_$v${SEED:+_seed$SEED}; cp runs/$n/history.json "$OUT/$n.json" 2>/dev/null; done ;;
+R6) # 2. position-wise loss at 32K with the 26.75M model (preset s32k) at R's tokens (6000 steps of 1 x 32768 =
+    # 197M tokens; B stopped at 59M, R5's 4.92M model barely used the far context): one variant per call, $2 of full,
+    # moba (512/3), last1 (MoBA, last layer full), until90 (MoBA, full for the last 10% of steps), moba128 (MoBA 128/12:
+    # the same 1536 keys per query in finer blocks); seed SEED (default 0); R6_MINUTES caps the training (default none);
+    # evaluations log the trailing 2K and the same 2K with 4K of context (trailing_2k_short)
+    declare -A R6V=([full]="--attn full" [moba]="--attn moba" [last1]="--attn moba --full-last 1"
+                    [until90]="--attn moba --moba-until 0.9" [moba128]="--attn moba --block-size 128 --topk 12")
+    [[ -n ${R6V[${2:-}]:-} ]] || { echo "R6 needs one of: ${!R6V[*]}"; exit 2; }
+    tr s32k6k_${2}${SEED:+_seed$SEED} --preset s32k --steps 6000 --eval-every 500 --eval-batches 16 --seed ${SEED:-0} \
+      --max-minutes ${R6_MINUTES:-0} ${R6V[$2]} ;;
 R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsity (block 128, topk 12: 1536 keys per
     # query as 512/3), seed 0, resumable as R. Compare with R's full (1.9785) and MoBA 512/3 (2.0206), also by position;
     # side by side on the same GPU, the same for R3's 4.92M model (compare with its full 2.3520 and MoBA 2.3254)

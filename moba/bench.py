@@ -22,8 +22,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def source_commit(path=None) -> str:
     """Short commit of the checkout, with "+modified" when tracked files differ from it (a copied working
-    tree whose git metadata is older than its files reads so), or "unknown" without git."""
+    tree whose git metadata is older than its files reads so), or "unknown" without git. ``MOBA_SOURCE_COMMIT``
+    in the environment overrides it (a device machine's copy of the tree can carry stale git metadata)."""
+    import os
     import subprocess
+    if os.environ.get("MOBA_SOURCE_COMMIT"):
+        return os.environ["MOBA_SOURCE_COMMIT"]
     cwd = str(path or pathlib.Path(__file__).resolve().parents[1])
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,

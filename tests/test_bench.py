@@ -28,3 +28,10 @@ def test_bench_cli_rows_and_table(tmp_path, capsys, monkeypatch):
 def test_bench_graph_needs_cuda():
     with pytest.raises(ValueError, match="graph"):
         bench.run([256], 64, 3, 2, 2, 16, "float32", "auto", "cpu", graph=True)
+
+
+def test_source_commit_env_override(monkeypatch):
+    monkeypatch.delenv("MOBA_SOURCE_COMMIT", raising=False)
+    assert bench.source_commit() != "abc1234"
+    monkeypatch.setenv("MOBA_SOURCE_COMMIT", "abc1234")
+    assert bench.source_commit() == "abc1234"
