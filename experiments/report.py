@@ -32,13 +32,13 @@ def table(names, step=None, title=""):
 
 
 def plot(fname, title, xlabel, series, ylabel="validation loss", zero_line=False, legend_size=None):
-    """One line chart (validation loss unless told): series is [(label, xs, ys, marker size)]."""
+    """One line chart (validation loss unless told): series is [(label, xs, ys, marker size[, line style dict])]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, xs, ys, ms in series:
-        ax.plot(xs, ys, marker="o", ms=ms, label=label)
+    for label, xs, ys, ms, *style in series:
+        ax.plot(xs, ys, marker="o", ms=ms, label=label, **(style[0] if style else {}))
     if zero_line:
         ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(xlabel)
@@ -135,6 +135,32 @@ def main():
         cells = [final(n, st)[1] for st in (2000, 3250, 6000)]
         print(f"| {label} | " + " | ".join(f"{h['val_loss']:.4f}" if h else "-" for h in cells) + " |")
 
+    # 1./3. at 26.75M, three seeds: MoBA 128/12 (the same 1536 keys per query as 512/3, finer blocks) against full
+    # attention and 512/3 (seed 0: the run to the end; seeds 1 and 2: gpu_runs.sh R4 with SEED, seventeenth session)
+    trio = [(0, "s8k6k_full_h100", "s8k6k_moba_h100", "s8k6k_moba128_end_h200"),
+            (1, "s8k6k_full_seed1_h100", "s8k6k_moba_seed1_h100", "s8k6k_moba128_seed1_h200"),
+            (2, "s8k6k_full_seed2_h200", "s8k6k_moba_seed2_h200", "s8k6k_moba128_seed2_h200")]
+    print("\n| seed | full | MoBA 512/3 | vs full | MoBA 128/12 | vs full | 128/12 vs 512/3 | wall s (full / 512/3 / "
+          "128/12) |\n|---|---|---|---|---|---|---|---|")
+    gaps = {"512/3": [], "128/12": []}
+    for sd, f, m, g in trio:
+        (df, hf), (dm, hm), (dg, hg) = final(f), final(m), final(g)
+        lf, lm, lg = hf["val_loss"], hm["val_loss"], hg["val_loss"]
+        gaps["512/3"].append(100 * (lm / lf - 1))
+        gaps["128/12"].append(100 * (lg / lf - 1))
+        print(f"| {sd} | {lf:.4f} | {lm:.4f} | {gaps['512/3'][-1]:+.2f}% | {lg:.4f} | {gaps['128/12'][-1]:+.2f}% "
+              f"| {100 * (lg / lm - 1):+.2f}% | {hf['wall_s']:.0f} / {hm['wall_s']:.0f} / {hg['wall_s']:.0f} |")
+    print("| mean | | | " + " | | ".join(f"{sum(v) / len(v):+.2f}%" for v in gaps.values()) + " | | |")
+
+    def gap_curve(f, m):
+        full = {r["step"]: r["val_loss"] for r in load(f)["history"]}
+        rows = [r for r in load(m)["history"] if r["step"] in full]
+        return [r["tokens_seen"] / 1e6 for r in rows], [100 * (r["val_loss"] / full[r["step"]] - 1) for r in rows]
+    plot("parity_8k_seeds.png", "8K, 26.75M, 6000 steps: MoBA vs full attention, same seed", "tokens seen (M)",
+         [(f"{a}, seed {sd}", *gap_curve(f, m if a == "512/3" else g), 3,
+           dict(color="C1" if a == "512/3" else "C0", ls=("-", "--", ":")[sd])) for a in ("512/3", "128/12")
+          for sd, f, m, g in trio], ylabel="val loss vs full attention (%)", zero_line=True, legend_size=7)
+
     # 2. position-wise loss at 32K
     runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
     plot("position_32k.png", "32K context, block 512, topk 3: loss by position (step 1800)",
@@ -169,6 +195,32 @@ def main():
              [(label, [r["step"] for r in load(n)["history"]],
                [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in load(n)["history"]], 3)
               for label, n in ctx], ylabel="loss change from cutting the context (%)", zero_line=True)
+
+    # 2. again with the 26.75M model at 32K for 197M tokens (gpu_runs.sh R6, seed 0, one H200 each; 128/12 cut by
+    # its time limit at step 4428), the trailing 2K and the same 2K with only 4K of context
+    r6 = [("full attention", "s32k6k_full_h200"), ("MoBA 512/3", "s32k6k_moba_h200"),
+          ("MoBA, last layer full", "s32k6k_last1_h200"), ("MoBA, then full for the last 10%", "s32k6k_until90_h200"),
+          ("MoBA 128/12", "s32k6k_moba128_h200")]
+    if all((HERE / f"{n}.json").exists() for _, n in r6):
+        plot("position_32k_26m.png", "32K, 26.75M model, 197M tokens: loss by position",
+             "position (K tokens), bucket centre", [(label, *by_position(n)[1:]) for label, n in r6[:4]],
+             legend_size=7)
+        plot("context_32k_26m.png", "32K, 26.75M model: trailing 2K with only 4K of context", "step (32K tokens each)",
+             [(label, [r["step"] for r in load(n)["history"]],
+               [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in load(n)["history"]], 3)
+              for label, n in r6], ylabel="loss change from cutting the context (%)", zero_line=True, legend_size=7)
+        for step in (4000, 6000):
+            _, hf = final(r6[0][1], step)
+            print(f"\nstep {step}\n| run | val loss | vs full | last 2K | vs full | last 2K, 4K of context | cost of "
+                  "cutting | first / last 4K bucket | wall s |\n|---|---|---|---|---|---|---|---|---|")
+            for label, n in r6:
+                h = final(n, step)[1]
+                if h is None:
+                    continue
+                print(f"| {label} | {h['val_loss']:.4f} | {100 * (h['val_loss'] / hf['val_loss'] - 1):+.2f}% "
+                      f"| {h['trailing_2k']:.4f} | {100 * (h['trailing_2k'] / hf['trailing_2k'] - 1):+.2f}% "
+                      f"| {h['trailing_2k_short']:.4f} | {100 * (h['trailing_2k_short'] / h['trailing_2k'] - 1):+.2f}% "
+                      f"| {h['buckets'][0]:.3f} / {h['buckets'][-1]:.3f} | {h['wall_s']:.0f} |")
 
     # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
     runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]

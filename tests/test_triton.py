@@ -112,6 +112,25 @@ def test_triton_inference_in_several_query_chunks(monkeypatch):
     check_against_reference(q, k, v, 16, 3, "triton", 2e-4, extra)
 
 
+def test_forward_chunks_with_a_backward_to_come():
+    """The forward's query chunks: the 26.75M training shape at 8K with blocks of 128 (4 x 8192 rows, 8 / 2 heads, D 64,
+    11 slots) runs in one chunk when its selection is kept for a backward (it ran in 6, each with 11 launches: a
+    host-bound training step), in several without one; the chunks' entry ids stay within q's size / KEEP_SHARE."""
+    from moba.ops import parallel
+    T, Hq, Hkv, S, NB, D = 32768, 8, 2, 11, 256, 64
+    q_bytes = T * Hq * D * 2
+    assert parallel._chunk_rows(T, Hq, Hkv, S, NB, 128, q_bytes, keep=True) == T
+    rows = parallel._chunk_rows(T, Hq, Hkv, S, NB, 128, q_bytes, keep=False)
+    assert rows % 128 == 0 and rows < T and rows * Hq * S * 8 <= parallel.SELECT_BYTES
+    # a benchmark shape (fb512k: 524288 rows, 32 / 8 heads, D 128, blocks of 128, topk 8)
+    T, Hq, Hkv, S, NB, D = 524288, 32, 8, 7, 4096, 128
+    q_bytes = T * Hq * D * 2
+    rows = parallel._chunk_rows(T, Hq, Hkv, S, NB, 128, q_bytes, keep=True)
+    assert rows == T and rows * Hq * S * 4 <= q_bytes // parallel.KEEP_SHARE
+    rows = parallel._chunk_rows(T, Hq, Hkv, S, NB, 128, q_bytes, keep=False)
+    assert rows < T and rows * Hq * S * 8 <= q_bytes // parallel.SELECT_SHARE
+
+
 @pytest.mark.parametrize("heads", ["0", "1"], ids=["per_head", "per_kv_head"])
 def test_triton_gate_counts_the_grouping(monkeypatch, heads):
     """GATE_COUNT: the gate counts each chosen entry for the forward's grouping (no counting pass): the same

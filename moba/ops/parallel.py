@@ -33,7 +33,9 @@ from .utils import Layout, LayoutTensors, cached, cdiv, new_empty, next_pow2, po
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PLACE_COPIES = 8         # copies of the forward grouping's counters (atomic contention / memory)
-SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / 16)
+SELECT_BYTES = 1 << 22   # forward query chunk: selection + entry ids (at least; or q's size / SELECT_SHARE)
+SELECT_SHARE = 16        # ... without a backward to come
+KEEP_SHARE = 2           # ... with one (the selection kept whole for it, so only the entry ids count; PERFLOG 62)
 SCAN_SPANS = 8           # `_group`'s scan: one program up to this many spans of groups, else one per span
 FILL_BYTES = 1 << 28     # ... or as many rows as fill its groups' tiles by half, up to this much
 GATE_REPLACE_S = int(os.environ.get("MOBA_GATE_REPLACE_S", "32"))   # `_gate_topk`'s replacement scan from this many slots
@@ -1003,13 +1005,29 @@ def _launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, c
         _gate_topk[(q0.numel(), Hq)](*args, **kw, REPLACE=S >= GATE_REPLACE_S, **launch)
 
 
+def _chunk_rows(T: int, Hq: int, Hkv: int, S: int, NB: int, bm: int, q_bytes: int, keep: bool) -> int:
+    """Query rows per chunk of the forward (a multiple of 128, or T)."""
+    # a chunk's own memory per row: its entry ids (int32), and its selection unless that is kept whole anyway (keep);
+    # bounded by q's size / 16 (inference) or / 2 (KEEP_SHARE: a gradient to come, whose backward allocates more: dQ,
+    # dK, dV and its own grouping of every row): training shapes with many slots and few heads ran in many chunks of
+    # S launches each and were host-bound (26.75M model at 8K, 128/12: 6 chunks, 132 launches, PERFLOG 62)
+    per_row = Hq * max(S, 1) * (4 if keep else 8)
+    budget = max(SELECT_BYTES, q_bytes // (KEEP_SHARE if keep else SELECT_SHARE))
+    # ... but enough rows that a (slot, kv head, block) group gets half a tile of them on average: with small
+    # blocks and few heads, short chunks leave every tile nearly empty and multiply the launches (PERFLOG 36)
+    fill = min(Hkv * NB * bm // (2 * Hq), FILL_BYTES // per_row)
+    return min(T, max(128, (budget // per_row) // 128 * 128, -(-fill // 128) * 128),
+               (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
+
+
 def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None,
          sel_dtype=torch.int32):
     """Own block first (``_own_fwd``, or its Gluon twin with GLUON_OWN, writes every row's first result), then per
     query chunk the gate, the grouping by (slot, kv head, block) and one ``_sparse_fwd`` launch (or its Gluon
     twin's) per slot that merges the chosen blocks into the output in place: no partial-output buffer. Chunks bound
-    the selection and the entry list (``SELECT_BYTES``, or q's size / 16). The selection is kept (``keep``) as ``sel_dtype``: int16 halves it
-    where the block ids fit (``utils.sel_dtype``)."""
+    the selection and the entry list (``SELECT_BYTES``, or q's size / ``SELECT_SHARE``; / ``KEEP_SHARE`` when the
+    selection is kept for a backward). The selection is kept (``keep``) as ``sel_dtype``: int16 halves it where the block ids fit
+    (``utils.sel_dtype``)."""
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     # no row has more than (its sequence's blocks - 1) earlier blocks: fewer slots, same selection
@@ -1036,13 +1054,7 @@ def _fwd(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep:
         qe = sst and GLUON_WS_QE == "1"
         ws_opts = (dict(PF=pf, TIME=pf and WS_TIME is not None, SST=sst, QE=qe) if persist else dict(ABL=WS_ABLATE))
     bm = 128 if ws else meta["BM"]
-    per_row = Hq * max(S, 1) * 8                                   # sel + entry id (at most int32 each)
-    budget = max(SELECT_BYTES, q.numel() * q.element_size() // 16)
-    # ... but enough rows that a (slot, kv head, block) group gets half a tile of them on average: with small
-    # blocks and few heads, short chunks leave every tile nearly empty and multiply the launches (PERFLOG 36)
-    fill = min(Hkv * NB * bm // (2 * Hq), FILL_BYTES // per_row)
-    chunk = min(T, max(128, (budget // per_row) // 128 * 128, -(-fill // 128) * 128),
-                (2**31 - 1) // (Hq * max(S, 1)) // 128 * 128)
+    chunk = _chunk_rows(T, Hq, Hkv, S, NB, bm, q.numel() * q.element_size(), keep)
     # the selection is kept for backward only when a gradient is needed (keep); else one chunk's worth
     shape = (T if keep else chunk, Hq, max(S, 1))
     run_sparse = sparse and T > 0
