@@ -144,7 +144,7 @@ def main():
           "128/12) |\n|---|---|---|---|---|---|---|---|")
     gaps = {"512/3": [], "128/12": []}
     for sd, f, m, g in trio:
-        (df, hf), (dm, hm), (dg, hg) = final(f), final(m), final(g)
+        hf, hm, hg = (final(n)[1] for n in (f, m, g))
         lf, lm, lg = hf["val_loss"], hm["val_loss"], hg["val_loss"]
         gaps["512/3"].append(100 * (lm / lf - 1))
         gaps["128/12"].append(100 * (lg / lf - 1))
