@@ -151,6 +151,7 @@ def main():
         print(f"| {sd} | {lf:.4f} | {lm:.4f} | {gaps['512/3'][-1]:+.2f}% | {lg:.4f} | {gaps['128/12'][-1]:+.2f}% "
               f"| {100 * (lg / lm - 1):+.2f}% | {hf['wall_s']:.0f} / {hm['wall_s']:.0f} / {hg['wall_s']:.0f} |")
     print("| mean | | | " + " | | ".join(f"{sum(v) / len(v):+.2f}%" for v in gaps.values()) + " | | |")
+    table([n for row in trio for n in row[1:]], title="the runs of that table")
 
     def gap_curve(f, m):
         full = {r["step"]: r["val_loss"] for r in load(f)["history"]}
@@ -209,6 +210,7 @@ def main():
              [(label, [r["step"] for r in load(n)["history"]],
                [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in load(n)["history"]], 3)
               for label, n in r6], ylabel="loss change from cutting the context (%)", zero_line=True, legend_size=7)
+        table([n for _, n in r6], title="the runs of R6")
         for step in (4000, 6000):
             _, hf = final(r6[0][1], step)
             print(f"\nstep {step}\n| run | val loss | vs full | last 2K | vs full | last 2K, 4K of context | cost of "
