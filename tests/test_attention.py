@@ -80,6 +80,36 @@ def test_torch_backend_fused_runs_split_by_tile(monkeypatch):
     assert sum(nb * n for _, _, nb, n in runs) == 155 and {n for *_, n in runs} == {16, 4, 7}
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_torch_backend_fused_backward_pieces(dtype, monkeypatch):
+    """The CPU backward through PyTorch's fused kernel (no lse gradient): causal squares, and chosen groups cut into
+    pieces of two sizes (here 48 and 16 rows: some padded), several batches of pieces (small TILE), packed sequences
+    whose last blocks are short (those groups go to the matmul tiles); against the fp64 reference. With an lse
+    gradient it is not used (the matmul tiles)."""
+    monkeypatch.setattr(grouped, "PIECE_ROWS", (48, 16))
+    monkeypatch.setattr(grouped, "BWD_TILE", 16 * 48 * 4)         # 4 large or 12 small pieces per batch
+    monkeypatch.setattr(grouped, "FUSED_MIN_ROWS", 8)
+    batches = []
+    real = grouped._pieces_bwd
+    monkeypatch.setattr(grouped, "_pieces_bwd", lambda f, c, L, Hkv, pieces, *a: batches.append((c, len(pieces)))
+                        or real(f, c, L, Hkv, pieces, *a))
+    q, k, v, extra = make_inputs([300, 170, 45], [300, 170, 45], 6, 2, 16, dtype=dtype)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    got, want = ([x.detach().clone().requires_grad_() for x in (q, k, v)] for _ in range(2))
+    out = moba.moba_attention(*got, 16, 3, backend="torch", **extra)
+    ref = moba.naive_moba_attention(*(x.double() for x in want), 16, 3, **extra)
+    (out.double() * dout).sum().backward()
+    (ref * dout).sum().backward()
+    sizes = dict(batches)
+    assert sizes.get(48, 0) > 4 and sizes.get(16, 0) > 12            # both sizes, several batches of each
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    for a, b in zip([x.grad for x in got], [x.grad for x in want]):
+        assert rel_err(a, b) < tol
+    batches.clear()
+    check_against_reference(q, k, v, 16, 3, "torch", tol, extra)    # an lse gradient too: matmul tiles only
+    assert not batches
+
+
 def test_fused_cpu_kernel_probe():
     """The CPU kernel is used only if a probe finds it computing what it is used for; this PyTorch's passes."""
     real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -20,7 +20,8 @@ and each tile's output is rounded once to that dtype before the fp32 merge (abou
 computed at that dtype, PERFLOG 54). No scaled copy of q is made: matmul tiles upcast and scale their own rows, and
 q may have any strides. Elsewhere
 (other devices, V's head dim unlike Q's, a PyTorch without that kernel or whose kernel fails a first-use probe, or
-``CPU_FUSED = False``) the same tiles are computed with matmuls as above.
+``CPU_FUSED = False``) the same tiles are computed with matmuls as above. The backward does the same with PyTorch's
+fused CPU attention backward (see ``backward``), the chosen groups cut into pieces and batched.
 """
 from __future__ import annotations
 
@@ -77,6 +78,58 @@ def _probe(op) -> bool:
                     and torch.allclose(lse.double(), sc.logsumexp(-1), atol=tol, rtol=tol)):
                 return False
         return True
+    except Exception:           # any failure of an internal op's call is a "no"
+        return False
+
+
+def _fused_cpu_bwd(q, v):
+    """PyTorch's fused CPU attention backward (grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *,
+    attn_mask, scale -> grad_query, grad_key, grad_value), or None where it does not apply (as ``_fused_cpu``)."""
+    if _fused_cpu(q, v) is None:
+        return None
+    return _fused_cpu_bwd_op()
+
+
+@functools.cache
+def _fused_cpu_bwd_op():
+    """The kernel if this PyTorch has it and it passes ``_probe_bwd``, else None (the matmul tiles, with a warning)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if op is not None and not _probe_bwd(_fused_cpu_op(), op):
+        warnings.warn("moba: PyTorch's fused CPU attention backward did not match its definition on a probe; the CPU "
+                      "backward computes its tiles with matmuls instead", RuntimeWarning, stacklevel=3)
+        return None
+    return op
+
+
+def _probe_bwd(fwd, op) -> bool:
+    """``op`` gives attention's gradients as used here: causal and not, a kv head as a stride-0 view (its gradient
+    per query head), a scale, fp64, fp32 and bf16; and with the out / log-sum-exp of attention over *more* keys
+    than it is given (a tile of them), that tile's share of the gradients: the shares of two tiles add up."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    try:
+        for causal, dtype, tol in ((True, torch.float64, 1e-8), (False, torch.float64, 1e-8),
+                                   (True, torch.float32, 1e-4), (False, torch.bfloat16, 1e-1)):
+            # the reference gradients written out (no autograd: the first use comes inside a custom op's backward)
+            kk, vv = k[:, :1], v[:, :1]
+            s = (q @ kk.transpose(-1, -2)) * 0.5
+            if causal:
+                s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+            p = s.softmax(-1)
+            ds = p * (do @ vv.transpose(-1, -2) - (do * (p @ vv)).sum(-1, keepdim=True)) * 0.5
+            wants = (ds @ kk, (ds.transpose(-1, -2) @ q).sum(1, keepdim=True),
+                     (p.transpose(-1, -2) @ do).sum(1, keepdim=True))
+            x = [t.to(dtype) for t in (q, kk.expand(-1, 3, -1, -1), vv.expand(-1, 3, -1, -1), do)]
+            o, lse = fwd(*x[:3], 0.0, causal, scale=0.5)
+            gq, gk, gv = op(x[3], *x[:3], o, lse, 0.0, causal, scale=0.5)
+            for got, want in zip((gq, gk.sum(1, keepdim=True), gv.sum(1, keepdim=True)), wants):
+                if not torch.allclose(got.double(), want, atol=tol, rtol=tol):
+                    return False
+        o, lse = fwd(q, k, v, 0.0, False, scale=0.5)
+        whole = op(do, q, k, v, o, lse, 0.0, False, scale=0.5)
+        a, b = (op(do, q, k[:, :, t], v[:, :, t], o, lse, 0.0, False, scale=0.5) for t in (slice(0, 2), slice(2, 6)))
+        return (torch.allclose(a[0] + b[0], whole[0], atol=1e-10)
+                and all(torch.allclose(torch.cat([a[i], b[i]], 2), whole[i], atol=1e-10) for i in (1, 2)))
     except Exception:           # any failure of an internal op's call is a "no"
         return False
 
@@ -147,17 +200,18 @@ def _own_tiles(plan: Plan, Hq: int, own=None):
                 yield qs, a2, b2, ks, min(ke, pos[qs + b2 - 1] + 1)
 
 
-def _square_runs(plan: Plan, Hq: int, D: int):
+def _square_runs(plan: Plan, Hq: int, D: int, tile: int | None = None):
     """Own blocks whose queries are exactly the block's key positions (a causal square), as runs of consecutive
-    blocks of one length: (q_start, k_start, n_blocks, length), each run at most ``TILE`` elements of Q; and the
+    blocks of one length: (q_start, k_start, n_blocks, length), each run at most ``tile`` elements of Q; and the
     other own blocks, for the tiles."""
     runs, rest, pos = [], [], plan.q_pos.tolist() if plan.own else []
+    tile = TILE if tile is None else tile
     for qs, qe, ks, ke in plan.own:
         n = qe - qs
         if n != ke - ks or pos[qs] != ks:
             rest.append((qs, qe, ks, ke))
         elif runs and runs[-1][3] == n and runs[-1][0] + runs[-1][2] * n == qs \
-                and runs[-1][1] + runs[-1][2] * n == ks and (runs[-1][2] + 1) * n * Hq * D <= TILE:
+                and runs[-1][1] + runs[-1][2] * n == ks and (runs[-1][2] + 1) * n * Hq * D <= tile:
             runs[-1][2] += 1
         else:
             runs.append([qs, ks, 1, n])
@@ -233,23 +287,108 @@ def forward(q, k, v, plan: Plan, scale: float):
     return O.div_(L[:, None]).view(T, Hq, Dv), lse
 
 
+PIECE_ROWS = (1024, 256)  # the fused backward's chosen groups: rows per piece (one batch entry of the kernel), large
+#                           pieces first (the kernel's rate per pair: 1.5 ns at 1024 x 512, 2.4 at 256 x 512, bf16)
+
+
+def _fused_pieces_bwd(fused, qf, k, v, outf, dof, lsef, dqf, dk, dv, plan: Plan, scale: float) -> list:
+    """The chosen groups' gradients through the fused CPU backward, which spreads its work over batch x heads only:
+    each group of ``FUSED_MIN_ROWS`` rows or more whose block is full (the longest, ``block_size`` keys) is cut into
+    pieces of ``PIECE_ROWS`` rows, and the pieces of all such groups go to the kernel as one batch (in batches of about
+    ``BWD_TILE`` score elements), each with its block's K/V rows (copied per piece). A last piece's missing rows repeat
+    its last row with dout zeroed: they add nothing (zero dS, zero dV terms). dQ, dK and dV are scattered back with
+    index_add_. Returns the groups left for the matmul tiles (fewer rows, or a sequence's shorter last block)."""
+    Hkv, D, Dv = k.shape[1], k.shape[2], v.shape[2]
+    left, pieces = [], {c: [] for c in PIECE_ROWS}      # pieces by rows: (first entry, rows, kv head, first key row)
+    L = max(ke - ks for _, ks, ke, _, _ in plan.groups) if plan.groups else 0       # a full block's keys
+    big, small = PIECE_ROWS[0], PIECE_ROWS[-1]
+    for grp in plan.groups:
+        g, ks, ke, off, n = grp
+        if n < FUSED_MIN_ROWS or ke - ks != L:
+            left.append(grp)
+            continue
+        a = 0
+        while n - a > big - small:          # large pieces while they are at least 3/4 full
+            pieces[big].append((off + a, min(big, n - a), g, ks))
+            a += big
+        pieces[small] += [(off + b, min(small, n - b), g, ks) for b in range(a, n, small)]
+    kf, vf = k.reshape(-1, D), v.reshape(-1, Dv)              # rows t * Hkv + g (views of the packed inputs)
+    dkf, dvf = dk.view(-1, D), dv.view(-1, Dv)
+    for c, todo in pieces.items():
+        if todo:
+            _pieces_bwd(fused, c, L, Hkv, todo, qf, kf, vf, outf, dof, lsef, dqf, dkf, dvf, plan, scale)
+    return left
+
+
+def _pieces_bwd(fused, c, L, Hkv, pieces, qf, kf, vf, outf, dof, lsef, dqf, dkf, dvf, plan: Plan, scale: float):
+    """``_fused_pieces_bwd``'s pieces of ``c`` rows against blocks of ``L`` keys (kv heads ``Hkv``), in batches."""
+    D, Dv, acc, dev = qf.shape[1], vf.shape[1], dqf.dtype, qf.device
+    per = max(1, BWD_TILE // (L * c))
+    ar_c, ar_l = torch.arange(c, device=dev), torch.arange(L, device=dev)
+    for i in range(0, len(pieces), per):
+        e0, nr, g, ks = (torch.tensor(x, device=dev) for x in zip(*pieces[i:i + per]))
+        P = e0.numel()
+        ent = e0[:, None] + torch.minimum(ar_c[None, :], nr[:, None] - 1)              # [P, c] entries, padded
+        r = plan.rows[ent.reshape(-1)]                                                 # [P * c] rows t * Hq + h
+        kr = ((ks[:, None] + ar_l[None, :]) * Hkv + g[:, None]).reshape(-1)           # [P * L] key rows
+        do = dof.index_select(0, r).view(P, 1, c, Dv)
+        do.masked_fill_((ar_c[None, :] >= nr[:, None]).view(P, 1, c, 1), 0)
+        gq, gk, gv = fused(do, qf.index_select(0, r).view(P, 1, c, D), kf.index_select(0, kr).view(P, 1, L, D),
+                           vf.index_select(0, kr).view(P, 1, L, Dv), outf.index_select(0, r).view(P, 1, c, Dv),
+                           lsef.index_select(0, r).view(P, 1, c), 0.0, False, scale=scale)
+        dqf.index_add_(0, r, gq.reshape(-1, D).to(acc))
+        dkf.index_add_(0, kr, gk.reshape(-1, D).to(acc))
+        dvf.index_add_(0, kr, gv.reshape(-1, Dv).to(acc))
+
+
 def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
-    """Gradients by recomputation from the saved log-sum-exp; fp32 (fp64) accumulation."""
+    """Gradients by recomputation from the saved log-sum-exp; fp32 (fp64) accumulation.
+
+    On the CPU (as the forward, and unless the log-sum-exp has a gradient of its own) the causal squares and the
+    chosen groups of ``FUSED_MIN_ROWS`` rows or more go through PyTorch's fused CPU attention backward, given the
+    rows' global output and log-sum-exp: the kernel then returns that tile's share of the gradients (its softmax
+    is the global one restricted to the tile's keys; its delta, rowsum(dout * out), the global one). Its results
+    come in the inputs' dtype, one rounding per tile for fp16/bf16 (a row of dQ sums its own block's and each
+    chosen block's; a block's dK/dV, its own square's and each group's that chose it)."""
     T, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
     acc = _acc(q.dtype)
-    # dout and out stay in their dtype; rows are upcast per tile (no whole fp32 copies for fp16/bf16)
-    delta = torch.empty(T, Hq, dtype=acc, device=q.device)                 # [T, Hq]
-    for t0, t1 in _chunks(T, Hq * Dv):
-        delta[t0:t1] = (dout[t0:t1].to(acc) * out[t0:t1].to(acc)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(acc)
+    fused = _fused_cpu_bwd(q, v) if dlse is None or not bool(dlse.any()) else None
+    runs, rest = _square_runs(plan, Hq, D, BWD_TILE) if fused else ([], None)    # the kernel's gradients: 3x Q
     lse = lse.to(acc)
     dq = torch.zeros(T, Hq, D, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    for qs, a, b, ks, ke in _own_tiles(plan, Hq):
+    for qs, ks, nb, n in runs:                      # causal squares, one call per kv head (stride-0 K/V views)
+        rows = slice(qs, qs + nb * n)
+
+        def heads(x, h):
+            return x[rows].view(nb, n, Hq, x.shape[-1]).transpose(1, 2)[:, h]           # [blocks, G, n, D]
+        lb = lse[rows].view(nb, n, Hq).transpose(1, 2)
+        kb = k[ks:ks + nb * n].view(nb, n, Hkv, D).transpose(1, 2)
+        vb = v[ks:ks + nb * n].view(nb, n, Hkv, Dv).transpose(1, 2)
+        for g in range(Hkv):
+            h = slice(g * G, (g + 1) * G)
+            gq, gk, gv = fused(heads(dout, h), heads(q, h), kb[:, g:g + 1].expand(-1, G, -1, -1),
+                               vb[:, g:g + 1].expand(-1, G, -1, -1), heads(out, h), lb[:, h], 0.0, True, scale=scale)
+            dq[rows].view(nb, n, Hq, D)[:, :, h] += gq.transpose(1, 2)
+            dk[ks:ks + nb * n, g].view(nb, n, D).add_(gk.sum(1))
+            dv[ks:ks + nb * n, g].view(nb, n, Dv).add_(gv.sum(1))
+    # dout and out stay in their dtype; rows are upcast per tile (no whole fp32 copies for fp16/bf16); delta only
+    # where a matmul tile needs it
+    delta = None
+
+    def get_delta():
+        nonlocal delta
+        if delta is None:
+            delta = torch.empty(T, Hq, dtype=acc, device=q.device)                 # [T, Hq]
+            for t0, t1 in _chunks(T, Hq * Dv):
+                delta[t0:t1] = (dout[t0:t1].to(acc) * out[t0:t1].to(acc)).sum(-1)
+            if dlse is not None:
+                delta = delta - dlse.to(acc)
+        return delta
+    for qs, a, b, ks, ke in _own_tiles(plan, Hq, rest):
         n = b - a
         sl = slice(qs + a, qs + b)
         kb = k[ks:ke].to(acc)
@@ -262,22 +401,26 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
         p = torch.exp_(s.sub_(lse[sl].view(n, Hkv, G, 1)))
         dv[ks:ke] += torch.einsum("ngjl,ngjd->lgd", p, dob)
         dp = torch.einsum("ngjd,lgd->ngjl", dob, vb)
-        ds = p.mul_(dp.sub_(delta[sl].view(n, Hkv, G, 1))).mul_(scale)
+        ds = p.mul_(dp.sub_(get_delta()[sl].view(n, Hkv, G, 1))).mul_(scale)
         dq[sl] += torch.einsum("ngjl,lgd->ngjd", ds, kb).reshape(n, Hq, D)
         dk[ks:ke] += torch.einsum("ngjl,ngjd->lgd", ds, qb)
     qf = q.reshape(T * Hq, D)
     dof = dout.reshape(T * Hq, Dv)
     dqf = dq.view(T * Hq, D)
-    lsef, deltaf = lse.reshape(-1), delta.reshape(-1)
-    for g, ks, ke, off, n in plan.groups:
-        kb = k[ks:ke, g].to(acc)
-        vb = v[ks:ke, g].to(acc)
+    lsef = lse.reshape(-1)
+    groups = plan.groups
+    if fused:
+        groups = _fused_pieces_bwd(fused, qf, k, v, out.reshape(T * Hq, Dv), dof, lsef, dqf, dk, dv, plan, scale)
+    for g, ks, ke, off, n in groups:
+        kb = k[ks:ke, g]
+        vb = v[ks:ke, g]
         for a, b in _chunks(n, ke - ks, BWD_TILE):   # p, dp and ds live at once: smaller tiles than the forward's
             r = plan.rows[off + a:off + b]
-            qr, dor = qf.index_select(0, r).to(acc), dof.index_select(0, r).to(acc)   # index_select: see forward
-            p = torch.exp_((qr @ kb.T).mul_(scale).sub_(lsef.index_select(0, r)[:, None]))      # [n, l]
+            qr, dor = qf.index_select(0, r), dof.index_select(0, r)                 # index_select: see forward
+            qr, dor, kba, vba = qr.to(acc), dor.to(acc), kb.to(acc), vb.to(acc)
+            p = torch.exp_((qr @ kba.T).mul_(scale).sub_(lsef.index_select(0, r)[:, None]))      # [n, l]
             dv[ks:ke, g] += p.T @ dor
-            ds = p.mul_((dor @ vb.T).sub_(deltaf.index_select(0, r)[:, None])).mul_(scale)
-            dqf.index_add_(0, r, ds @ kb)
+            ds = p.mul_((dor @ vba.T).sub_(get_delta().view(-1).index_select(0, r)[:, None])).mul_(scale)
+            dqf.index_add_(0, r, ds @ kba)
             dk[ks:ke, g] += ds.T @ qr
     return dq, dk, dv
