@@ -281,7 +281,7 @@ def forward(q, k, v, plan: Plan, scale: float):
             mn = torch.maximum(m0, m)
             a0, a1 = torch.exp(m0 - mn), torch.exp(m - mn)
             L.index_copy_(0, r, L.index_select(0, r).mul_(a0).add_(p_sum * a1))
-            O.index_copy_(0, r, O.index_select(0, r).mul_(a0[:, None]).add_(o.to(acc) * a1[:, None]))
+            O.index_copy_(0, r, O.index_select(0, r).mul_(a0[:, None]).add_(o * a1[:, None]))   # half o promoted: no copy
             M.index_copy_(0, r, mn)
     lse = (M + torch.log(L)).view(T, Hq)
     return O.div_(L[:, None]).view(T, Hq, Dv), lse
