@@ -412,15 +412,14 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
     if fused:
         groups = _fused_pieces_bwd(fused, qf, k, v, out.reshape(T * Hq, Dv), dof, lsef, dqf, dk, dv, plan, scale)
     for g, ks, ke, off, n in groups:
-        kb = k[ks:ke, g]
-        vb = v[ks:ke, g]
+        kb = k[ks:ke, g].to(acc)
+        vb = v[ks:ke, g].to(acc)
         for a, b in _chunks(n, ke - ks, BWD_TILE):   # p, dp and ds live at once: smaller tiles than the forward's
             r = plan.rows[off + a:off + b]
-            qr, dor = qf.index_select(0, r), dof.index_select(0, r)                 # index_select: see forward
-            qr, dor, kba, vba = qr.to(acc), dor.to(acc), kb.to(acc), vb.to(acc)
-            p = torch.exp_((qr @ kba.T).mul_(scale).sub_(lsef.index_select(0, r)[:, None]))      # [n, l]
+            qr, dor = qf.index_select(0, r).to(acc), dof.index_select(0, r).to(acc)   # index_select: see forward
+            p = torch.exp_((qr @ kb.T).mul_(scale).sub_(lsef.index_select(0, r)[:, None]))      # [n, l]
             dv[ks:ke, g] += p.T @ dor
-            ds = p.mul_((dor @ vba.T).sub_(get_delta().view(-1).index_select(0, r)[:, None])).mul_(scale)
-            dqf.index_add_(0, r, ds @ kba)
+            ds = p.mul_((dor @ vb.T).sub_(get_delta().view(-1).index_select(0, r)[:, None])).mul_(scale)
+            dqf.index_add_(0, r, ds @ kb)
             dk[ks:ke, g] += ds.T @ qr
     return dq, dk, dv
