@@ -122,6 +122,27 @@ def test_fused_cpu_kernel_probe():
     assert not grouped._probe(changed)
 
 
+def test_fused_cpu_backward_probe():
+    """The backward's kernel likewise: this PyTorch's passes; one a little off fails, as does one that computes its own
+    softmax over the keys it is given (ignoring the log-sum-exp passed in: a key tile's share would be wrong), or
+    one whose call fails."""
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    assert grouped._probe_bwd(fwd, real) and grouped._fused_cpu_bwd_op() is not None
+
+    def off(*a, **kw):
+        gq, gk, gv = real(*a, **kw)
+        return gq + 1e-3, gk, gv
+
+    def own_softmax(do, q, k, v, out, lse, p, causal, scale=None):
+        o, l2 = fwd(q, k, v, p, causal, scale=scale)
+        return real(do, q, k, v, o, l2, p, causal, scale=scale)
+
+    def changed(*a, **kw):
+        raise RuntimeError("an argument it no longer takes")
+    assert not any(grouped._probe_bwd(fwd, f) for f in (off, own_softmax, changed))
+
+
 def test_torch_backend_fp32_and_noncontiguous():
     # transformers hands [B, H, T, D] tensors transposed to [B, T, H, D]: not contiguous
     q = torch.randn(2, 4, 90, 32).transpose(1, 2)

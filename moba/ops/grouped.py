@@ -103,13 +103,14 @@ def _fused_cpu_bwd_op():
 
 def _probe_bwd(fwd, op) -> bool:
     """``op`` gives attention's gradients as used here: causal and not, a kv head as a stride-0 view (its gradient
-    per query head), a scale, fp64, fp32 and bf16; and with the out / log-sum-exp of attention over *more* keys
+    per query head), a scale, fp64, fp32, bf16 and fp16; and with the out / log-sum-exp of attention over *more* keys
     than it is given (a tile of them), that tile's share of the gradients: the shares of two tiles add up."""
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64) for _ in range(4))
     try:
         for causal, dtype, tol in ((True, torch.float64, 1e-8), (False, torch.float64, 1e-8),
-                                   (True, torch.float32, 1e-4), (False, torch.bfloat16, 1e-1)):
+                                   (True, torch.float32, 1e-4), (False, torch.bfloat16, 1e-1),
+                                   (True, torch.float16, 2e-2)):
             # the reference gradients written out (no autograd: the first use comes inside a custom op's backward)
             kk, vv = k[:, :1], v[:, :1]
             s = (q @ kk.transpose(-1, -2)) * 0.5
