@@ -38,7 +38,8 @@ TILE = 1 << 23  # elements of one score tile (fp32: 32 MB)
 # the CPU forward's tiles through PyTorch's fused attention kernel (see the module's docstring); MOBA_CPU_FUSED=0: the
 # matmul tiles
 CPU_FUSED = os.environ.get("MOBA_CPU_FUSED", "1") != "0"
-BWD_TILE = 1 << 21  # elements of one score tile of the backward's chosen groups (it holds three: p, dp, ds)
+BWD_TILE = 1 << 21  # the backward's tiles: a matmul group's scores (it holds three: p, dp, ds); the fused kernel's
+#                    batches of pieces and runs of causal squares (it returns dQ, dK, dV for each)
 FUSED_MIN_ROWS = 64  # a chosen group of fewer rows (a decode step's) costs less as two small matmuls
 
 
@@ -219,6 +220,11 @@ def _square_runs(plan: Plan, Hq: int, D: int, tile: int | None = None):
     return runs, rest
 
 
+def _by_block(x, start: int, nb: int, n: int):
+    """Rows start .. start + nb * n of a packed [T, H, ...] tensor as [nb, H, n, ...] views (a run of blocks)."""
+    return x[start:start + nb * n].unflatten(0, (nb, n)).transpose(1, 2)
+
+
 def forward(q, k, v, plan: Plan, scale: float):
     """q [T, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] packed -> out [T, Hq, Dv] (acc dtype), lse [T, Hq]."""
     T, Hq, D = q.shape
@@ -237,9 +243,8 @@ def forward(q, k, v, plan: Plan, scale: float):
     O3, M2 = O.view(T, Hq, Dv), M.view(T, Hq)
     for qs, ks, nb, n in runs:                      # causal squares: softmax output and log-sum-exp (sum 1)
         rows = slice(qs, qs + nb * n)
-        qb = q[rows].view(nb, n, Hq, D).transpose(1, 2)                       # [blocks, heads, n, D] views
-        kb = k[ks:ks + nb * n].to(kdt).view(nb, n, Hkv, D).transpose(1, 2)
-        vb = v[ks:ks + nb * n].to(kdt).view(nb, n, Hkv, Dv).transpose(1, 2)
+        qb = _by_block(q, qs, nb, n)                                          # [blocks, heads, n, D] views
+        kb, vb = (_by_block(x, ks, nb, n).to(kdt) for x in (k, v))
         for g in range(Hkv):                        # the group's K/V head as a stride-0 view: no copy
             h = slice(g * G, (g + 1) * G)
             o, lse = fused(qb[:, h], kb[:, g:g + 1].expand(-1, G, -1, -1), vb[:, g:g + 1].expand(-1, G, -1, -1),
@@ -362,20 +367,15 @@ def backward(q, k, v, out, lse, dout, dlse, plan: Plan, scale: float):
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for qs, ks, nb, n in runs:                      # causal squares, one call per kv head (stride-0 K/V views)
-        rows = slice(qs, qs + nb * n)
-
-        def heads(x, h):
-            return x[rows].view(nb, n, Hq, x.shape[-1]).transpose(1, 2)[:, h]           # [blocks, G, n, D]
-        lb = lse[rows].view(nb, n, Hq).transpose(1, 2)
-        kb = k[ks:ks + nb * n].view(nb, n, Hkv, D).transpose(1, 2)
-        vb = v[ks:ks + nb * n].view(nb, n, Hkv, Dv).transpose(1, 2)
+        qb, dob, ob, lb, kb, vb = (_by_block(x, s0, nb, n) for x, s0 in ((q, qs), (dout, qs), (out, qs), (lse, qs),
+                                                                         (k, ks), (v, ks)))
         for g in range(Hkv):
             h = slice(g * G, (g + 1) * G)
-            gq, gk, gv = fused(heads(dout, h), heads(q, h), kb[:, g:g + 1].expand(-1, G, -1, -1),
-                               vb[:, g:g + 1].expand(-1, G, -1, -1), heads(out, h), lb[:, h], 0.0, True, scale=scale)
-            dq[rows].view(nb, n, Hq, D)[:, :, h] += gq.transpose(1, 2)
-            dk[ks:ks + nb * n, g].view(nb, n, D).add_(gk.sum(1))
-            dv[ks:ks + nb * n, g].view(nb, n, Dv).add_(gv.sum(1))
+            gq, gk, gv = fused(dob[:, h], qb[:, h], kb[:, g:g + 1].expand(-1, G, -1, -1),
+                               vb[:, g:g + 1].expand(-1, G, -1, -1), ob[:, h], lb[:, h], 0.0, True, scale=scale)
+            _by_block(dq, qs, nb, n)[:, h] += gq
+            _by_block(dk, ks, nb, n)[:, g].add_(gk.sum(1))
+            _by_block(dv, ks, nb, n)[:, g].add_(gv.sum(1))
     # dout and out stay in their dtype; rows are upcast per tile (no whole fp32 copies for fp16/bf16); delta only
     # where a matmul tile needs it
     delta = None
