@@ -18,7 +18,7 @@ start)
       > $Q/$i.log 2>&1 < /dev/null &
     echo "queue $i (GPU $i): $cmd"
     if (( i == 0 && $# > 1 )); then
-      for _ in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
+      bash experiments/wait_corpus.sh
     fi
     i=$((i + 1))
   done

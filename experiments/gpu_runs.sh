@@ -62,13 +62,13 @@ tr() { name=$1; shift; python3 experiments/train.py $D --out runs/$name "$@" > r
 # <common arguments> <name:arguments>...; runs/<prefix><name>[_seed<SEED>], skipped once finished; each later run
 # starts once the first has built the corpus; then each run's last evaluation
 side_by_side() {
-  local pre=$1 common=$2 v n p i pids=(); shift 2
+  local pre=$1 common=$2 v n p pids=(); shift 2
   for v in "$@"; do
     n=$pre${v%%:*}${SEED:+_seed$SEED}
     [[ -f runs/$n/history.json ]] && continue
     timeout $((end - SECONDS)) python3 experiments/train.py $D $common ${v#*:} --out runs/$n --resume >> runs/$n.log 2>&1 &
     pids+=($!)
-    for i in $(seq 150); do ls runs/data/*/meta.json > /dev/null 2>&1 && break; sleep 2; done
+    bash experiments/wait_corpus.sh
   done
   for p in "${pids[@]}"; do wait $p; done
   for v in "$@"; do echo "${v%%:*}: $(grep -h "^eval" runs/$pre${v%%:*}${SEED:+_seed$SEED}.log | tail -1)"; done
