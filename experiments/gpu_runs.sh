@@ -158,7 +158,7 @@ S)  # O's curriculum with blocks of 32 instead of 128 (same sparsity: 12 of 64 b
     # at 2K and 16K from S's stage 1, the baseline
     S2="--attn moba --block-size 32 --topk 12" curriculum s 12000:3.0:195 3000:1.5:135 5000:2.5:190 \
       "moba32:--attn moba --block-size 32 --topk 48" ;;
-U)  # S again after the small-block fix of PERFLOG 36 (blocks of 32 trained ~9x faster), stages cut to fit a call
+U)  # S again after the small-block fix of 446b7c9 (docs/performance.md; blocks of 32 trained ~9x faster), stages cut to fit a call
     S2="--attn moba --block-size 32 --topk 12" curriculum u 12000:2.7:180 3000:1.3:120 5000:2.3:170 \
       "moba32:--attn moba --block-size 32 --topk 48" ;;
 V1) # a stage 1 that reaches ~0.8 (P, S, U stopped at 0.37 after 7-8K steps): 256 tokens, full attention, 8.5 minutes;

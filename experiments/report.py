@@ -1,17 +1,55 @@
-"""Plots and markdown tables for experiments/RESULTS.md from the result files in experiments/results/.
+"""Tables and plots for experiments/RESULTS.md from experiments/results/{runs,curves}.jsonl.
 
-    python experiments/report.py            # writes experiments/results/*.png, prints the tables
+    python experiments/report.py                      # prints the tables, redraws experiments/results/*.png
+    python experiments/report.py --add out/*.json     # appends new result files (train.py's history.json or
+                                                      # retrieval.py's retrieval.json, renamed to the run's name)
+
+runs.jsonl holds one line per run: the result file's content without its evaluation history, plus "source" (the
+run's name). curves.jsonl holds one line per evaluation of a train.py run: "source" plus that evaluation (step,
+val_loss, buckets, trailing_2k[, trailing_2k_short], tokens_seen, wall_s).
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+import sys
 
 HERE = pathlib.Path(__file__).resolve().parent / "results"
+RUNS, CURVES = HERE / "runs.jsonl", HERE / "curves.jsonl"
+
+
+@functools.lru_cache(maxsize=1)
+def _all() -> dict:
+    runs = {}
+    for line in RUNS.read_text().splitlines():
+        d = json.loads(line)
+        runs[d.pop("source")] = d
+    for line in CURVES.read_text().splitlines():
+        h = json.loads(line)
+        runs[h.pop("source")].setdefault("history", []).append(h)
+    return runs
 
 
 def load(name):
-    return json.loads((HERE / f"{name}.json").read_text())
+    """A run as its result file held it (train.py runs with their "history")."""
+    return _all()[name]
+
+
+def add(paths):
+    """Append result files to runs.jsonl / curves.jsonl under their file names (without .json)."""
+    have = set(_all())
+    with RUNS.open("a") as runs, CURVES.open("a") as curves:
+        for p in map(pathlib.Path, paths):
+            if p.stem in have:
+                raise SystemExit(f"{p.stem} is already in {RUNS.name}")
+            d = json.loads(p.read_text())
+            hist = d.pop("history", None)
+            runs.write(json.dumps({"source": p.stem, **d}) + "\n")
+            for h in hist or []:
+                curves.write(json.dumps({"source": p.stem, **h}) + "\n")
+            have.add(p.stem)
+    _all.cache_clear()
 
 
 def final(name, step=None):
@@ -61,10 +99,14 @@ def by_position(name):
     return name, [(i + 0.5) * L / nb / 1024 for i in range(nb)], h["buckets"], 6
 
 
+def tokens(name):
+    return load(name)["history"][-1]["tokens_seen"] / 1e6
+
+
 def gap_by_position(long8, small, hyb8):
-    """MoBA's loss vs full attention's per position bucket (1K each of 8K) at 6000 steps, seed by seed and the mean;
-    the first bucket (positions < 1024: two blocks of 512, which topk 3 always covers) reads exactly the same keys
-    under both, so its gap is the runs' difference that has nothing to do with what MoBA leaves out."""
+    """MoBA's loss vs full attention's per position bucket (1K each of 8K) at 6000 steps, the mean over seeds; the
+    first bucket (positions < 1024: two blocks of 512, which topk 3 always covers) reads exactly the same keys under
+    both, so its gap is the runs' difference that has nothing to do with what MoBA leaves out."""
     def gaps(pairs):
         rows = []
         for f, m in pairs:
@@ -87,56 +129,12 @@ def gap_by_position(long8, small, hyb8):
          legend_size=7)
 
 
-def main():
-    # 1. loss parity at 8K
-    runs8 = ["s8k_full_h200", "s8k_moba_h200", "s8k_full_h100", "s8k_moba_then_full_h100"]   # the last: 4. hybrid
-    plot("loss_8k.png", "8K context, block 512, topk 3", "tokens seen (M)",
-         [curve(n, lambda r: r["tokens_seen"] / 1e6)
-          for n in runs8 + [f"s8k_{a}_seed{s}_h100" for s in (1, 2) for a in ("full", "moba")]])
-    table(runs8, title="8K")
-    seeds = ["s8k_full_seed1_h100", "s8k_moba_seed1_h100"]   # the MoBA run was cut by its time guard at 1848
-    table(seeds, step=1750, title="8K, seed 1, compared at step 1750")
-    table(["s8k_full_seed2_h100", "s8k_moba_seed2_h100"], title="8K, seed 2")
-    # the same at 3x the tokens (6000 steps, gpu_runs.sh R), seeds 0 and 1 (H100), seed 2 (H200)
+def loss_parity():
+    """1. Loss parity at 8K: 6000 steps of 4 x 8192 tokens, 26.75M and 4.92M models, three seeds each; the
+    2000-step runs before them; blocks of 128 (topk 12) at the same sparsity; the hybrids (4.)."""
     long8 = [f"s8k6k_{a}{s}" for s in ("_h100", "_seed1_h100", "_seed2_h200") for a in ("full", "moba")]
-    hyb8 = ["s8k6k_until90_h100", "s8k6k_last2_h100"]     # 4. the hybrids at this scale (gpu_runs.sh R2), seed 0
-    plot("loss_8k_6000.png", "8K context, block 512, topk 3, 6000 steps (seeds 0-2)", "tokens seen (M)",
-         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in long8])
-    plot("hybrid_8k_6000.png", "8K, 6000 steps, seed 0: full, MoBA and the hybrids", "tokens seen (M)",
-         [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in [
-             ("full", "s8k6k_full_h100"), ("MoBA", "s8k6k_moba_h100"),
-             ("MoBA, then full for the last 10%", "s8k6k_until90_h100"),
-             ("MoBA, last 2 layers full", "s8k6k_last2_h100")]])
-    table(long8 + hyb8, title="8K, 6000 steps")
-    # a second, smaller model size (dim 256, 4 layers, 4.92M parameters) at the same tokens, seeds 0-2 (R3, H200)
     small = [f"s8k6k_small_{a}{s}_h200" for s in ("", "_seed1", "_seed2") for a in ("full", "moba")]
-    plot("loss_8k_6000_small.png", "8K, 6000 steps, 4.92M parameters (seeds 0-2)", "tokens seen (M)",
-         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in small])
-    table(small, title="8K, 6000 steps, 4.92M parameters")
-    gap_by_position(long8, small, hyb8)
-    for size, names in (("26.75M", long8), ("4.92M", small)):
-        pairs = [(final(f)[1]["val_loss"], final(m)[1]["val_loss"]) for f, m in zip(names[::2], names[1::2])]
-        gaps = ", ".join(f"{100 * (m / f - 1):+.1f}%" for f, m in pairs)
-        mf, mm = (sum(x) / len(pairs) for x in zip(*pairs))
-        print(f"{size}: MoBA vs full per seed {gaps}; means {mf:.4f} / {mm:.4f} ({100 * (mm / mf - 1):+.2f}%)")
-
-    # 3. granularity at 8K (R4): blocks of 128 / topk 12 against 512 / topk 3; two 26.75M runs stopped early (their
-    # histories parsed from the logs), so compared at the steps they reached; the third ran to the end
-    gran = [("26.75M full", "s8k6k_full_h100"), ("26.75M MoBA 512/3", "s8k6k_moba_h100"),
-            ("26.75M MoBA 128/12", "s8k6k_moba128_h200"), ("26.75M MoBA 128/12, again", "s8k6k_moba128_rerun_h200"),
-            ("26.75M MoBA 128/12, third run", "s8k6k_moba128_end_h200"),
-            ("4.92M full", "s8k6k_small_full_h200"), ("4.92M MoBA 512/3", "s8k6k_small_moba_h200"),
-            ("4.92M MoBA 128/12", "s8k6k_small_moba128_h200"),
-            ("4.92M MoBA 128/12, again", "s8k6k_small_moba128_rerun_h200")]
-    plot("granularity_8k.png", "8K, 6000 steps planned, seed 0: block/topk at equal keys", "tokens seen (M)",
-         [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in gran], legend_size=7)
-    print("\n| run | step 2000 | step 3250 | step 6000 |\n|---|---|---|---|")
-    for label, n in gran:
-        cells = [final(n, st)[1] for st in (2000, 3250, 6000)]
-        print(f"| {label} | " + " | ".join(f"{h['val_loss']:.4f}" if h else "-" for h in cells) + " |")
-
-    # 1./3. at 26.75M, three seeds: MoBA 128/12 (the same 1536 keys per query as 512/3, finer blocks) against full
-    # attention and 512/3 (seed 0: the run to the end; seeds 1 and 2: gpu_runs.sh R4 with SEED, seventeenth session)
+    hyb8 = ["s8k6k_until90_h100", "s8k6k_last2_h100"]
     trio = [(0, "s8k6k_full_h100", "s8k6k_moba_h100", "s8k6k_moba128_end_h200"),
             (1, "s8k6k_full_seed1_h100", "s8k6k_moba_seed1_h100", "s8k6k_moba128_seed1_h200"),
             (2, "s8k6k_full_seed2_h200", "s8k6k_moba_seed2_h200", "s8k6k_moba128_seed2_h200")]
@@ -151,7 +149,7 @@ def main():
         print(f"| {sd} | {lf:.4f} | {lm:.4f} | {gaps['512/3'][-1]:+.2f}% | {lg:.4f} | {gaps['128/12'][-1]:+.2f}% "
               f"| {100 * (lg / lm - 1):+.2f}% | {hf['wall_s']:.0f} / {hm['wall_s']:.0f} / {hg['wall_s']:.0f} |")
     print("| mean | | | " + " | | ".join(f"{sum(v) / len(v):+.2f}%" for v in gaps.values()) + " | | |")
-    table([n for row in trio for n in row[1:]], title="the runs of that table")
+    table([n for row in trio for n in row[1:]] + hyb8, title="26.75M runs (and the hybrids, seed 0)")
 
     def gap_curve(f, m):
         full = {r["step"]: r["val_loss"] for r in load(f)["history"]}
@@ -162,111 +160,112 @@ def main():
            dict(color="C1" if a == "512/3" else "C0", ls=("-", "--", ":")[sd])) for a in ("512/3", "128/12")
           for sd, f, m, g in trio], ylabel="val loss vs full attention (%)", zero_line=True, legend_size=7)
 
-    # 2. position-wise loss at 32K
-    runs32 = ["s32k_full", "s32k_moba", "s32k_moba_last2"]
-    plot("position_32k.png", "32K context, block 512, topk 3: loss by position (step 1800)",
-         "position (K tokens), bucket centre", [by_position(n) for n in runs32])
-    table(runs32, title="32K")
-    # 2. again with R3's 4.92M model for 197M tokens (gpu_runs.sh R5: s32k6k_small_<full|moba|last1>[_<card>]),
-    # once its results are in
-    runs32s = sorted(f.stem for f in HERE.glob("s32k6k_small_*.json"))
-    if runs32s:
-        plot("position_32k_small.png", "32K context, 4.92M model, block 512, topk 3: loss by position",
-             "position (K tokens), bucket centre", [by_position(n) for n in runs32s])
-        table(runs32s, title="32K, 4.92M model")
-        print("trailing 2K tokens: " + ", ".join(f"{n} {final(n)[1].get('trailing_2k', float('nan')):.4f}"
-                                                 + (f" (short context {final(n)[1]['trailing_2k_short']:.4f})"
-                                                    if "trailing_2k_short" in final(n)[1] else "")
-                                                 for n in runs32s))
-        full32 = next((n for n in runs32s if "_full" in n), None)
-        print("\n| vs full | " + " | ".join(f"{4 * i}-{4 * i + 4}K" for i in range(8)) + " | last 2K |\n|---|"
-              + "---|" * 9)
-        for n in runs32s:
-            if full32 and n != full32:
-                (bf, tf), (bm, tm) = ((final(x)[1]["buckets"], final(x)[1]["trailing_2k"]) for x in (full32, n))
-                print(f"| {n} | " + " | ".join(f"{100 * (y / x - 1):+.2f}%" for x, y in zip(bf, bm))
-                      + f" | {100 * (tm / tf - 1):+.2f}% |")
+    plot("loss_8k_6000_small.png", "8K, 6000 steps, 4.92M parameters (seeds 0-2)", "tokens seen (M)",
+         [curve(n, lambda r: r["tokens_seen"] / 1e6) for n in small])
+    table(small, title="4.92M runs")
+    for size, names in (("26.75M", long8), ("4.92M", small)):
+        pairs = [(final(f)[1]["val_loss"], final(m)[1]["val_loss"]) for f, m in zip(names[::2], names[1::2])]
+        per = ", ".join(f"{100 * (m / f - 1):+.1f}%" for f, m in pairs)
+        mf, mm = (sum(x) / len(pairs) for x in zip(*pairs))
+        print(f"{size}: MoBA vs full per seed {per}; means {mf:.4f} / {mm:.4f} ({100 * (mm / mf - 1):+.2f}%)")
+    gap_by_position(long8, small, hyb8)
 
-    # 2. again: what the context beyond 4K is worth (the trailing 2K scored with only 4K of context), R5's full and
-    # MoBA runs again alone (ctx32k_small_<attn>_h200)
-    ctx = [("full attention", "ctx32k_small_full_h200"), ("MoBA 512/3", "ctx32k_small_moba_h200")]
-    if all((HERE / f"{n}.json").exists() for _, n in ctx):
-        plot("context_32k_small.png", "32K, 4.92M model: trailing 2K with only 4K of context",
-             "step (32K tokens each)",
-             [(label, [r["step"] for r in load(n)["history"]],
-               [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in load(n)["history"]], 3)
-              for label, n in ctx], ylabel="loss change from cutting the context (%)", zero_line=True)
+    plot("hybrid_8k_6000.png", "8K, 6000 steps, seed 0: full, MoBA and the hybrids", "tokens seen (M)",
+         [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in [
+             ("full", "s8k6k_full_h100"), ("MoBA", "s8k6k_moba_h100"),
+             ("MoBA, then full for the last 10%", "s8k6k_until90_h100"),
+             ("MoBA, last 2 layers full", "s8k6k_last2_h100")]])
 
-    # 2. again with the 26.75M model at 32K for 197M tokens (gpu_runs.sh R6, seed 0, one H200 each; 128/12 cut by
-    # its time limit at step 4428), the trailing 2K and the same 2K with only 4K of context
+    # the 2000-step runs (65M tokens): seed 1's MoBA run was cut by its time guard at 1848, so compared at 1750
+    print("\n| seed | card | step | tokens | full | MoBA | MoBA vs full |\n|---|---|---|---|---|---|---|")
+    for sd, f, m, step in ((0, "s8k_full_h200", "s8k_moba_h200", None), (1, "s8k_full_seed1_h100",
+                           "s8k_moba_seed1_h100", 1750), (2, "s8k_full_seed2_h100", "s8k_moba_seed2_h100", None)):
+        (d, hf), hm = final(f, step), final(m, step)[1]
+        print(f"| {sd} | {d['device']} | {hf['step']} | {hf['tokens_seen'] / 1e6:.1f}M | {hf['val_loss']:.4f} "
+              f"| {hm['val_loss']:.4f} | {100 * (hm['val_loss'] / hf['val_loss'] - 1):+.1f}% |")
+
+    # 3. granularity at 8K: 128/12 against 512/3; two 26.75M runs stopped early (their histories parsed from the
+    # logs), so compared at the steps every run reached
+    gran = [("26.75M full", "s8k6k_full_h100"), ("26.75M MoBA 512/3", "s8k6k_moba_h100"),
+            ("26.75M MoBA 128/12", "s8k6k_moba128_h200"), ("26.75M MoBA 128/12, again", "s8k6k_moba128_rerun_h200"),
+            ("26.75M MoBA 128/12, third run", "s8k6k_moba128_end_h200"),
+            ("4.92M full", "s8k6k_small_full_h200"), ("4.92M MoBA 512/3", "s8k6k_small_moba_h200"),
+            ("4.92M MoBA 128/12", "s8k6k_small_moba128_h200"),
+            ("4.92M MoBA 128/12, again", "s8k6k_small_moba128_rerun_h200")]
+    plot("granularity_8k.png", "8K, 6000 steps planned, seed 0: block/topk at equal keys", "tokens seen (M)",
+         [(label, *curve(n, lambda r: r["tokens_seen"] / 1e6)[1:]) for label, n in gran], legend_size=7)
+    print("\n| run | step 2000 | step 3250 | step 6000 |\n|---|---|---|---|")
+    for label, n in gran:
+        cells = [final(n, st)[1] for st in (2000, 3250, 6000)]
+        print(f"| {label} | " + " | ".join(f"{h['val_loss']:.4f}" if h else "-" for h in cells) + " |")
+
+
+def context_cost(label, name):
+    """The trailing 2K scored with 4K of context against the whole window, at every evaluation."""
+    h = load(name)["history"]
+    return label, [r["step"] for r in h], [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in h], 3
+
+
+def trailing_32k():
+    """2. Trailing tokens at 32K: the 26.75M model (R6) and the 4.92M model (R5) for 6000 steps of 32K tokens, and
+    the 4.92M runs again with the short-context score (ctx32k_small_*); the 1800-step runs before them."""
     r6 = [("full attention", "s32k6k_full_h200"), ("MoBA 512/3", "s32k6k_moba_h200"),
           ("MoBA, last layer full", "s32k6k_last1_h200"), ("MoBA, then full for the last 10%", "s32k6k_until90_h200"),
           ("MoBA 128/12", "s32k6k_moba128_h200")]
-    if all((HERE / f"{n}.json").exists() for _, n in r6):
-        plot("position_32k_26m.png", "32K, 26.75M model, 197M tokens: loss by position",
-             "position (K tokens), bucket centre", [(label, *by_position(n)[1:]) for label, n in r6[:4]],
-             legend_size=7)
-        plot("context_32k_26m.png", "32K, 26.75M model: trailing 2K with only 4K of context", "step (32K tokens each)",
-             [(label, [r["step"] for r in load(n)["history"]],
-               [100 * (r["trailing_2k_short"] / r["trailing_2k"] - 1) for r in load(n)["history"]], 3)
-              for label, n in r6], ylabel="loss change from cutting the context (%)", zero_line=True, legend_size=7)
-        table([n for _, n in r6], title="the runs of R6")
-        for step in (4000, 6000):
-            _, hf = final(r6[0][1], step)
-            print(f"\nstep {step}\n| run | val loss | vs full | last 2K | vs full | last 2K, 4K of context | cost of "
-                  "cutting | first / last 4K bucket | wall s |\n|---|---|---|---|---|---|---|---|---|")
-            for label, n in r6:
-                h = final(n, step)[1]
-                if h is None:
-                    continue
-                print(f"| {label} | {h['val_loss']:.4f} | {100 * (h['val_loss'] / hf['val_loss'] - 1):+.2f}% "
-                      f"| {h['trailing_2k']:.4f} | {100 * (h['trailing_2k'] / hf['trailing_2k'] - 1):+.2f}% "
-                      f"| {h['trailing_2k_short']:.4f} | {100 * (h['trailing_2k_short'] / h['trailing_2k'] - 1):+.2f}% "
-                      f"| {h['buckets'][0]:.3f} / {h['buckets'][-1]:.3f} | {h['wall_s']:.0f} |")
+    plot("position_32k_26m.png", "32K, 26.75M model, 197M tokens: loss by position",
+         "position (K tokens), bucket centre", [(label, *by_position(n)[1:]) for label, n in r6[:4]], legend_size=7)
+    plot("context_32k_26m.png", "32K, 26.75M model: trailing 2K with only 4K of context", "step (32K tokens each)",
+         [context_cost(label, n) for label, n in r6], ylabel="loss change from cutting the context (%)",
+         zero_line=True, legend_size=7)
+    table([n for _, n in r6], title="32K, 26.75M (last bucket: trailing 4K)")
+    for step in (4000, 6000):
+        _, hf = final(r6[0][1], step)
+        print(f"\nstep {step}\n| run | val loss | vs full | last 2K | vs full | last 2K, 4K of context | cost of "
+              "cutting | first / last 4K bucket | wall s |\n|---|---|---|---|---|---|---|---|---|")
+        for label, n in r6:
+            h = final(n, step)[1]
+            if h is None:
+                continue
+            print(f"| {label} | {h['val_loss']:.4f} | {100 * (h['val_loss'] / hf['val_loss'] - 1):+.2f}% "
+                  f"| {h['trailing_2k']:.4f} | {100 * (h['trailing_2k'] / hf['trailing_2k'] - 1):+.2f}% "
+                  f"| {h['trailing_2k_short']:.4f} | {100 * (h['trailing_2k_short'] / h['trailing_2k'] - 1):+.2f}% "
+                  f"| {h['buckets'][0]:.3f} / {h['buckets'][-1]:.3f} | {h['wall_s']:.0f} |")
 
-    # 3. granularity at 75% sparsity (equal steps compared: the runs were cut by a time guard at different steps)
+    r5 = ["s32k6k_small_full_h200", "s32k6k_small_moba_h200", "s32k6k_small_last1_h200"]
+    table(r5, title="32K, 4.92M")
+    hf = final(r5[0])[1]
+    for n in r5:
+        h = final(n)[1]
+        print(f"{n}: trailing 2K {h['trailing_2k']:.4f} ({100 * (h['trailing_2k'] / hf['trailing_2k'] - 1):+.2f}% vs "
+              f"full), val {100 * (h['val_loss'] / hf['val_loss'] - 1):+.2f}%")
+    ctx = [("full attention", "ctx32k_small_full_h200"), ("MoBA 512/3", "ctx32k_small_moba_h200")]
+    plot("context_32k_small.png", "32K, 4.92M model: trailing 2K with only 4K of context", "step (32K tokens each)",
+         [context_cost(label, n) for label, n in ctx], ylabel="loss change from cutting the context (%)",
+         zero_line=True)
+    table([n for _, n in ctx], title="32K, 4.92M, short-context score (cut by a time limit)")
+    for label, n in ctx:
+        c = context_cost(label, n)[2]
+        print(f"{label}: cost of cutting the context {min(c):+.2f}% .. {max(c):+.2f}% over {len(c)} evaluations, "
+              f"last {c[-1]:+.2f}%")
+
+    table(["s32k_full", "s32k_moba", "s32k_moba_last2"], title="32K, 1800 steps")
     runsg = ["g32k_4096_2", "g32k_2048_4", "g32k_1024_8", "g32k_512_16"]
-    plot("granularity_32k.png", "32K, 75% sparse: block/topk", "step (32K tokens each)",
-         [curve(n, lambda r: r["step"]) for n in runsg])
     for s in (600, 900):
-        table(runsg, step=s, title=f"granularity at step {s}")
+        table(runsg, step=s, title=f"3. granularity at 32K, 75% sparse, step {s}")
 
-    # 5. retrieval: fine-tuned from the 8K model (retrieval_*), and the synthetic task from scratch (synthetic_*)
-    print("\n| run | card | commit | steps | accuracy (mean over depth) | answers scored |\n|---|---|---|---|---|---|")
-    for n in [f"{t}_{v}" for t in ("retrieval", "synthetic") for v in ("full", "moba", "hybrid")]:
-        d = load(n)
-        print(f"| {n} | {d['device']} | {d['commit']} | {d.get('steps_done', d['cfg']['steps'])} "
-              f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
 
-    # 5. retrieval as a curriculum (gpu_runs.sh K-M): 256 -> 2K with full attention, then 16K; N, O: MoBA
-    # already at 2K; P, Q: repeated needles
-    cur = ["cur_k256", "cur_k2k", "cur_k16k_full", "cur_k16k_hybrid", "cur_k16k_moba", "cur_l256", "cur_l2k",
-           "cur_l16k_moba", "cur_m256", "cur_m2k", "cur_m16k_moba128", "cur_n256", "cur_n2k", "cur_n16k_moba",
-           "cur_n16k_moba128", "cur_o256", "cur_o2k", "cur_o16k_moba128",
-           # P, Q: needles written 8 times in a row from 2K on; Q (full) starts from P's stage 1
-           "cur_p256", "cur_p2k", "cur_p16k_moba128", "cur_q2k", "cur_q16k_full",
-           # S, U: blocks of 32 from 2K on (U after the small-block kernel fix: ~9x faster steps)
-           "cur_s256", "cur_s2k", "cur_s16k_moba32", "cur_u256", "cur_u2k", "cur_u16k_moba32",
-           # V (seed 0) and W (best of seeds 1-4): full and MoBA 32 from one shared stage-1 checkpoint; steps 0:
-           # evaluated at 16K without training
-           "cur_v0_256", "cur_v0_2k_full", "cur_v0_16k_full", "cur_v0_16k_moba32",
-           "cur_w256_seed1", "cur_w256_seed2", "cur_w256_seed3", "cur_w256_seed4", "cur_w2k_full", "cur_w16k_full",
-           "cur_w16k_full_lr3e-4", "cur_w16k_full_lr1e-4", "cur_w2k_moba32", "cur_w16k_moba32",
-           "cur_w16k_zeroshot_vf2k_full", "cur_w16k_zeroshot_vf2k_moba32", "cur_w16k_zeroshot_vm2k_full",
-           "cur_w16k_zeroshot_vm2k_moba32",
-           # X: W's MoBA curriculum with seeds 2 and 3, each seed's whole chain, side by side (stage 1 3.5 minutes)
-           "cur_x256_2", "cur_x2k_2", "cur_x16k_2", "cur_x256_3", "cur_x2k_3", "cur_x16k_3",
-           # X1: stage 1 of seeds 2 and 3 to 24000 steps; X2: MoBA (xm) and full (xf) from seed 2's, seeds 2-4
-           "cur_x1_256_2", "cur_x1_256_3"] + [f"cur_x{a}2_{t}_{s}" for s in (2, 3, 4) for a in "mf" for t in ("2k", "16k")]
-    print("\n| run | attention | tokens | card | commit | steps | wall s | mean accuracy | answers scored |\n"
-          "|---|---|---|---|---|---|---|---|---|")
-    for n in cur:
-        d = load(n)
+def retrieval():
+    """5. Retrieval at 16K: the curriculum chains (stage 1 at 256 tokens, 2 at 2K, 3 at 16K) and the runs before."""
+    print("\n| run | attention | tokens | card | commit | seed | steps | tokens seen | mean accuracy | answers scored |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for d in sorted((dict(load(n), name=n) for n in _all() if "mean_accuracy" in load(n)), key=lambda d: d["name"]):
         c = d["cfg"]
         att = c["attn"] + (f" {c['block_size']}/{c['topk']}" if c["attn"] == "moba" else "") + \
             (f", last {c['full_last']} full" if c["attn"] == "moba" and c["full_last"] else "")
-        print(f"| {n} | {att} | {c['seq_len']} | {d['device']} | {d['commit']} | {d['steps_done']} | {d['wall_s']:.0f} "
-              f"| {d['mean_accuracy']:.3f} | {int(sum(d['answers_per_bucket']))} |")
+        steps = d.get("steps_done", c["steps"])
+        print(f"| {d['name']} | {att} | {c['seq_len']} | {d['device']} | {d['commit']} | {c['seed']} | {steps} "
+              f"| {steps * c['batch'] * c['seq_len'] / 1e6:.1f}M | {d['mean_accuracy']:.3f} "
+              f"| {int(sum(d['answers_per_bucket']))} |")
     heat("retrieval_curriculum.png", [("full", "cur_k16k_full"), ("MoBA, last layer full", "cur_k16k_hybrid"),
                                       ("MoBA (0.9 min)", "cur_k16k_moba"), ("MoBA (4 min)", "cur_l16k_moba"),
                                       ("MoBA 128/12 (3.6 min)", "cur_m16k_moba128"),
@@ -274,12 +273,6 @@ def main():
                                       ("needles x8: full", "cur_q16k_full"),
                                       ("needles x8: MoBA-trained 2K, 128/12", "cur_p16k_moba128"),
                                       ("MoBA-trained 2K, 32/48 (U)", "cur_u16k_moba32")])
-    heat("retrieval_shared_stage1.png", [
-        ("full 2K model, full, lr 1e-3", "cur_w16k_full"), ("full 2K model, full, lr 3e-4", "cur_w16k_full_lr3e-4"),
-        ("full 2K model, full, lr 1e-4", "cur_w16k_full_lr1e-4"), ("MoBA 2K model, MoBA 32/48", "cur_w16k_moba32"),
-        ("full 2K model, full, untrained at 16K", "cur_w16k_zeroshot_vf2k_full"),
-        ("MoBA 2K model, full, untrained at 16K", "cur_w16k_zeroshot_vm2k_full"),
-        ("MoBA 2K model, MoBA, untrained at 16K", "cur_w16k_zeroshot_vm2k_moba32")])
     # X2: MoBA and its full-attention baseline from one stage-1 checkpoint, three seeds of stages 2-3
     print("\n| seed | full at 16K | MoBA 32/48 at 16K | MoBA / full |\n|---|---|---|---|")
     f, m = ([load(f"cur_x{a}2_16k_{s}")["mean_accuracy"] for s in (2, 3, 4)] for a in "fm")
@@ -309,6 +302,15 @@ def heat(fname, rows):
     fig.tight_layout()
     fig.savefig(HERE / fname, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--add"]:
+        return add(argv[1:])
+    loss_parity()
+    trailing_32k()
+    retrieval()
 
 
 if __name__ == "__main__":

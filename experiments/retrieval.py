@@ -206,7 +206,7 @@ def main(argv=None):
     _, train_data, val_data = T.build_data(cfg) if args.background == "code" else (None, None, None)
     model = T.GPT(cfg).to(device)
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
+        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=True)["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
     steps_done = cfg.steps

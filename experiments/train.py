@@ -300,7 +300,8 @@ def lr_at(step, cfg):
 
 
 def save_checkpoint(ck: pathlib.Path, model, opt, step: int, history: list, wall: float, cfg: Config):
-    """Written to a temporary file and renamed, so that a run killed while saving keeps its last checkpoint."""
+    """Written to a temporary file and renamed, so that a run killed while saving keeps its last checkpoint. Only
+    tensors and plain Python values (the config as a dict), so that it loads with ``weights_only=True``."""
     tmp = ck.with_suffix(".tmp")
     torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, history=history, wall=wall,
                     cfg=dataclasses.asdict(cfg)), tmp)
@@ -321,7 +322,7 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
     step, history, wall = 0, [], 0.0
     ck = out / "ckpt.pt"
     if resume and ck.exists():
-        st = torch.load(ck, map_location=device, weights_only=False)
+        st = torch.load(ck, map_location=device, weights_only=True)   # tensors and plain containers only
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, history, wall = st["step"], st["history"], st["wall"]

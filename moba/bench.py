@@ -1,4 +1,10 @@
-"""``moba bench``: MoBA against dense causal attention (PyTorch SDPA) across sequence lengths."""
+"""``moba bench``: MoBA against dense causal attention (PyTorch SDPA) across sequence lengths, on the CPU or a GPU.
+
+Also the measurement helpers that ``benchmarks/run.py`` (the GPU case registry) and ``benchmarks/tools/`` share:
+timing (``time_ms``, ``measure``), peak memory (``peak_bytes``), CUDA-graph replay (``cuda_graph``), the host/GPU
+split of a call (``profile_call``), the dense baselines (``sdpa``, ``dense_variants``), the share of causal pairs
+MoBA reads (``pair_fraction``) and provenance (``source_commit``, ``card``, ``versions``, ``append_jsonl``).
+"""
 from __future__ import annotations
 
 import json
@@ -13,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .ops.attention import moba_attention, resolve_backend
-from .ops.naive import naive_moba_attention
+from .api import moba_attention, resolve_backend
+from .naive import naive_moba_attention
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -24,7 +30,6 @@ def source_commit(path=None) -> str:
     """Short commit of the checkout, with "+modified" when tracked files differ from it (a copied working
     tree whose git metadata is older than its files reads so), or "unknown" without git. ``MOBA_SOURCE_COMMIT``
     in the environment overrides it (a device machine's copy of the tree can carry stale git metadata)."""
-    import os
     import subprocess
     if os.environ.get("MOBA_SOURCE_COMMIT"):
         return os.environ["MOBA_SOURCE_COMMIT"]
@@ -138,35 +143,126 @@ def peak_bytes(fn, device) -> float:
         _mallopt(32 << 20)                 # back to glibc's largest dynamic threshold for timing
 
 
-def _time(fn, device, repeats):
-    """Median milliseconds of fn() after one warm-up call."""
-    if device.type == "cuda":
+def time_ms(fn, device, repeats=3, long=False) -> float:
+    """Median milliseconds of ``fn()``. CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed between calls);
+    ``long`` calls (seconds each, where do_bench's own estimate would take several): one warm-up, then the median
+    of ``repeats`` calls timed with CUDA events. CPU: one warm-up, then the median of ``repeats`` calls."""
+    device = torch.device(device)
+    if device.type == "cuda" and not long:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=max(100, 50 * repeats), return_mode="median")
     fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
-def dense_causal(q, k, v, backend=None):
-    """SDPA causal over [B, T, H, D] inputs (GQA through enable_gqa, no copy where supported)."""
+def measure(fn, device, repeats=3, long=False) -> tuple[float, float]:
+    """(``time_ms``, ``peak_bytes``) of fn. Long CUDA calls read the peak over the timed calls themselves rather
+    than spend one more call on it (fn must leave nothing allocated behind, so that every call peaks alike)."""
+    device = torch.device(device)
+    if device.type == "cuda" and long:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = time_ms(fn, device, repeats, long=True)
+        return ms, float(torch.cuda.max_memory_allocated() - base)
+    return time_ms(fn, device, repeats), peak_bytes(fn, device)
+
+
+def sdpa(q, k, v, backend=None, causal=True, mask=None):
+    """SDPA over [B, T, H, D] inputs (GQA through enable_gqa, no copy where supported); ``backend`` an
+    ``SDPBackend`` to force one kernel, None for PyTorch's own choice."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if backend is None:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=True).transpose(1, 2)
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel([backend]):
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=True).transpose(1, 2)
 
 
-def _dense_variants(device):
-    if device.type != "cuda":
+def dense_causal(q, k, v, backend=None):
+    """SDPA causal over [B, T, H, D] inputs."""
+    return sdpa(q, k, v, backend)
+
+
+def step(f, q, k, v, do=None):
+    """One timed call of ``f(q, k, v)``: its forward without autograd, or with ``do`` its forward and backward.
+    The gradients are returned (torch.autograd.grad), not accumulated into ``.grad``: every call then allocates
+    and frees alike, so that its peak memory is the same on each call and counts the gradients."""
+    if do is None:
+        def call():
+            with torch.no_grad():
+                return f(q, k, v)
+    else:
+        def call():
+            return torch.autograd.grad(f(q, k, v), (q, k, v), do)
+    return call
+
+
+def dense_variants(device, decode=False) -> dict:
+    """The dense attentions MoBA is compared with, by name: on CUDA SDPA's cuDNN and flash kernels (for a decode
+    step also the memory-efficient kernel and PyTorch's own choice, since which is fastest there varies with the
+    cache); elsewhere SDPA as PyTorch dispatches it."""
+    if torch.device(device).type != "cuda":
         return {"sdpa": None}
     from torch.nn.attention import SDPBackend
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    if decode:
+        names = {"sdpa": None, **names, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return names
+
+
+def card(device) -> str:
+    """The GPU's name, or the CPU's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    """Versions a timing depends on: torch, Triton (None without it), CUDA and cuDNN (None on CPU-only builds)."""
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return dict(torch=torch.__version__, triton=tv, cuda_version=torch.version.cuda, cudnn_version=cudnn)
+
+
+def json_safe(x):
+    """x with NaN and infinite floats as None (strict JSON has neither)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def append_jsonl(path, rows) -> None:
+    """Append one JSON object per row to ``path`` (created with its folder if missing)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(json_safe(r)) + "\n")
 
 
 def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, device, batch=1, repeats=3,
@@ -180,7 +276,7 @@ def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, de
         raise ValueError(f"graph: CUDA graphs are timed for the forward on a CUDA device, got device={device}, "
                          f"fwd_bwd={fwd_bwd}")
     dt = DTYPES[dtype]
-    be = resolve_backend(backend, torch.empty(0, device=device))
+    be = resolve_backend(backend, torch.empty(1, 1, heads, head_dim, device=device, dtype=dt))
     rows = []
     for i, T in enumerate(lengths):
         torch.manual_seed(seed)
@@ -188,42 +284,38 @@ def run(lengths, block_size, topk, heads, kv_heads, head_dim, dtype, backend, de
         q = torch.randn(shp(heads), device=device, dtype=dt)
         k = torch.randn(shp(kv_heads), device=device, dtype=dt)
         v = torch.randn(shp(kv_heads), device=device, dtype=dt)
+        do = None
         if fwd_bwd:
             for x in (q, k, v):
                 x.requires_grad_(True)
             do = torch.randn_like(q)
-
-        def timed(f):
-            if not fwd_bwd:
-                with torch.no_grad():
-                    return lambda: f(q, k, v)
-            return lambda: torch.autograd.backward(f(q, k, v), do)
+        timed = lambda f: step(f, q, k, v, do)  # noqa: E731
 
         row = dict(T=T, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                    block_size=block_size, topk=topk, backend=be, device=str(device), fwd_bwd=fwd_bwd,
                    frac_pairs=pair_fraction(T, block_size, topk))
-        for name, sdpa_backend in _dense_variants(device).items():
+        for name, sdpa_backend in dense_variants(device).items():
             print(f"[{i + 1}/{len(lengths)}] T={T}: dense ({name}) ...", file=log, flush=True)
             try:
                 fn = timed(lambda a, b, c: dense_causal(a, b, c, sdpa_backend))
-                row[f"{name}_ms"] = _time(fn, device, repeats)
+                row[f"{name}_ms"] = time_ms(fn, device, repeats)
                 row[f"{name}_peak_bytes"] = peak_bytes(fn, device)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:   # a backend that can't run this shape
                 print(f"    {name} unavailable: {str(e).splitlines()[0][:100]}", file=log)
                 row[f"{name}_ms"] = float("nan")
             if graph:
-                row[f"{name}_graph_ms"] = (_time(cuda_graph(fn)[0], device, repeats) if not math.isnan(row[f"{name}_ms"])
+                row[f"{name}_graph_ms"] = (time_ms(cuda_graph(fn)[0], device, repeats) if not math.isnan(row[f"{name}_ms"])
                                            else float("nan"))
-        dense_ms = [row[f"{n}_ms"] for n in _dense_variants(device) if not math.isnan(row[f"{n}_ms"])]
+        dense_ms = [row[f"{n}_ms"] for n in dense_variants(device) if not math.isnan(row[f"{n}_ms"])]
         row["dense_ms"] = min(dense_ms) if dense_ms else float("nan")
         print(f"[{i + 1}/{len(lengths)}] T={T}: moba ({be}) ...", file=log, flush=True)
         fn = timed(lambda a, b, c: moba_attention(a, b, c, block_size, topk, backend=be))
-        row["moba_ms"] = _time(fn, device, repeats)
+        row["moba_ms"] = time_ms(fn, device, repeats)
         row["moba_peak_bytes"] = peak_bytes(fn, device)
         row["speedup"] = row["dense_ms"] / row["moba_ms"]
         if graph:
-            row["moba_graph_ms"] = _time(cuda_graph(fn)[0], device, repeats)
-            g_ms = [row[f"{n}_graph_ms"] for n in _dense_variants(device)]
+            row["moba_graph_ms"] = time_ms(cuda_graph(fn)[0], device, repeats)
+            g_ms = [row[f"{n}_graph_ms"] for n in dense_variants(device)]
             row["dense_graph_ms"] = min((x for x in g_ms if not math.isnan(x)), default=math.nan)
             row["speedup_graph"] = row["dense_graph_ms"] / row["moba_graph_ms"]
         row["rel_err"] = float("nan")
@@ -269,10 +361,11 @@ def add_arguments(p):
     p.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--backend", choices=["auto", "torch", "triton", "naive"], default="auto")
+    p.add_argument("--backend", choices=["auto", "torch", "triton", "gluon", "naive"], default="auto")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--fwd-bwd", action="store_true", help="time forward + backward instead of forward")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats on CPU (median reported)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed calls on the CPU (median reported); on CUDA, do_bench runs max(100, 50 * repeats) ms")
     p.add_argument("--ref-max", type=int, default=8192, help="longest T checked against the reference")
     p.add_argument("--graph", action="store_true",
                    help="CUDA, forward: also time every call replayed from a CUDA graph (the kernels without the "
@@ -288,18 +381,17 @@ def main_bench(args):
     args.kv_heads = args.kv_heads or (8 if gpu else args.heads)
     args.head_dim = args.head_dim or (128 if gpu else 64)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    env = dict(device=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
-               torch=torch.__version__, threads=torch.get_num_threads(),
-               date=time.strftime("%Y-%m-%d"), commit=source_commit(),
-               settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("MOBA_")})
+    env = dict(device=card(device), **versions(), threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+               commit=source_commit(), backend=args.backend)
     print(f"moba bench on {env['device']} (torch {env['torch']}): B={args.batch} H={args.heads}/"
           f"{args.kv_heads} D={args.head_dim} {args.dtype} block={args.block_size} topk={args.topk} "
           f"{'fwd+bwd' if args.fwd_bwd else 'fwd'}", flush=True)
     rows = run(args.lengths, args.block_size, args.topk, args.heads, args.kv_heads, args.head_dim, args.dtype,
                args.backend, device, batch=args.batch, repeats=args.repeats, fwd_bwd=args.fwd_bwd,
                ref_max=args.ref_max, graph=args.graph)
+    env["backend_used"] = rows[0]["backend"] if rows else None
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+            json.dump(json_safe({"env": env, "rows": rows}), f, indent=1)
     return rows

@@ -8,7 +8,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="moba", description="Mixture of Block Attention tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
     from .bench import add_arguments, main_bench
-    b = sub.add_parser("bench", help="compare MoBA with dense causal attention (SDPA) across lengths")
+    b = sub.add_parser("bench", help="compare MoBA with dense causal attention (SDPA) across lengths",
+                       description="MoBA against dense causal attention (SDPA) across sequence lengths, with defaults "
+                                   "for the CPU and for a GPU. The GPU's named kernel and decode cases, recorded "
+                                   "per commit, are benchmarks/run.py's.")
     add_arguments(b)
     args = parser.parse_args(argv)
     if args.cmd == "bench":

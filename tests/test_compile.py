@@ -1,29 +1,34 @@
-"""torch.compile traces through MoBA without graph breaks (custom ops with fake implementations)."""
+"""torch.compile traces through MoBA without graph breaks (custom ops with fake implementations), on every backend
+this machine runs."""
 import pytest
 import torch
 
 import moba
-from helpers import make_inputs, rel_err
-from moba.ops import custom
+from helpers import backends, device_of, make_inputs, rel_err
+from moba import autograd
 
 
-def test_opcheck_fwd():
-    q, k, v, _ = make_inputs([40], [40], 4, 2, 16, dtype=torch.float32)
+@pytest.mark.parametrize("backend", backends("torch", "triton", "gluon"))
+def test_opcheck_fwd(backend):
+    q, k, v, _ = make_inputs([40], [40], 4, 2, 16, dtype=torch.float32, device=device_of(backend))
     for x in (q, k, v):
         x.requires_grad_(True)
-    torch.library.opcheck(custom.moba_fwd, (q, k, v, None, None, 8, 3, 0.25, "torch", False, True, None),
+    torch.library.opcheck(autograd.moba_fwd, (q, k, v, None, None, 8, 3, 0.25, backend, False, True, None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("backend", backends("torch", "triton", "gluon"))
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "packed"])
-def test_compile_fullgraph_forward_and_backward(varlen):
+def test_compile_fullgraph_forward_and_backward(varlen, backend):
+    dev = device_of(backend)
     if varlen:
-        q, k, v, extra = make_inputs([30, 50], [30, 50], 4, 2, 16, dtype=torch.float32)
+        q, k, v, extra = make_inputs([30, 50], [30, 50], 4, 2, 16, dtype=torch.float32, device=dev)
     else:
-        q, k, v, extra = make_inputs([60, 60], [60, 60], 4, 2, 16, dtype=torch.float32)
+        q, k, v, extra = make_inputs([60, 60], [60, 60], 4, 2, 16, dtype=torch.float32, device=dev)
 
-    def f(q, k, v):
-        return moba.moba_attention(q, k, v, 8, 3, backend="torch", **extra).square().sum()
+    def f(q, k, v):   # the kernels' atomic dQ sums in no fixed order: deterministic, to compare two runs
+        return moba.moba_attention(q, k, v, 8, 3, backend=backend, deterministic=backend != "torch",
+                                   **extra).square().sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     grads = []

@@ -1,11 +1,16 @@
-"""Decoding (queries fewer than keys) with the incremental block-means cache."""
+"""Decoding (queries fewer than keys) on every backend this machine runs: the incremental block-means cache, step by
+step decoding against the whole sequence and the reference, and the Triton decode kernels (one query per sequence:
+packed, and in place in a padded cache)."""
 import pytest
 import torch
 
 import moba
-from helpers import make_inputs, rel_err
-from moba.ops import gate
-from moba.ops.utils import pack, validate
+from helpers import DEVICE, backends, make_inputs, needs_triton, rel_err
+from moba.layout import pack, validate
+from moba.torch_backend import gate
+
+# Unlike the reference comparisons, the torch backend runs these on the GPU too where there is one (KV caches live
+# there).
 
 
 def test_block_means_cache_matches_pooling():
@@ -24,36 +29,13 @@ def test_block_means_cache_matches_pooling():
     assert cache.n_keys == 20
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_token_by_token_decoding_equals_whole_sequence(backend):
-    pytest.importorskip("triton")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v, _ = make_inputs([75], [75], 4, 2, 16, dtype=torch.float32, device=dev)
-    whole = moba.moba_attention(q, k, v, 8, 3, backend=backend)
-    cache = moba.BlockMeansCache()
-    n = 30
-    outs = [moba.moba_attention(q[:, :n], k[:, :n], v[:, :n], 8, 3, backend=backend, means_cache=cache)]
-    for t in range(n, 75):
-        outs.append(moba.moba_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], 8, 3, backend=backend,
-                                        means_cache=cache))
-    assert rel_err(torch.cat(outs, 1), whole) < 1e-5
-
-
-def test_chunked_prefill_with_cache_matches_reference():
-    q, k, v, _ = make_inputs([100], [100], 2, 1, 16)
-    ref = moba.naive_moba_attention(q, k, v, 16, 3)
-    cache = moba.BlockMeansCache()
-    outs = [moba.moba_attention(q[:, a:a + 25], k[:, :a + 25], v[:, :a + 25], 16, 3, means_cache=cache)
-            for a in range(0, 100, 25)]
-    assert rel_err(torch.cat(outs, 1), ref) < 1e-10
-
-
 @pytest.mark.parametrize("pool_tile", [1 << 25, 2 * 8 * 2 * 16], ids=["one-pass", "two-blocks-a-pass"])
 def test_means_cache_packed_sequences_match_pooling(pool_tile, monkeypatch):
     """Several sequences growing at different rates (packed through cu_seqlens_k): the cached means equal
     a fresh pooling of every complete block, in the layout's block order, after every step (also when
     the new blocks are pooled a few at a time)."""
-    monkeypatch.setattr(gate, "POOL_TILE", pool_tile)
+    from moba import cache as cache_module
+    monkeypatch.setattr(cache_module, "POOL_TILE", pool_tile)
     torch.manual_seed(0)
     full = [torch.randn(n, 2, 16, dtype=torch.float64) for n in (70, 5, 130)]
     cache = moba.BlockMeansCache()
@@ -76,23 +58,43 @@ def test_means_cache_packed_sequences_match_pooling(pool_tile, monkeypatch):
     assert cache.n_keys == 6
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton", "gluon"))
+def test_token_by_token_decoding_equals_whole_sequence(backend):
+    q, k, v, _ = make_inputs([75], [75], 4, 2, 16, dtype=torch.float32, device=DEVICE)
+    whole = moba.moba_attention(q, k, v, 8, 3, backend=backend)
+    cache = moba.BlockMeansCache()
+    n = 30
+    outs = [moba.moba_attention(q[:, :n], k[:, :n], v[:, :n], 8, 3, backend=backend, means_cache=cache)]
+    for t in range(n, 75):
+        outs.append(moba.moba_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], 8, 3, backend=backend,
+                                        means_cache=cache))
+    assert rel_err(torch.cat(outs, 1), whole) < 1e-5
+
+
+def test_chunked_prefill_with_cache_matches_reference():
+    q, k, v, _ = make_inputs([100], [100], 2, 1, 16)
+    ref = moba.naive_moba_attention(q, k, v, 16, 3)
+    cache = moba.BlockMeansCache()
+    outs = [moba.moba_attention(q[:, a:a + 25], k[:, :a + 25], v[:, :a + 25], 16, 3, means_cache=cache)
+            for a in range(0, 100, 25)]
+    assert rel_err(torch.cat(outs, 1), ref) < 1e-10
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton", "gluon"))
 def test_batched_decoding_with_cache_equals_reference(backend):
     """Batch decoding of packed sequences (one query each) with a BlockMeansCache, step by step, against
     the fp64 reference on each step's whole cache."""
-    pytest.importorskip("triton")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(1)
     Hq, Hkv, D = 4, 2, 16
-    full = [torch.randn(n, Hkv, D, device=dev) for n in (90, 40, 7)]
-    qs = [torch.randn(n, Hq, D, device=dev) for n in (90, 40, 7)]
+    full = [torch.randn(n, Hkv, D, device=DEVICE) for n in (90, 40, 7)]
+    qs = [torch.randn(n, Hq, D, device=DEVICE) for n in (90, 40, 7)]
     cache = moba.BlockMeansCache()
     lens = [60, 30, 1]
     for _ in range(12):
         k = torch.cat([f[:n] for f, n in zip(full, lens)])[None]
         q = torch.stack([qq[n - 1] for qq, n in zip(qs, lens)])[None]
-        cu_q = torch.arange(len(lens) + 1, device=dev)
-        cu_k = torch.tensor([0] + lens, device=dev).cumsum(0)
+        cu_q = torch.arange(len(lens) + 1, device=DEVICE)
+        cu_k = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
         with torch.no_grad():
             out = moba.moba_attention(q, k, k, 8, 3, cu_seqlens=cu_q, cu_seqlens_k=cu_k, backend=backend,
                                       means_cache=cache)
@@ -101,52 +103,46 @@ def test_batched_decoding_with_cache_equals_reference(backend):
         lens = [min(f.shape[0], n + 2) for f, n in zip(full, lens)]
 
 
+@pytest.mark.parametrize("backend", backends("triton", "gluon"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 3), (8, 1)], ids=["G2", "odd-heads", "G8"])
 @pytest.mark.parametrize("chunk", [512, 8], ids=["block-per-item", "block-split"])
-def test_decode_kernel_matches_reference(dtype, Hq, Hkv, chunk, monkeypatch):
+def test_decode_kernel_matches_reference(backend, dtype, Hq, Hkv, chunk, monkeypatch):
     """The one-launch decode kernel (one query per sequence, no gradient) against the fp64 reference;
     with chunk 8 each 16-key block is read by two programs."""
-    pytest.importorskip("triton")
-    from moba.ops import decode
-    monkeypatch.setattr(decode, "ENABLED_ON_CUDA", True)
+    from moba.triton import decode
     monkeypatch.setattr(decode, "CHUNK", chunk)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     lens_k = [75, 1, 200, 33]
-    q, k, v, extra = make_inputs([1] * 4, lens_k, Hq, Hkv, 16, Dv=32, dtype=dtype, device=dev)
+    q, k, v, extra = make_inputs([1] * 4, lens_k, Hq, Hkv, 16, Dv=32, dtype=dtype, device=DEVICE)
     ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 4, return_lse=True, **extra)
     low = moba.naive_moba_attention(q, k, v, 16, 4, **extra)
     calls = []
     real = decode.decode
-    decode.decode = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
-    try:
-        with torch.no_grad():
-            out, lse = moba.moba_attention(q, k, v, 16, 4, backend="triton", return_lse=True, **extra)
-    finally:
-        decode.decode = real
+    monkeypatch.setattr(decode, "decode", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    with torch.no_grad():
+        out, lse = moba.moba_attention(q, k, v, 16, 4, backend=backend, return_lse=True, **extra)
     assert calls == [1]
     tol = 2e-4 if dtype == torch.float32 else 2 * rel_err(low, ref[0]) + 1e-3
     assert rel_err(out, ref[0]) < tol and rel_err(lse, ref[1]) < 2e-4 + (0 if dtype == torch.float32 else 1e-3)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_decode_padded_reads_rows_in_place(dtype):
     """decode_padded: one query per row of a padded cache [B, L, Hkv, D] (strided, as transformers hands
     it over), each row's keys k[b, start:end], against the fp64 reference run on each row alone; the block
     means come from a BlockMeansCache in padded mode, grown step by step."""
-    pytest.importorskip("triton")
-    from moba.ops import decode
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    from moba.triton import decode
     torch.manual_seed(3)
     B, L, Hq, Hkv, D, bs, topk = 3, 70, 6, 3, 16, 8, 3
-    kh = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype)          # cache layout [B, H, L, D]
-    vh = torch.randn(B, Hkv, L, 32, device=dev, dtype=dtype)
+    kh = torch.randn(B, Hkv, L, D, device=DEVICE, dtype=dtype)          # cache layout [B, H, L, D]
+    vh = torch.randn(B, Hkv, L, 32, device=DEVICE, dtype=dtype)
     k, v = kh.transpose(1, 2), vh.transpose(1, 2)                      # [B, L, H, D] strided views
     starts = [10, 0, 41]
     cache = moba.BlockMeansCache()
     for end in range(50, 71, 4):
         ends = [end, end, end - 1]
-        q = torch.randn(B, Hq, D, device=dev, dtype=dtype)
+        q = torch.randn(B, Hq, D, device=DEVICE, dtype=dtype)
         means = cache.means(k, bs, starts=starts, ends=ends)
         with torch.no_grad():
             out, lse = decode.decode_padded(q, k, v, starts, ends, bs, topk, D ** -0.5, means)
@@ -157,24 +153,3 @@ def test_decode_padded_reads_rows_in_place(dtype):
             assert rel_err(out[b], ref[0, 0]) < tol and rel_err(lse[b], ref_lse[0, 0]) < tol
     with pytest.raises(ValueError, match="non-empty"):
         decode.decode_padded(q, k, v, [5, 5, 5], [5, 9, 9], bs, topk, 1.0, means)
-
-
-@pytest.mark.parametrize("slice_seqs", [64, 0], ids=["views", "gathered"])
-@pytest.mark.parametrize("pool_tile", [1 << 25, 3 * 8 * 2 * 16], ids=["one-pass", "three-blocks-a-pass"])
-def test_block_means_paths_against_definition(slice_seqs, pool_tile, monkeypatch):
-    """Both pooling paths (per-sequence views, gathered tiles), in one or several passes, on strided
-    packed keys of uneven sequences (partial last blocks, an empty sequence) against a plain loop."""
-    monkeypatch.setattr(gate, "SLICE_SEQS", slice_seqs)
-    monkeypatch.setattr(gate, "POOL_TILE", pool_tile)
-    torch.manual_seed(2)
-    lens = [37, 0, 8, 100, 5]
-    kh = torch.randn(2, sum(lens), 16, dtype=torch.float64)                 # [Hkv, T, D]: strided after transpose
-    k = kh.transpose(0, 1)
-    cu = torch.tensor([0] + lens).cumsum(0)
-    lay, _ = validate(k[None], k[None], k[None], 8, 2, cu, cu)
-    got = gate.block_means(k, lay, lay.tensors("cpu"))
-    want = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        for s in range(a, b, 8):
-            want.append(k[s:min(s + 8, b)].mean(0))
-    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)

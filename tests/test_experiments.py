@@ -147,6 +147,49 @@ def test_retrieval_smoke(tmp_path):
                                               and x[b, s + 3 * r + 2] == a[b, j] for r in range(3))
 
 
+def test_retrieval_fine_tunes_a_train_checkpoint(tmp_path):
+    """--init loads a train.py checkpoint with weights_only=True (tensors and plain values only), and the retrieval
+    run's own checkpoint loads the same way."""
+    import torch
+    ret = load_retrieval()
+    c = cfg(tmp_path, steps=2)
+    train.train(c, log=lambda *_: None, stop_at=1)
+    ck = pathlib.Path(c.out) / "ckpt.pt"
+    assert isinstance(torch.load(ck, weights_only=True)["cfg"], dict)
+    args = ["--pairs", "3", "--queries", "2", "--init", str(ck)] + [f"--{k.replace('_', '-')}={v}" for k, v in
+                               dict(vocab=c.vocab, dim=c.dim, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
+                                    seq_len=c.seq_len, batch=c.batch, steps=1, block_size=c.block_size,
+                                    topk=c.topk, eval_batches=1, max_corpus_mb=c.max_corpus_mb,
+                                    data_dir=c.data_dir, out=str(tmp_path / "ret")).items()]
+    res = ret.main(args)
+    assert res["steps_done"] == 1 and res["init"] == str(ck)
+    assert set(torch.load(tmp_path / "ret" / "ckpt.pt", weights_only=True)) == {"model", "cfg"}
+
+
+def test_report_reads_and_appends_results(tmp_path, monkeypatch):
+    """report.py reads runs.jsonl and curves.jsonl back into the result files' form, and --add appends new ones."""
+    import json
+    spec = importlib.util.spec_from_file_location("moba_experiments_report", ROOT / "experiments" / "report.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    assert rep.final("s8k6k_full_h100")[1]["val_loss"] == pytest.approx(1.9785, abs=1e-4)
+    monkeypatch.setattr(rep, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(rep, "CURVES", tmp_path / "curves.jsonl")
+    rep.RUNS.write_text("")
+    rep.CURVES.write_text("")
+    rep._all.cache_clear()
+    run = dict(cfg=dict(seed=0), device="cpu", commit="abc", history=[dict(step=1, val_loss=2.0), dict(step=2,
+                                                                                                  val_loss=1.5)])
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    (tmp_path / "b.json").write_text(json.dumps(dict(cfg=dict(seed=1), mean_accuracy=0.5)))
+    rep.main(["--add", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert rep.load("a") == run and rep.load("b") == dict(cfg=dict(seed=1), mean_accuracy=0.5)
+    assert len(rep.CURVES.read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        rep.main(["--add", str(tmp_path / "a.json")])
+    rep._all.cache_clear()
+
+
 @pytest.mark.parametrize("topk", [1, 3, 99])
 def test_gate_recall_against_brute_force(tmp_path, topk):
     """GateRecall's per-query, per-head hits equal select_blocks over the whole sequence, read at each query's

@@ -1,9 +1,11 @@
-"""transformers integration on tiny random-weight models (no download), CPU."""
+"""transformers integration on tiny random-weight models (no download): on the CPU, and with the kernel backends
+this machine runs (interpreted on the CPU, compiled on a GPU)."""
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 import moba.hf  # noqa: E402
+from helpers import backends, device_of  # noqa: E402
 from moba.integrations import transformers as mt  # noqa: E402
 
 FAMILIES = {
@@ -198,7 +200,7 @@ def test_generation_uses_incremental_block_means(monkeypatch):
     moba.hf.enable(m, block_size=8, topk=2)
     x = ids(T=40)
     pooled = []
-    from moba.ops import gate
+    from moba.torch_backend import gate
     real = gate.block_means
     monkeypatch.setattr(gate, "block_means", lambda *a, **k: (pooled.append(1), real(*a, **k))[1])
     with torch.no_grad():
@@ -228,17 +230,14 @@ def test_right_padded_training_batch_matches_rows_alone():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
-def test_triton_backend_in_a_model():
+@pytest.mark.parametrize("backend", backends("triton", "gluon"))
+def test_kernel_backend_in_a_model(backend):
     """The Triton kernels (interpreted on the CPU) behind a model: strided [B, H, T, D] views, the
     one-query-per-sequence decode kernel during generation, padding."""
-    pytest.importorskip("triton")
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"      # compiled kernels on a GPU, else interpreted
+    dev = device_of(backend)      # compiled kernels on a GPU, else interpreted
     ref_m, m = tiny(layers=2).to(dev), tiny(layers=2).to(dev)
     moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
-    moba.hf.enable(m, block_size=8, topk=2, backend="triton")
+    moba.hf.enable(m, block_size=8, topk=2, backend=backend)
     batch, mask = (x.to(dev) for x in left_padded(ids(T=30, seed=6)[0], ids(T=19, seed=7)[0]))
     torch.testing.assert_close(m(batch, attention_mask=mask).logits, ref_m(batch, attention_mask=mask).logits,
                                rtol=1e-4, atol=1e-4)
@@ -247,22 +246,18 @@ def test_triton_backend_in_a_model():
                        ref_m.generate(x, max_new_tokens=4, do_sample=False))
 
 
-def test_padded_batch_generation_reads_the_cache_in_place(monkeypatch):
-    """Generation of a left-padded batch with the Triton backend: every decode step goes to the in-place
-    padded decode kernel (no packing copy) and gives the torch backend's tokens (which packs the rows)."""
-    pytest.importorskip("triton")
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    from moba.ops import decode
-    monkeypatch.setattr(decode, "ENABLED_ON_CUDA", True)
+@pytest.mark.parametrize("backend", backends("triton", "gluon"))
+def test_padded_batch_generation_reads_the_cache_in_place(backend, monkeypatch):
+    """Generation of a left-padded batch with a kernel backend: every decode step goes to the in-place padded
+    decode kernel (no packing copy) and gives the torch backend's tokens (which packs the rows)."""
+    from moba.triton import decode
     calls = []
     real = decode.decode_padded
     monkeypatch.setattr(decode, "decode_padded", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device_of(backend)
     ref_m, m = tiny(layers=2).to(dev), tiny(layers=2).to(dev)
     moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
-    moba.hf.enable(m, block_size=8, topk=2, backend="triton")
+    moba.hf.enable(m, block_size=8, topk=2, backend=backend)
     batch, mask = (x.to(dev) for x in left_padded(ids(T=30, seed=9)[0], ids(T=13, seed=10)[0]))
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(m.generate(batch, **kw), ref_m.generate(batch, **kw))

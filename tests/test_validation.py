@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import moba
+from helpers import CUDA, GLUON, backends, device_of, make_inputs
 
 
 def qkv(B=1, Tq=32, Tk=32, Hq=4, Hkv=2, D=16, Dv=16, dtype=torch.float32):
@@ -66,6 +67,36 @@ def test_triton_backend_without_gpu_or_interpreter(monkeypatch):
     q, k, v = qkv()
     with pytest.raises(ValueError, match="triton"):
         moba.moba_attention(q, k, v, 8, 2, backend="triton")
+
+
+def test_gluon_backend_refused_on_cpu_tensors():
+    """The Gluon kernels run on sm_90 GPUs only: CPU tensors are refused even under Triton's interpreter (which
+    cannot run Gluon), with the argument and the alternative named."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="backend='gluon' needs"):
+        moba.moba_attention(q, k, v, 8, 2, backend="gluon")
+
+
+@pytest.mark.skipif(not CUDA or GLUON, reason="needs a CUDA GPU on which the Gluon kernels do not run (not sm_90, or "
+                                              "another Triton release)")
+def test_gluon_backend_refused_on_other_gpus():
+    q, k, v = (x.cuda() for x in qkv(dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="backend='gluon' needs a CUDA sm_90 GPU"):
+        moba.moba_attention(q, k, v, 8, 2, backend="gluon")
+
+
+@pytest.mark.parametrize("backend", backends("triton", "gluon"))
+def test_kernels_reject_large_head_dim_clearly(backend):
+    q, k, v, _ = make_inputs([20], [20], 2, 1, 160, dtype=torch.float32, device=device_of(backend))
+    with pytest.raises(ValueError, match="head dims"):
+        moba.moba_attention(q, k, v, 8, 2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backends("triton", "gluon"))
+def test_kernels_reject_fp64(backend):
+    q, k, v, _ = make_inputs([20], [20], 2, 1, 16, dtype=torch.float64, device=device_of(backend))
+    with pytest.raises(ValueError, match="backend='torch' takes any"):
+        moba.moba_attention(q, k, v, 8, 2, backend=backend)
 
 
 def test_int64_cu_seqlens_accepted():

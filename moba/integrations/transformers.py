@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.attention import moba_attention, resolve_backend
-from ..ops.gate import BlockMeansCache
-from ..ops.utils import check_args, to_device
+from ..api import moba_attention, resolve_backend
+from ..cache import BlockMeansCache
+from ..layout import BACKENDS, check_args
+from ..utils import to_device
 
 NAME = "moba"
 _REGISTERED = False
@@ -131,10 +132,10 @@ def _means_cache(module, n_q: list, n_k: list):
 
 def _padded_decode_ok(q, v, topk: int, backend: str) -> bool:
     """Whether a padded batch's generation step can go to the decode kernel in place (inference only)."""
-    if torch.is_grad_enabled() or topk < 2 or resolve_backend(backend, q, v) != "triton":
+    if torch.is_grad_enabled() or topk < 2 or resolve_backend(backend, q, v) not in ("triton", "gluon"):
         return False
-    from ..ops import decode, parallel           # Triton is importable here: resolve_backend checked it
-    return parallel.supports(q, v) and (decode.ENABLED_ON_CUDA or not q.is_cuda)
+    from ..triton.common import supports          # Triton is importable here: resolve_backend checked it
+    return supports(q, v)
 
 
 def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -191,7 +192,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         bi, qi = to_device(torch.tensor([[b for b, _ in rows], [r[2] for _, r in rows]]), q.device)
         with torch.no_grad():
             means = cache.means(k.detach(), bs, starts=starts, ends=ends)
-            from ..ops import decode
+            from ..triton import decode
             o, _ = decode.decode_padded(q[bi, qi], k, v, starts, ends, bs, topk, sc, means)
         out[bi, qi] = o
         return out, None
@@ -233,8 +234,8 @@ def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decod
         raise ValueError(f"topk must be an int >= 1 (it counts the own block), got {topk!r}")
     if decode not in ("moba", "full"):
         raise ValueError(f"decode must be 'moba' or 'full', got {decode!r}")
-    if backend not in ("auto", "torch", "triton", "naive"):
-        raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'naive', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_layers = getattr(model.config, "num_hidden_layers", None)
     full = sorted({int(i) % n_layers if n_layers else int(i) for i in (full_attention_layers or
                                                                       prev.get("full_attention_layers", ()))})

@@ -1,0 +1,166 @@
+"""Triton decode kernel: one query per sequence against its KV cache, gate and attention in one launch.
+
+Grid (sequence, kv head, split). A program loads the query rows of the kv head's G query heads, runs the
+gate for them (running top-(topk-1) over the block means, as ``moba.triton.gate._gate_topk``), then walks the
+candidate blocks assigned to its split and reads a block's K/V only if some head of the group chose it
+(or it is the own block): the union of the group's choices is read once per kv head. Partial results
+(max, sum, acc) per split are merged by a second small kernel. Inference only (no backward).
+
+A sequence's keys are rows K_START .. K_END - 1 of batch row ROW, so the same kernel reads packed
+sequences (``decode``: one row, cu_seqlens_k offsets) and the rows of a padded cache in place
+(``decode_padded``: what ``moba.hf`` uses for a padded batch's generation steps; no packing copy).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import Layout, LayoutTensors
+from ..utils import cached, cdiv, new_empty, next_pow2, sm_count, to_device
+from .common import online_softmax
+from .gate import mean_scores, topk_merge
+
+MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
+CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
+
+
+@triton.jit
+def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
+                  sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
+                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                  BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    i_s = tl.program_id(2)
+    k0 = tl.load(K_START + i_n).to(tl.int32)        # the sequence's keys: rows k0 .. k1 - 1 of batch row ROW
+    k1 = tl.load(K_END + i_n).to(tl.int32)
+    row = tl.load(ROW + i_n).to(tl.int64)
+    K += row * sk_b
+    V += row * sv_b
+    fb = tl.load(BLK_OFF + i_n)
+    own = (k1 - k0 - 1) // block_size                                  # local id of the own block
+    o_r = tl.arange(0, GP)
+    m_r = o_r < G
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
+                  mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
+    # gate: the S best earlier blocks of every head row
+    BIG: tl.constexpr = 2147483647
+    b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
+    b_bi = tl.full([GP, SP], BIG, tl.int32)
+    for c0 in range(0, own, BNB):
+        o_b = c0 + tl.arange(0, BNB)
+        m_b = o_b < own
+        p_m = (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None]
+        b_sc = mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT_M, PREC)
+        b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
+        b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
+    b_bi = tl.where(b_bv > float("-inf"), b_bi, -1)                    # [GP, S*] chosen local block ids
+    # attention over this split's share of the union of chosen blocks, plus the own block
+    b_m = tl.full([GP], float("-inf"), tl.float32)
+    b_l = tl.zeros([GP], tl.float32)
+    b_acc = tl.zeros([GP, BDV], tl.float32)
+    cpb = tl.cdiv(block_size, CH)                                       # work items (chunks) per block
+    for w in range(i_s, (own + 1) * cpb, NSPLIT):
+        b = w // cpb
+        rows = (tl.max(tl.where(b_bi == b, 1, 0), 1) > 0) | (b == own)   # [GP] heads that read block b
+        rows = rows & m_r
+        if tl.max(rows.to(tl.int32), 0) > 0:
+            kb0 = k0 + b * block_size + (w % cpb) * CH
+            kb1 = tl.minimum(tl.minimum(kb0 + CH, k0 + (b + 1) * block_size), k1)
+            for n0 in range(kb0, kb1, BN):
+                o_n = n0 + tl.arange(0, BN)
+                m_n = o_n < kb1
+                o_n = o_n.to(tl.int64)                                        # offsets past 2^31 elements
+                b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
+                              mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
+                b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2             # [GP, BN]
+                b_s = tl.where(rows[:, None] & m_n[None, :], b_s, float("-inf"))
+                b_m, b_l, b_acc = online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                                                  m_n[:, None] & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC,
+                                                  True)
+    base = (i_n * tl.num_programs(1) + i_g) * NSPLIT + i_s
+    tl.store(PM + base * GP + o_r, b_m)
+    tl.store(PL + base * GP + o_r, b_l)
+    tl.store(PACC + (base * GP + o_r)[:, None] * BDV + o_dv[None, :], b_acc)
+
+
+@triton.jit
+def _decode_merge(PM, PL, PACC, O, LSE, so_n, so_h, Hq, G: tl.constexpr, GP: tl.constexpr,
+                  NSPLIT: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_g = i_h // G
+    r = i_h % G
+    o_sp = tl.arange(0, NSPLIT)
+    o_dv = tl.arange(0, BDV)
+    base = ((i_n * (Hq // G) + i_g) * NSPLIT + o_sp) * GP + r            # [NSPLIT]
+    b_m = tl.load(PM + base)
+    b_l = tl.load(PL + base)
+    b_acc = tl.load(PACC + base[:, None] * BDV + o_dv[None, :])         # [NSPLIT, BDV]
+    m = tl.max(b_m, 0)
+    w = tl.where(b_m == float("-inf"), 0., tl.exp2(b_m - m))
+    l_tot = tl.sum(b_l * w, 0)
+    o = tl.sum(b_acc * w[:, None], 0) / l_tot
+    tl.store(O + i_n * so_n + i_h * so_h + o_dv, o.to(O.dtype.element_ty), mask=o_dv < DV)
+    tl.store(LSE + i_n * Hq + i_h, (m + tl.log2(l_tot)) * 0.6931471805599453)
+
+
+def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
+    """The decode kernel serves inference calls where every sequence has exactly one query."""
+    return (not keep_sel and topk > 1 and lay.n_seqs > 0 and lay.n_blocks > 1
+            and all(lay.cu_q[i + 1] - lay.cu_q[i] == 1 for i in range(lay.n_seqs)))
+
+
+def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, means: torch.Tensor):
+    """q [N, Hq, D] (one query per sequence), k/v packed [Tk, Hkv, D] -> out [N, Hq, Dv], lse fp32 [N, Hq]."""
+    cu = lt.cu_k
+    rows = cached(("decode_rows", lay.n_seqs, str(q.device)), lambda: torch.zeros_like(cu[:-1]))   # all in row 0
+    return _launch(q, k[None], v[None], cu[:-1], cu[1:], rows, lt.blk_off, lay.block_size, topk, scale, means)
+
+
+def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: float, means: torch.Tensor):
+    """One query per batch row against the row's keys ``k[b, starts[b]:ends[b]]`` of a padded cache, read in
+    place (no packing copy): q [B, Hq, D], k/v [B, L, Hkv, D] (any strides) -> out [B, Hq, Dv], lse [B, Hq].
+
+    ``means`` holds the rows' block means one after another, ``ceil(len / block)`` rows per batch row, as
+    ``BlockMeansCache.means(k, block_size, starts=..., ends=...)`` returns them. Every row needs a key.
+    """
+    B = q.shape[0]
+    if len(starts) != B or len(ends) != B or any(e <= s for s, e in zip(starts, ends)):
+        raise ValueError(f"decode_padded needs one non-empty key range per batch row; got {list(zip(starts, ends))}")
+    off = [0]
+    for s, e in zip(starts, ends):
+        off.append(off[-1] + -(-(e - s) // block_size))
+    t = to_device(torch.tensor([list(starts), list(ends), list(range(B)), off[:-1]], dtype=torch.int32), q.device)
+    return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means)
+
+
+def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means):
+    N, Hq, D = q.shape
+    Hkv, DV = k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    GP = max(16, next_pow2(G))
+    S = topk - 1
+    BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
+    # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
+    sms = sm_count(q.device) if q.is_cuda else 1
+    NSPLIT = min(MAX_SPLITS, max(2, next_pow2(cdiv(8 * sms, N * Hkv))))
+    n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
+    part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)
+    pm, pl, pacc = part[:n_part], part[n_part:2 * n_part], part[2 * n_part:].view(n_part, BDV)
+    out = new_empty(N, Hq, DV, dtype=q.dtype, device=q.device)
+    lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_split[(N, Hkv, NSPLIT)](
+        q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
+        scale * 1.4426950408889634, block_size,
+        G=G, GP=GP, S=S, SP=next_pow2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
+        SPLIT_M=q.dtype != torch.float32, PREC=prec, num_warps=4, num_stages=2)
+    _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
+                           DV=DV, BDV=BDV)
+    return out, lse
