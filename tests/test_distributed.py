@@ -229,3 +229,49 @@ def test_shard_rejects_indivisible_length():
             md.shard(torch.randn(1, 8, 2, 4), layout="ring")
     finally:
         dist.destroy_process_group()
+
+
+def _hf_worker(rank, P, port, path):
+    """A tiny Llama (random weights, the same on every rank) over a sequence sharded by moba.hf's cp_group: its
+    logits and a parameter's gradient, gathered, against the one-process model."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=P)
+    import moba.hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).double()
+    ids = torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(1))
+    res = {}
+    for layout in md.LAYOUTS:
+        moba.hf.enable(model, block_size=8, topk=3, full_attention_layers=(-1,), cp_group=dist.group.WORLD,
+                       cp_layout=layout)
+        model.zero_grad()
+        local = md.shard(ids, layout=layout)
+        logits = model(local, position_ids=md.positions(local.shape[1], layout=layout)[None]).logits
+        logits.pow(2).mean().backward()
+        got = md.unshard(logits.detach(), layout=layout)
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        dist.all_reduce(grad)
+        moba.hf.enable(model, block_size=8, topk=3, full_attention_layers=(-1,))      # the same model, one process
+        model.zero_grad()
+        want = model(ids).logits
+        (want.pow(2).mean() * P).backward()     # each rank's loss is the mean over its shard: P times the whole's
+        res[layout] = (_rel(got, want.detach()),
+                       _rel(grad, model.model.layers[0].self_attn.q_proj.weight.grad))
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_hf_model_context_parallel(tmp_path):
+    pytest.importorskip("transformers")
+    path = tmp_path / "hf.json"
+    mp.spawn(_hf_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    res = json.loads(path.read_text())
+    for layout, (logits_err, grad_err) in res.items():
+        assert logits_err < 1e-10 and grad_err < 1e-10, (layout, logits_err, grad_err)

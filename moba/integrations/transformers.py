@@ -14,6 +14,12 @@ cache) run dense attention, the paper's evaluation mode.
 
 Padding: each batch row's real keys and queries are read off the mask; blocks are counted from each
 row's first real token, padded keys are never attended or selected, padded query rows get zeros.
+
+Context parallelism: ``enable(model, ..., cp_group=group)`` makes every layer's attention run through
+``moba.distributed`` over ``group`` (MoBA layers through ``moba_attention``, full layers through
+``dense_attention``): each rank feeds the model its shard of the sequence (``moba.distributed.shard``) with the
+matching ``position_ids`` (``moba.distributed.positions``), whole sequences without padding. The group is kept
+beside the config (it cannot be saved), keyed by the config object.
 """
 from __future__ import annotations
 
@@ -138,12 +144,34 @@ def _padded_decode_ok(q, v, topk: int, backend: str) -> bool:
     return supports(q, v)
 
 
+_CP: dict = {}   # id(model.config) -> (group, layout, scheme) of the models enabled with a cp_group
+
+
+def _context_parallel(module, cp, cfg, layer, query, key, value, attention_mask, dropout, scaling):
+    """A layer's attention over this rank's shard of a sequence split across ``cp``'s group."""
+    from .. import distributed as md
+    group, layout, scheme = cp
+    if key.shape[2] != query.shape[2]:
+        raise ValueError("with cp_group the model runs whole sharded sequences (training, prefill): no KV cache; got "
+                         f"{query.shape[2]} queries against {key.shape[2]} keys")
+    if dropout and dropout > 0:
+        raise ValueError(f"MoBA attention does not implement attention dropout (got {dropout})")
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if _layer_mode(cfg, layer) == "full":
+        return md.dense_attention(q, k, v, group=group, layout=layout, scheme=scheme, scale=scaling), None
+    return md.moba_attention(q, k, v, int(cfg["block_size"]), int(cfg["topk"]), group=group, layout=layout,
+                             scheme=scheme, scale=scaling, backend=cfg.get("backend", "auto")), None
+
+
 def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D] -> ([B, Tq, Hq, D], None)."""
     cfg = getattr(module.config, "moba", None)
     if not cfg:
         raise ValueError("attn_implementation='moba' needs model.config.moba: call moba.hf.enable(model, ...)")
     layer = getattr(module, "layer_idx", None)
+    cp = _CP.get(id(module.config))
+    if cp is not None:     # the mask transformers built is for the local shard alone: the global one is causal
+        return _context_parallel(module, cp, cfg, layer, query, key, value, attention_mask, dropout, scaling)
     if _layer_mode(cfg, layer) == "full":
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout and dropout > 0:
@@ -216,12 +244,15 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
 # ------------------------------------------------------------------------------------------------------
 # public switches
 # ------------------------------------------------------------------------------------------------------
-def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decode="moba", backend="auto"):
+def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decode="moba", backend="auto",
+           cp_group=None, cp_layout="zigzag", cp_scheme="allgather"):
     """Turn MoBA on for a loaded transformers model (same parameters; nothing is added to the model).
 
     ``full_attention_layers`` keep dense attention (the paper's hybrid: e.g. the last 3 of 32 layers).
     ``decode="full"`` runs dense attention when generating from a cache (MoBA for prefill only).
-    ``backend`` is passed to :func:`moba.moba_attention` ("auto": Triton kernels on CUDA).
+    ``backend`` is passed to :func:`moba.moba_attention` ("auto": the GPU kernels on CUDA).
+    ``cp_group``: run every layer context-parallel over this process group (``cp_layout``, ``cp_scheme`` as in
+    :func:`moba.distributed.moba_attention`); each rank then feeds its shard of the sequence with its positions.
     Settings already in ``model.config.moba`` (a saved model) are the defaults.
     """
     register()
@@ -236,6 +267,14 @@ def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decod
         raise ValueError(f"decode must be 'moba' or 'full', got {decode!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if cp_group is not None:
+        from ..distributed import LAYOUTS, SCHEMES
+        if cp_layout not in LAYOUTS or cp_scheme not in SCHEMES:
+            raise ValueError(f"cp_layout must be one of {LAYOUTS} and cp_scheme one of {SCHEMES}, got "
+                             f"{cp_layout!r} and {cp_scheme!r}")
+        _CP[id(model.config)] = (cp_group, cp_layout, cp_scheme)
+    else:
+        _CP.pop(id(model.config), None)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     full = sorted({int(i) % n_layers if n_layers else int(i) for i in (full_attention_layers or
                                                                       prev.get("full_attention_layers", ()))})
@@ -277,6 +316,7 @@ def set_mode(model, mode: str, layers=None):
 def disable(model):
     """Restore the attention implementation the model had before ``enable``."""
     cfg = getattr(model.config, "moba", None) or {}
+    _CP.pop(id(model.config), None)
     model.set_attn_implementation(cfg.get("previous") or "sdpa")
     if hasattr(model.config, "moba"):
         delattr(model.config, "moba")
