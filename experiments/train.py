@@ -3,6 +3,7 @@
     python experiments/train.py --preset tiny-cpu                  # ~1 minute on 2 CPU cores
     python experiments/train.py --preset s8k --attn moba           # 8K context, block 512, topk 3 (GPU)
     python experiments/train.py --preset s8k --attn moba --full-last 2 --moba-until 0.9 --out runs/x
+    torchrun --nproc-per-node 4 experiments/train.py --preset s32k --cp 4 --seq-len 262144   # context parallel
 
 Model: RoPE, grouped-query attention, SwiGLU, RMSNorm, tied embeddings. Attention per layer is "full"
 (SDPA, causal) or "moba" (moba.moba_attention); hybrids: ``--full-last N`` keeps the last N layers full,
@@ -14,6 +15,12 @@ structure), optionally plus the site-packages sources. Every 20th document (by a
 held out for validation: the split is by document, never by position. A byte-level BPE tokenizer is
 trained on the training documents with `tokenizers`. Token streams and the tokenizer are cached under
 ``--data-dir``.
+
+Context parallelism (``--cp N``, launched by torchrun with N processes; NCCL on GPUs, gloo on CPUs): every rank
+draws the same batch and keeps its zigzag shard of each sequence (``moba.distributed.shard``), with the positions
+of its tokens for RoPE; attention runs through ``moba.distributed`` (MoBA layers and full layers), each rank's loss
+is the mean over its tokens, and the gradients are averaged over the ranks, which is the gradient of the whole
+batch's mean loss. Rank 0 logs, evaluates and saves.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class Config:
     eval_batches: int = 8
     eval_short: int = 4096        # also score the trailing tokens with only this many tokens of context (0: off)
     seed: int = 0
+    cp: int = 1                   # context parallelism over this many processes (torchrun); 1: off
     max_minutes: float = 0.0      # >0: stop early (final evaluation, history marked) after this much training
     # data
     corpus: str = "stdlib"        # "stdlib" or "stdlib+site"
@@ -198,10 +206,16 @@ class Attention(nn.Module):
         k, v = self.kv(x).view(B, T, 2, self.cfg.kv_heads, self.hd).unbind(2)
         return q, rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cp=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        if self.mode == "moba":
+        if cp is not None:       # this rank's shard of the sequence (context parallelism over the group cp)
+            import moba.distributed as md
+            if self.mode == "moba":
+                y = md.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk, group=cp)
+            else:
+                y = md.dense_attention(q, k, v, group=cp)
+        elif self.mode == "moba":
             y = moba.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk)
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -218,8 +232,8 @@ class Block(nn.Module):
         self.up = nn.Linear(cfg.dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.n1(x), cos, sin)
+    def forward(self, x, cos, sin, cp=None):
+        x = x + self.attn(self.n1(x), cos, sin, cp)
         a, b = self.up(self.n2(x)).chunk(2, -1)
         return x + self.down(F.silu(a) * b)
 
@@ -244,13 +258,20 @@ class GPT(nn.Module):
             a = b.attn
             a.mode = mode or ("full" if a.cfg.attn == "full" or a.layer >= a.cfg.layers - a.cfg.full_last else "moba")
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", cp=None):
+        """Logits, or the loss against ``targets``. ``cp``: a process group over which ``idx`` is this rank's zigzag
+        shard of each sequence (``moba.distributed.shard``)."""
         T = idx.shape[1]
-        f = torch.outer(torch.arange(T, device=idx.device).float(), self.inv_freq)
+        if cp is None:
+            pos = torch.arange(T, device=idx.device)
+        else:
+            import moba.distributed as md
+            pos = md.positions(T, group=cp, device=idx.device)
+        f = torch.outer(pos.float(), self.inv_freq)
         cos, sin = f.cos()[None, :, None], f.sin()[None, :, None]
         x = self.emb(idx)
         for b in self.blocks:
-            x = b(x, cos, sin)
+            x = b(x, cos, sin, cp)
         logits = self.norm(x) @ self.emb.weight.T
         if targets is None:
             return logits
@@ -312,10 +333,30 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
     """Train (or resume) and return the evaluation history; ``stop_at`` ends this run early at a step
     (as a time limit would: runs longer than one GPU job chain through --resume)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cp, rank = None, 0
+    if cfg.cp > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if dist.get_world_size() != cfg.cp:
+            raise ValueError(f"--cp {cfg.cp} needs as many processes (torchrun --nproc-per-node {cfg.cp}); got "
+                             f"{dist.get_world_size()}")
+        cp, rank = dist.group.WORLD, dist.get_rank()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+        if rank:
+            log = lambda *_: None      # noqa: E731  (rank 0 speaks for all)
     torch.manual_seed(cfg.seed)
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cp is not None and rank:
+        import torch.distributed as dist
+        dist.barrier()                 # rank 0 builds (and caches) the data first
     tok, train_data, val_data = build_data(cfg)
+    if cp is not None and not rank:
+        import torch.distributed as dist
+        dist.barrier()
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
@@ -331,8 +372,10 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
     log(f"{n_params / 1e6:.2f}M parameters, {train_data.numel() / 1e6:.2f}M train tokens, "
         f"{val_data.numel() / 1e6:.2f}M val tokens, device {device}, attention {cfg.attn} "
         f"(block {cfg.block_size}, topk {cfg.topk}, last {cfg.full_last} full, moba until {cfg.moba_until})")
-    t_last, tokens = time.perf_counter(), 0
+    t_last, tokens, losses = time.perf_counter(), 0, []
     t_start, out_of_time = time.perf_counter(), False
+    if cp is not None:
+        import moba.distributed as md
     while step < min(cfg.steps, stop_at or cfg.steps) and not out_of_time:
         switched = cfg.moba_until < 1.0 and step >= int(cfg.moba_until * cfg.steps)
         model.set_attention("full" if switched else None)
@@ -340,22 +383,33 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
             gr["lr"] = lr_at(step, cfg)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)   # batches depend on the step only
         x, y = batch_of(train_data, cfg, g, device)
+        if cp is not None:
+            x, y = (md.shard(t, group=cp) for t in (x, y))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(x, y)
+            loss = model(x, y, cp=cp)
         loss.backward()
+        if cp is not None:             # the mean of the ranks' gradients: the whole batch's
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=cp)
+                p.grad /= cfg.cp
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=cp)
+            loss /= cfg.cp
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += x.numel()
         out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes
+        losses.append(loss.item())
         if step % 10 == 0 or step == cfg.steps:
             now = time.perf_counter()
             wall += now - t_last
+            peak = f"  peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB/GPU" if device.type == "cuda" else ""
             log(f"step {step:5d}/{cfg.steps}  loss {loss.item():.4f}  lr {lr_at(step - 1, cfg):.2e}  "
-                f"{tokens / (now - t_last):.0f} tok/s{'  [full]' if switched else ''}")
+                f"{tokens * cfg.cp / (now - t_last):.0f} tok/s{peak}{'  [full]' if switched else ''}")
             t_last, tokens = now, 0
-        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+        if (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time) and cp is None:
             vl, buckets, trail, trail_short = evaluate(model, val_data, cfg, device)
             history.append(dict(step=step, val_loss=vl, buckets=buckets, trailing_2k=trail,
                                 tokens_seen=step * cfg.batch * cfg.seq_len, wall_s=wall,
@@ -364,13 +418,19 @@ def train(cfg: Config, resume: bool = False, log=print, stop_at: int | None = No
             log(f"eval step {step}: val loss {vl:.4f}  last 2K {trail:.4f}{short}  by position bucket "
                 + " ".join(f"{b:.3f}" for b in buckets))
             save_checkpoint(ck, model, opt, step, history, wall, cfg)
+    if cp is not None:       # no evaluation or checkpoints under context parallelism yet: the training losses
+        if rank == 0:
+            (out / "history.json").write_text(json.dumps(dict(cfg=dataclasses.asdict(cfg), train_losses=losses,
+                                                              **run_info(device), steps_done=step), indent=1))
+        return losses
     if out_of_time:
         log(f"stopped by --max-minutes at step {step} of {cfg.steps}")
     elif step < cfg.steps:
         save_checkpoint(ck, model, opt, step, history, wall, cfg)
         return history
     (out / "history.json").write_text(json.dumps(dict(cfg=dataclasses.asdict(cfg), history=history, **run_info(device),
-                                                      steps_done=step, stopped_early=out_of_time), indent=1))
+                                                      steps_done=step, stopped_early=out_of_time, train_losses=losses),
+                                                 indent=1))
     return history
 
 
