@@ -13,11 +13,11 @@ groups=(  # "files|-k expression"
 pids=()
 for i in "${!groups[@]}"; do
   IFS='|' read -r files k <<< "${groups[$i]}"
-  timeout 540 python3 -m pytest -q $(printf 'tests/%s ' $files) ${k:+-k "$k"} -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
+  timeout "${SUITE_TIMEOUT:-540}" python3 -m pytest -q $(printf 'tests/%s ' $files) ${k:+-k "$k"} -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
   pids+=($!)
 done
 rcs=(); for p in "${pids[@]}"; do wait $p; rcs+=($?); done
 for i in "${!pids[@]}"; do
-  echo "${groups[$i]}: $(tail -1 /tmp/s_$i.log)$( ((rcs[i] == 124)) && echo "  [cut by the 540 s limit]")"
+  echo "${groups[$i]}: $(tail -1 /tmp/s_$i.log)$( ((rcs[i] == 124)) && echo "  [cut by the ${SUITE_TIMEOUT:-540} s limit]")"
   grep -m3 -E "^(FAILED|ERROR)" /tmp/s_$i.log
 done

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..layout import Layout, LayoutTensors
 from ..utils import cached, cdiv, new_empty, next_pow2, sm_count, to_device
 from .common import online_softmax
-from .gate import mean_scores, topk_merge
+from .gate import scores_of, topk_merge
 
 MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
 CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
@@ -27,18 +27,27 @@ CHUNK = 512              # keys per work item: a chosen block is read by several
 
 @triton.jit
 def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
-                  sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size,
+                  sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size, m_scale,
+                  BT, sbt, PS, PPB,
                   G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                  BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr):
+                  BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
+                  PAGED: tl.constexpr = False):
+    """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
+    batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
+    sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
+    ``m_scale`` (1 for means, 1 / block_size for sums)."""
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     i_s = tl.program_id(2)
     k0 = tl.load(K_START + i_n).to(tl.int32)        # the sequence's keys: rows k0 .. k1 - 1 of batch row ROW
     k1 = tl.load(K_END + i_n).to(tl.int32)
     row = tl.load(ROW + i_n).to(tl.int64)
-    K += row * sk_b
-    V += row * sv_b
+    if PAGED:
+        BT += row * sbt
+    else:
+        K += row * sk_b
+        V += row * sv_b
     fb = tl.load(BLK_OFF + i_n)
     own = (k1 - k0 - 1) // block_size                                  # local id of the own block
     o_r = tl.arange(0, GP)
@@ -51,11 +60,22 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
     BIG: tl.constexpr = 2147483647
     b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
     b_bi = tl.full([GP, SP], BIG, tl.int32)
-    for c0 in range(0, own, BNB):
+    if S > 0:
+        n_gate = own
+    else:           # topk 1: the own block alone, nothing to score
+        n_gate = own * 0
+    for c0 in range(0, n_gate, BNB):
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < own
-        p_m = (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None]
-        b_sc = mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT_M, PREC)
+        m_ld = m_b[None, :] & (o_d[:, None] < D)
+        if PAGED:     # a block's sum: its PPB pages' sums
+            b_mn = tl.zeros([BD, BNB], tl.float32)
+            for j in range(PPB):
+                pg = tl.load(BT + o_b * PPB + j, mask=m_b, other=0).to(tl.int64)
+                b_mn += tl.load(M + pg[None, :] * sm_b + i_g * sm_h + o_d[:, None], mask=m_ld, other=0.)
+        else:
+            b_mn = tl.load(M + (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None], mask=m_ld, other=0.)
+        b_sc = scores_of(b_q, b_mn * m_scale, SPLIT_M, PREC)
         b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
         b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
     b_bi = tl.where(b_bv > float("-inf"), b_bi, -1)                    # [GP, S*] chosen local block ids
@@ -75,11 +95,18 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
                 o_n = n0 + tl.arange(0, BN)
                 m_n = o_n < kb1
                 o_n = o_n.to(tl.int64)                                        # offsets past 2^31 elements
-                b_k = tl.load(K + o_n[None, :] * sk_t + i_g * sk_h + o_d[:, None],
+                if PAGED:     # position -> (page, row in the page)
+                    pg = tl.load(BT + o_n // PS, mask=m_n, other=0).to(tl.int64)
+                    r_k = pg * sk_b + (o_n % PS) * sk_t
+                    r_v = pg * sv_b + (o_n % PS) * sv_t
+                else:
+                    r_k = o_n * sk_t
+                    r_v = o_n * sv_t
+                b_k = tl.load(K + r_k[None, :] + i_g * sk_h + o_d[:, None],
                               mask=m_n[None, :] & (o_d[:, None] < D), other=0.)   # [BD, BN]
                 b_s = tl.dot(b_q, b_k, input_precision=PREC) * scale_log2             # [GP, BN]
                 b_s = tl.where(rows[:, None] & m_n[None, :], b_s, float("-inf"))
-                b_m, b_l, b_acc = online_softmax(b_s, V + o_n[:, None] * sv_t + i_g * sv_h + o_dv[None, :],
+                b_m, b_l, b_acc = online_softmax(b_s, V + r_v[:, None] + i_g * sv_h + o_dv[None, :],
                                                   m_n[:, None] & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC,
                                                   True)
     base = (i_n * tl.num_programs(1) + i_g) * NSPLIT + i_s
@@ -139,7 +166,9 @@ def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: floa
     return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means)
 
 
-def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means):
+def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means, m_scale=1.0, paged=None):
+    """q [N, Hq, D], one query per program row; ``paged``: (block_table, page_size) with k/v [pages, page_size,
+    Hkv, D] and ``means`` the per-page key sums."""
     N, Hq, D = q.shape
     Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -155,12 +184,39 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     out = new_empty(N, Hq, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    bt, ps = paged if paged is not None else (row, 1)
     _decode_split[(N, Hkv, NSPLIT)](
         q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
-        scale * 1.4426950408889634, block_size,
-        G=G, GP=GP, S=S, SP=next_pow2(S), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
-        SPLIT_M=q.dtype != torch.float32, PREC=prec, num_warps=4, num_stages=2)
+        scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps,
+        G=G, GP=GP, S=S, SP=max(1, next_pow2(S)), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
+        SPLIT_M=q.dtype != torch.float32, PREC=prec, PAGED=paged is not None, num_warps=4, num_stages=2)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse
+
+
+def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, block_table, key_sums, scale: float):
+    """`moba.moba_attention_with_kvcache` after the append: q [B, Tq, Hq, D] (the last Tq positions of each
+    sequence) -> out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. Every query is one row of the split kernel, its keys the
+    positions up to its own; all tables are computed on the device from ``cache_seqlens`` (no host sync, launch
+    shapes fixed by the inputs' shapes: CUDA-graph capturable)."""
+    from ..kvcache import cache_key_sums
+    B, Tq, Hq, D = q.shape
+    dev = q.device
+    if key_sums is None:     # the slow path: the sums from the cache (the new keys included), every call
+        key_sums = cache_key_sums(k_cache, block_size, cache_seqlens=cache_seqlens + Tq, block_table=block_table)
+    i = torch.arange(B * Tq, device=dev)
+    seq = i // Tq
+    k_end = cache_seqlens.long()[seq] + i % Tq + 1                         # keys up to each query's own position
+    k_start = torch.zeros_like(k_end)
+    qf = q.reshape(B * Tq, Hq, D)
+    if block_table is None:
+        nb = key_sums.shape[1]
+        sums = key_sums.view(B * nb, *key_sums.shape[2:])
+        out, lse = _launch(qf, k_cache, v_cache, k_start, k_end, seq, seq * nb, block_size, topk, scale, sums,
+                           1.0 / block_size)
+    else:
+        out, lse = _launch(qf, k_cache, v_cache, k_start, k_end, seq, k_start, block_size, topk, scale, key_sums,
+                           1.0 / block_size, paged=(block_table, k_cache.shape[1]))
+    return out.view(B, Tq, Hq, -1), lse.view(B, Tq, Hq)

@@ -21,7 +21,12 @@ def mean_scores(b_q, M, p_m, m_load, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """fp32 scores of query rows [R, BD] against the fp32 block means at pointers ``p_m`` [BD, BNB]. With
     SPLIT (16-bit queries) each mean is cut in registers into a 16-bit hi part and the 16-bit remainder:
     two tensor-core dots whose sum is the fp32 score to ~2^-16 relative (the ranking matches fp32)."""
-    b_m = tl.load(M + p_m, mask=m_load, other=0.)
+    return scores_of(b_q, tl.load(M + p_m, mask=m_load, other=0.), SPLIT, PREC)
+
+
+@triton.jit
+def scores_of(b_q, b_m, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """`mean_scores` of means already in registers (fp32 [BD, BNB])."""
     if SPLIT:
         b_hi = b_m.to(b_q.dtype)
         b_lo = (b_m - b_hi.to(tl.float32)).to(b_q.dtype)
