@@ -128,7 +128,7 @@ class GateRecall:
 
     def _hook(self, layer):
         def fn(mod, args):
-            q, k, _ = mod.qkv(*args)
+            q, k, _ = mod.qkv(*args[:3])     # (x, cos, sin); a context-parallel group may follow
             p0 = int(self.pos.min())
             sel = moba.select_blocks(q[:, p0:], k, mod.cfg.block_size, mod.cfg.topk).cpu().long()  # [B, L-p0, H, S]
             sel = sel.gather(1, (self.pos - p0)[..., None, None].expand(-1, -1, *sel.shape[2:]))   # [B, Q, H, topk]
@@ -165,7 +165,7 @@ def gate_picks(model, data, cfg, device, pairs, queries, **task):
 
     def hook(layer):
         def fn(mod, args):
-            q, k, _ = mod.qkv(*args)
+            q, k, _ = mod.qkv(*args[:3])     # (x, cos, sin); a context-parallel group may follow
             captured[layer] = moba.select_blocks(q[:1], k[:1], mod.cfg.block_size, mod.cfg.topk)[0, -1]
         return fn
     hs = [b.attn.register_forward_pre_hook(hook(i)) for i, b in enumerate(model.blocks) if b.attn.mode == "moba"]

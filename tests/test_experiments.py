@@ -220,7 +220,7 @@ def test_gate_recall_against_brute_force(tmp_path, topk):
         h.remove()
     start = (d * c.seq_len).round().long()
     span = 3 * 2
-    for layer, (xx, cos, sin) in inputs.items():
+    for layer, (xx, cos, sin, _) in inputs.items():       # (x, cos, sin, context-parallel group)
         mod = model.blocks[layer].attn
         B, L, _ = xx.shape
         q = train.rope(mod.q(xx).view(B, L, c.heads, mod.hd), cos, sin)      # as Attention.forward, written out
