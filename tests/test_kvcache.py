@@ -60,7 +60,7 @@ CASES = [  # (id, B, lens before appending, Tq, Hq, Hkv, D, block, topk, page si
     ("spec3-paged-odd-heads", 2, [50, 19], 3, 6, 2, 16, 8, 2, 4),
     ("chunk-contig-topk1", 2, [30, 61], 5, 4, 4, 16, 8, 1, None),
     ("chunk-paged-dense", 2, [30, 61], 5, 4, 2, 16, 8, 100, 8),
-    ("prefill-paged", 2, [0, 0], 24, 4, 2, 16, 8, 2, 8),
+    ("prefill-paged", 2, [0, 3], 12, 4, 2, 16, 8, 2, 4),
 ]
 
 
@@ -69,6 +69,8 @@ CASES = [  # (id, B, lens before appending, Tq, Hq, Hkv, D, block, topk, page si
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kvcache_against_reference(case, sums, backend):
     _, B, lens, Tq, Hq, Hkv, D, bs, topk, ps = case
+    if backend == "triton" and not torch.cuda.is_available() and Tq > 3 and (sums == "no_sums" or topk > 8):
+        pytest.skip("the interpreter runs one program per query: long chunks once (key sums given, a real gate)")
     dtype = torch.float64 if backend == "torch" else torch.float32
     q, kc, vc, seqlens, bt, k_new, v_new, keys, vals = _setup(B, lens, Tq, Hq, Hkv, D, ps, dtype)
     q, kc, vc, seqlens, bt, k_new, v_new = (None if x is None else x.to(device_of(backend))
