@@ -79,7 +79,8 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         backend: "auto" (the GPU kernels on CUDA, else "torch"), "torch" (PyTorch ops, any device), "naive"
             (the fp32/fp64 reference, materialises scores), "triton" (the Triton kernels: CUDA, or CPU tensors
             under TRITON_INTERPRET=1) or "gluon" (the Triton kernels with the sm_90 Gluon kernels where they
-            apply: 16-bit, head dim 64 or 128; what "auto" picks on H100/H200 with Triton 3.6).
+            apply: 16-bit, head dim 64 or 128, the forward's for blocks of at least 128 keys; what "auto" picks on
+            H100/H200 with Triton 3.6).
         deterministic: Triton backward without atomics (bitwise-repeatable dQ). It keeps one fp32 dQ row
             per (query, head, chosen block): T * Hq * (topk - 1) * D * 4 bytes, 1.1 GB at 32K tokens with
             32 heads, topk 3, D 128 — meant for debugging and short sequences. The other backends are

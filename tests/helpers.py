@@ -171,24 +171,37 @@ VARLEN = {
 }
 
 
-def kernel_params(*names):
-    """pytest params (backend, deterministic) for the reference comparisons: the Triton and Gluon backends with
-    their atomic and their deterministic backward, the others (deterministic anyway) once."""
-    out = []
-    for b in backends(*names):
-        if b in ("triton", "gluon"):
-            out += [pytest.param(b, False, id=f"{b}-atomic"), pytest.param(b, True, id=f"{b}-deterministic")]
-        else:
-            out.append(pytest.param(b, False, id=b))
-    return out
-
-
-def check_shape(backend, deterministic, lens_q, lens_k, Hq, Hkv, D, bs, topk):
+def check_shape(backend, lens_q, lens_k, Hq, Hkv, D, bs, topk):
     """One named shape against the fp64 reference, forward, log-sum-exp and gradients: the torch backend in fp64
-    (V's head dim unlike Q's) to 1e-10; the kernels in fp32 to 2e-4."""
+    (V's head dim unlike Q's) to 1e-10; the kernels in fp32 to 2e-4, with both their backwards (atomic dQ sums, and
+    ``deterministic``)."""
     if backend in ("triton", "gluon"):
         q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32, device=device_of(backend))
-        check_against_reference(q, k, v, bs, topk, backend, 2e-4, extra, deterministic=deterministic)
+        check_both_backwards(q, k, v, bs, topk, backend, 2e-4, extra)
     else:
         q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, Dv=D + 8)
         check_against_reference(q, k, v, bs, topk, backend, 1e-10, extra)
+
+
+def check_both_backwards(q, k, v, block_size, topk, backend, tol, extra):
+    """``check_against_reference`` for the kernels' two backwards from one forward: the forward does not depend on
+    ``deterministic`` and is most of the time under Triton's interpreter, so it runs once (the custom op, as
+    moba_attention calls it), its gradients come through the op's autograd formula (atomic dQ sums) and then from
+    the backward op again with ``deterministic=True``."""
+    from moba import autograd
+    cu_q, cu_k = extra.get("cu_seqlens"), extra.get("cu_seqlens_k")
+    scale = q.shape[-1] ** -0.5
+    dout = torch.randn(q.shape[:3] + (v.shape[3],), dtype=torch.float64, device=q.device)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64, device=q.device)
+    want = run_with_grads(lambda *a, **kw: moba.naive_moba_attention(*a, block_size, topk, **kw),
+                          *(x.double() for x in (q, k, v)), dout, dlse, **extra)
+    qq, kk, vv = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out, lse, sel = autograd.moba_fwd(qq, kk, vv, cu_q, cu_k, block_size, topk, scale, backend, False, True, None)
+    ((out.double() * dout).sum() + (lse.double() * dlse).sum()).backward()
+    det = autograd.moba_bwd(dout.to(out.dtype), dlse.to(lse.dtype), q, k, v, out.detach(), lse.detach(), sel, cu_q,
+                            cu_k, block_size, topk, scale, backend, True)
+    got = {"out": out, "lse": lse, "dq": qq.grad, "dk": kk.grad, "dv": vv.grad,
+           "dq (deterministic)": det[0], "dk (deterministic)": det[1], "dv (deterministic)": det[2]}
+    for name, a in got.items():
+        e = rel_err(a, want[("out", "lse", "dq", "dk", "dv").index(name.split()[0])])
+        assert e < tol, f"{name}: relative error {e:.2e} >= {tol:.1e}"

@@ -32,6 +32,7 @@ SCAN_SPANS = 8
 # a replacement scan (rounds only while a candidate beats the worst kept score) is cheaper. Sequences of at most
 # GATE_SHARED_BLOCKS blocks take the gate's per-kv-head form (every earlier block in one chunk: the group's block
 # means are loaded and split once for all its query heads).
+# GATE_SHARED_BLOCKS - 1 is also the gates' chunk of blocks per step: a power of two, at least 16.
 GATE_REPLACE_S = 32
 GATE_SHARED_BLOCKS = 33
 # The gate fused into the Gluon own-block kernel scores a sequence's earlier blocks in one tile of at most
