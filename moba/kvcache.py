@@ -65,11 +65,9 @@ def _check(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, k_
     return paged, page_size, sc
 
 
-def _valid_rows(k_cache, cache_seqlens, block_table, lens_extra=0):
-    """Per page (paged) or per row of [B, Tmax] (contiguous): how many rows hold keys, as a device tensor."""
-    lens = cache_seqlens.long() + lens_extra
-    if block_table is None:
-        return lens
+def _page_rows(k_cache, cache_seqlens, block_table):
+    """How many rows of each page hold keys, as a device tensor."""
+    lens = cache_seqlens.long()
     ps = k_cache.shape[1]
     j = torch.arange(block_table.shape[1], device=lens.device)
     valid = (lens[:, None] - j * ps).clamp(0, ps)                       # [B, max_pages] rows used in each page
@@ -91,7 +89,7 @@ def cache_key_sums(k_cache, block_size, *, cache_seqlens, block_table=None) -> t
             m = (t[None, :] < lens[:, None]).float()[..., None, None]
             out[:, j] = (k_cache[:, t[0]:t[-1] + 1].float() * m).sum(1)
         return out
-    count = _valid_rows(k_cache, cache_seqlens, block_table)
+    count = _page_rows(k_cache, cache_seqlens, block_table)
     r = torch.arange(k_cache.shape[1], device=k_cache.device)
     m = (r[None, :] < count[:, None]).float()[..., None, None]
     return (k_cache.float() * m).sum(1)

@@ -11,7 +11,6 @@ docs/design.md explains the schemes and what they cost; docs/performance.md has 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import comm
 from .attention import SCHEMES, dense_attention, moba_attention
@@ -53,7 +52,3 @@ def positions(n_local: int, group=None, layout: str = "zigzag", device=None) -> 
     """Positions in the whole sequence of this rank's ``n_local`` tokens (for rotary embeddings, losses): int64."""
     rank, P = comm.world(group)
     return torch.cat([torch.arange(g, g + L, device=device) for _, g, L in comm.chunks(n_local, rank, P, layout)])
-
-
-def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()

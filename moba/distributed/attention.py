@@ -109,25 +109,22 @@ def _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scal
 # the query runs of a rank and the keys each reads
 # ----------------------------------------------------------------------------------------------------------
 def _runs(n: int, rank: int, P: int, layout: str, cu: list | None):
-    """For each run of consecutive queries this rank holds: (local start, length, first key, cu_q, cu_k): its
-    queries attend keys [first key, end of the run) of the whole sequence; with documents (``cu``), cu_q/cu_k
-    describe the documents the run meets (each document's keys from its start up to the run's end), else None."""
+    """For each run of consecutive queries this rank holds: (local start, length, first key, end, cu_q, cu_k): its
+    queries attend keys [first key, end) of the whole sequence, ``end`` being the run's own end; with documents
+    (``cu``), cu_q/cu_k describe the documents the run meets (each document's keys from its start up to the run's
+    end), else None."""
     out = []
     for ls, gs, L in comm.chunks(n, rank, P, layout):
         ge = gs + L
         if cu is None:
-            out.append((ls, L, 0, None, None))
+            out.append((ls, L, 0, ge, None, None))
             continue
         docs = [(a, b) for a, b in zip(cu, cu[1:]) if a < ge and b > gs and b > a]
         k0 = docs[0][0]
         cu_q = [0] + [min(b, ge) - gs for _, b in docs]
         cu_k = [0] + [min(b, ge) - k0 for _, b in docs]
-        out.append((ls, L, k0, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)))
+        out.append((ls, L, k0, ge, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)))
     return out
-
-
-def _prefix(x, k0, end):
-    return x[:, k0:end]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,9 +140,8 @@ class _AllGatherMoBA(torch.autograd.Function):
         kf, vf = (comm.gather_sequence(x, group, layout) for x in (k, v))
         runs = _runs(q.shape[1], rank, P, layout, cu)
         outs, lses, sels = [], [], []
-        for ls, L, k0, cu_q, cu_k in runs:
-            end = _run_end(ls, L, rank, P, layout, q.shape[1])
-            out, lse, sel = moba_autograd.moba_fwd(q[:, ls:ls + L], _prefix(kf, k0, end), _prefix(vf, k0, end),
+        for ls, L, k0, end, cu_q, cu_k in runs:
+            out, lse, sel = moba_autograd.moba_fwd(q[:, ls:ls + L], kf[:, k0:end], vf[:, k0:end],
                                                    cu_q, cu_k, block_size, topk, scale, backend, deterministic,
                                                    True, None)
             outs.append(out)
@@ -162,17 +158,15 @@ class _AllGatherMoBA(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *sels = ctx.saved_tensors
         block_size, topk, scale, backend, deterministic, group, layout, runs = ctx.args
-        rank, P = comm.world(group)
         dout = torch.zeros_like(out) if dout is None else dout
         kf, vf = (comm.gather_sequence(x, group, layout) for x in (k, v))
         dkf, dvf = torch.zeros_like(kf), torch.zeros_like(vf)
         dq = torch.empty_like(q)
-        for (ls, L, k0, cu_q, cu_k), sel in zip(runs, sels):
-            end = _run_end(ls, L, rank, P, layout, q.shape[1])
+        for (ls, L, k0, end, cu_q, cu_k), sel in zip(runs, sels):
             sl = slice(ls, ls + L)
             dq_r, dk_r, dv_r = moba_autograd.moba_bwd(
                 dout[:, sl].contiguous(), None if dlse is None else dlse[:, sl].contiguous(), q[:, sl],
-                _prefix(kf, k0, end), _prefix(vf, k0, end), out[:, sl], lse[:, sl], sel, cu_q, cu_k, block_size,
+                kf[:, k0:end], vf[:, k0:end], out[:, sl], lse[:, sl], sel, cu_q, cu_k, block_size,
                 topk, scale, backend, deterministic)
             dq[:, sl] = dq_r
             dkf[:, k0:end] += dk_r
@@ -182,21 +176,12 @@ class _AllGatherMoBA(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _run_end(ls, L, rank, P, layout, n):
-    """End (exclusive) in the whole sequence of the run at local start ``ls``."""
-    for s, g, length in comm.chunks(n, rank, P, layout):
-        if s == ls:
-            return g + length
-    raise AssertionError("no such run")
-
-
 def _naive_allgather(q, k, v, block_size, topk, scale, group, layout, cu):
     """The reference backend: the naive attention per query run on gathered K/V, with autograd throughout."""
     rank, P = comm.world(group)
     kf, vf = (comm.GatherSequence.apply(x, group, layout) for x in (k, v))
     outs, lses = [], []
-    for ls, L, k0, cu_q, cu_k in _runs(q.shape[1], rank, P, layout, cu):
-        end = _run_end(ls, L, rank, P, layout, q.shape[1])
+    for ls, L, k0, end, cu_q, cu_k in _runs(q.shape[1], rank, P, layout, cu):
         o, lse = naive_moba_attention(q[:, ls:ls + L], kf[:, k0:end], vf[:, k0:end], block_size, topk,
                                       cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scale, return_lse=True)
         outs.append(o)
@@ -274,12 +259,10 @@ def dense_attention(q, k, v, *, group=None, layout="zigzag", scheme="allgather",
     cu = None if cu_seqlens is None else cu_seqlens.tolist()
     if scheme == "ulysses" and P > 1:
         qh, kh, vh = (comm.seq_to_heads_grad(x, group, layout) for x in (q, k, v))
-        out = _dense_runs(qh, kh, vh, [(0, qh.shape[1], 0, None, None)] if cu is None else
-                          _runs(qh.shape[1], 0, 1, "contiguous", cu), sc, lambda ls, L: ls + L)
+        out = _dense_runs(qh, kh, vh, _runs(qh.shape[1], 0, 1, "contiguous", cu), sc)
         return comm.heads_to_seq_grad(out, group, layout)
     kf, vf = (comm.GatherSequence.apply(x, group, layout) for x in (k, v))
-    return _dense_runs(q, kf, vf, _runs(q.shape[1], rank, P, layout, cu), sc,
-                       lambda ls, L: _run_end(ls, L, rank, P, layout, q.shape[1]))
+    return _dense_runs(q, kf, vf, _runs(q.shape[1], rank, P, layout, cu), sc)
 
 
 def _sdpa(q, k, v, scale):
@@ -292,10 +275,9 @@ def _sdpa(q, k, v, scale):
     return o.transpose(1, 2)
 
 
-def _dense_runs(q, kf, vf, runs, scale, run_end):
+def _dense_runs(q, kf, vf, runs, scale):
     outs = []
-    for ls, L, k0, cu_q, cu_k in runs:
-        end = run_end(ls, L)
+    for ls, L, k0, end, cu_q, cu_k in runs:
         if cu_q is None:
             outs.append(_sdpa(q[:, ls:ls + L], kf[:, k0:end], vf[:, k0:end], scale))
             continue
