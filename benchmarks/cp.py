@@ -108,22 +108,28 @@ def main():
                 rows.append(dict(base, variant=name, layout=layout, ms=_slowest(ms), peak_bytes=_slowest(peak)))
             except torch.cuda.OutOfMemoryError:
                 rows.append(dict(base, variant=name, layout=layout, ms=None, error="out of memory"))
+            _report(rows[-1], a, len(rows) == 1)
             del xs, do, run
             torch.cuda.empty_cache()
         if P > 1 and not a.no_dense:
             rows.append(dict(base, variant="sdpa-torch-cp", layout="round-robin", **_torch_cp(T, a, P, dt)))
-    if rank == 0:
-        print(f"{rows[0]['card']} x{P}; bf16, {a.heads}/{a.kv_heads} heads, D {a.head_dim}; block {a.block} topk "
-              f"{a.topk}; forward+backward of one layer; commit {rows[0]['commit']}")
-        for r in rows:
-            ms = f"{r['ms']:10.1f} ms" if r.get("ms") else f"{r.get('error', 'n/a'):>13s}"
-            pk = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("peak_bytes") else ""
-            print(f"T={r['T']:>8d}  {r['variant']:28s} {ms} {pk}")
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            _report(rows[-1], a, False)
     dist.destroy_process_group()
+
+
+def _report(r, a, first):
+    """Rank 0 prints and appends each row as it is measured (a run cut short keeps what it measured)."""
+    if dist.get_rank():
+        return
+    if first:
+        print(f"{r['card']} x{r['P']}; bf16, {a.heads}/{a.kv_heads} heads, D {a.head_dim}; block {a.block} topk "
+              f"{a.topk}; forward+backward of one layer; commit {r['commit']}", flush=True)
+    ms = f"{r['ms']:10.1f} ms" if r.get("ms") else f"{r.get('error', 'n/a'):>13s}"
+    pk = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("peak_bytes") else ""
+    print(f"T={r['T']:>8d}  {r['variant']:28s} {ms} {pk}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(r) + "\n")
 
 
 def _torch_cp(T, a, P, dt):

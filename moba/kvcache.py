@@ -91,8 +91,12 @@ def cache_key_sums(k_cache, block_size, *, cache_seqlens, block_table=None) -> t
         return out
     count = _page_rows(k_cache, cache_seqlens, block_table)
     r = torch.arange(k_cache.shape[1], device=k_cache.device)
-    m = (r[None, :] < count[:, None]).float()[..., None, None]
-    return (k_cache.float() * m).sum(1)
+    out = torch.empty(k_cache.shape[0], *k_cache.shape[2:], dtype=torch.float32, device=k_cache.device)
+    step = max(1, (1 << 26) // max(1, k_cache[0].numel()))          # pages per pass: ~256 MiB of fp32 at a time
+    for p0 in range(0, k_cache.shape[0], step):
+        m = (r[None, :] < count[p0:p0 + step, None]).float()[..., None, None]
+        out[p0:p0 + step] = (k_cache[p0:p0 + step].float() * m).sum(1)
+    return out
 
 
 def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size):
@@ -146,13 +150,16 @@ def moba_attention_with_kvcache(q, k_cache, v_cache, block_size, topk, *, cache_
     if be == "naive":
         be = "torch"
     with torch.no_grad():
-        if k_new is not None:
-            _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
         if be in ("triton", "gluon"):
             from .triton import decode
+            if k_new is not None and not decode.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                                       key_sums, block_size):
+                _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
             out, lse = decode.kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums,
                                       sc)
         else:
+            if k_new is not None:
+                _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
             out, lse = _torch_kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums,
                                       sc)
     return (out, lse) if return_lse else out

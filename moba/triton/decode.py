@@ -28,27 +28,35 @@ CHUNK = 512              # keys per work item: a chosen block is read by several
 @triton.jit
 def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
                   sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size, m_scale,
-                  BT, sbt, PS, PPB,
+                  BT, sbt, PS, PPB, TQ, NBR,
                   G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
-                  PAGED: tl.constexpr = False):
+                  PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False):
     """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
     batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
     sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
-    ``m_scale`` (1 for means, 1 / block_size for sums)."""
+    ``m_scale`` (1 for means, 1 / block_size for sums). FROM_LENS (a KV cache's step): the tables are not built on
+    the host; K_END is the cache's lengths before the TQ new queries of each sequence, query i_n is the
+    (i_n % TQ)-th new one of sequence i_n // TQ, whose block means start at row (i_n // TQ) * NBR of M."""
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     i_s = tl.program_id(2)
-    k0 = tl.load(K_START + i_n).to(tl.int32)        # the sequence's keys: rows k0 .. k1 - 1 of batch row ROW
-    k1 = tl.load(K_END + i_n).to(tl.int32)
-    row = tl.load(ROW + i_n).to(tl.int64)
+    if FROM_LENS:
+        row = (i_n // TQ).to(tl.int64)
+        k0 = 0
+        k1 = tl.load(K_END + row).to(tl.int32) + i_n % TQ + 1
+        fb = row * NBR
+    else:
+        k0 = tl.load(K_START + i_n).to(tl.int32)        # the sequence's keys: rows k0 .. k1 - 1 of batch row ROW
+        k1 = tl.load(K_END + i_n).to(tl.int32)
+        row = tl.load(ROW + i_n).to(tl.int64)
+        fb = tl.load(BLK_OFF + i_n)
     if PAGED:
         BT += row * sbt
     else:
         K += row * sk_b
         V += row * sv_b
-    fb = tl.load(BLK_OFF + i_n)
     own = (k1 - k0 - 1) // block_size                                  # local id of the own block
     o_r = tl.arange(0, GP)
     m_r = o_r < G
@@ -166,9 +174,11 @@ def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: floa
     return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means)
 
 
-def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means, m_scale=1.0, paged=None):
+def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means, m_scale=1.0, paged=None,
+            from_lens=None):
     """q [N, Hq, D], one query per program row; ``paged``: (block_table, page_size) with k/v [pages, page_size,
-    Hkv, D] and ``means`` the per-page key sums."""
+    Hkv, D] and ``means`` the per-page key sums; ``from_lens``: (Tq, blocks per batch row of ``means``) where
+    ``k_end`` is a KV cache's lengths and the kernel derives the rest (FROM_LENS)."""
     N, Hq, D = q.shape
     Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -189,8 +199,10 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
         q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
         scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps,
+        *(from_lens or (1, 0)),
         G=G, GP=GP, S=S, SP=max(1, next_pow2(S)), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
-        SPLIT_M=q.dtype != torch.float32, PREC=prec, PAGED=paged is not None, num_warps=4, num_stages=2)
+        SPLIT_M=q.dtype != torch.float32, PREC=prec, PAGED=paged is not None,
+        FROM_LENS=from_lens is not None, num_warps=4, num_stages=2)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse
@@ -203,20 +215,84 @@ def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, bloc
     shapes fixed by the inputs' shapes: CUDA-graph capturable)."""
     from ..kvcache import cache_key_sums
     B, Tq, Hq, D = q.shape
-    dev = q.device
     if key_sums is None:     # the slow path: the sums from the cache (the new keys included), every call
         key_sums = cache_key_sums(k_cache, block_size, cache_seqlens=cache_seqlens + Tq, block_table=block_table)
-    i = torch.arange(B * Tq, device=dev)
-    seq = i // Tq
-    k_end = cache_seqlens.long()[seq] + i % Tq + 1                         # keys up to each query's own position
-    k_start = torch.zeros_like(k_end)
     qf = q.reshape(B * Tq, Hq, D)
+    # the query rows' key ranges come from cache_seqlens inside the kernel: no table ops on the host
+    lens = cache_seqlens
     if block_table is None:
         nb = key_sums.shape[1]
         sums = key_sums.view(B * nb, *key_sums.shape[2:])
-        out, lse = _launch(qf, k_cache, v_cache, k_start, k_end, seq, seq * nb, block_size, topk, scale, sums,
-                           1.0 / block_size)
+        out, lse = _launch(qf, k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale, sums,
+                           1.0 / block_size, from_lens=(Tq, nb))
     else:
-        out, lse = _launch(qf, k_cache, v_cache, k_start, k_end, seq, k_start, block_size, topk, scale, key_sums,
-                           1.0 / block_size, paged=(block_table, k_cache.shape[1]))
+        out, lse = _launch(qf, k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale, key_sums,
+                           1.0 / block_size, paged=(block_table, k_cache.shape[1]), from_lens=(Tq, 0))
     return out.view(B, Tq, Hq, -1), lse.view(B, Tq, Hq)
+
+
+APPEND_MAX_TQ = 64      # new rows per sequence that the append kernel writes one after another; more: torch ops
+
+
+@triton.jit
+def _append_rows(KN, VN, KC, VC, LENS, BT, SUMS, skn_b, skn_t, skn_h, svn_b, svn_t, svn_h,
+                 skc_p, skc_t, skc_h, svc_p, svc_t, svc_h, sbt, ss_r, ss_h, TQ, PS, SROWS,
+                 D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PAGED: tl.constexpr,
+                 HAS_SUMS: tl.constexpr):
+    """Sequence b's TQ new keys and values (program axis 0) of one kv head (axis 1), written at positions
+    LENS[b] + i of its cache and added into its key sums, one row after another: a sum row is read, added to and
+    written by this program alone (deterministic). Paged: position p lies in page BT[b, p // PS], whose sums are
+    row BT[b, p // PS] of SUMS. Contiguous: row p of batch row b, sums row b * SROWS + p // PS (PS is then the
+    block size, SROWS the blocks per batch row)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    L = tl.load(LENS + b).to(tl.int64)
+    for i in range(TQ):
+        pos = L + i
+        if PAGED:
+            pg = tl.load(BT + b * sbt + pos // PS).to(tl.int64)
+            r = pos % PS
+            srow = pg
+        else:
+            pg = b
+            r = pos
+            srow = b * SROWS + pos // PS
+        b_k = tl.load(KN + b * skn_b + i * skn_t + h * skn_h + o_d, mask=o_d < D)
+        b_v = tl.load(VN + b * svn_b + i * svn_t + h * svn_h + o_dv, mask=o_dv < DV)
+        tl.store(KC + pg * skc_p + r * skc_t + h * skc_h + o_d, b_k, mask=o_d < D)
+        tl.store(VC + pg * svc_p + r * svc_t + h * svc_h + o_dv, b_v, mask=o_dv < DV)
+        if HAS_SUMS:
+            p_s = SUMS + srow * ss_r + h * ss_h + o_d
+            tl.store(p_s, tl.load(p_s, mask=o_d < D) + b_k.to(tl.float32), mask=o_d < D)
+
+
+def append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size) -> bool:
+    """``moba.kvcache``'s append in one launch (no host sync): False where it does not apply (more than
+    APPEND_MAX_TQ new rows per sequence, or key sums not float32 [.., Hkv, D] with a unit last stride), and the
+    caller appends with torch ops."""
+    B, Tq, Hkv, D = k_new.shape
+    DV = v_new.shape[3]
+    if Tq > APPEND_MAX_TQ or k_new.stride(3) != 1 or v_new.stride(3) != 1 or k_cache.stride(3) != 1 or \
+            v_cache.stride(3) != 1:
+        return False
+    paged = block_table is not None
+    if key_sums is not None:
+        sums = key_sums if paged else key_sums.view(-1, *key_sums.shape[2:])
+        srows = 0 if paged else key_sums.shape[1]
+        if sums.stride(2) != 1:
+            return False
+    else:
+        sums, srows = k_new, 0          # unread (HAS_SUMS False)
+    # contiguous caches: PS is the block size (for the sums row); the cache row is the position itself
+    ps = k_cache.shape[1] if paged else block_size
+    bt = block_table if paged else cache_seqlens
+    _append_rows[(B, Hkv)](
+        k_new, v_new, k_cache, v_cache, cache_seqlens, bt, sums,
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), bt.stride(0), sums.stride(0), sums.stride(1), Tq, ps, srows,
+        D=D, DV=DV, BD=max(16, next_pow2(D)), BDV=max(16, next_pow2(DV)), PAGED=paged,
+        HAS_SUMS=key_sums is not None, num_warps=1)
+    return True
