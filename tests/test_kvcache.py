@@ -165,3 +165,28 @@ def test_kvcache_decode_steps_replay_as_a_cuda_graph():
         s_len.copy_(lens + t)
         graph.replay()
         assert torch.equal(out, eager[t])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
+def test_kvcache_append_kernel_matches_torch_ops(paged):
+    """The one-launch append (rows and key sums) writes what the torch ops write; past APPEND_MAX_TQ new rows it
+    declines and the caller falls back to the torch ops."""
+    from moba.kvcache import _append
+    from moba.triton import decode
+    Tq = 3
+    q, kc, vc, seqlens, bt, k_new, v_new, _, _ = _setup(3, [37, 100, 64], Tq, 4, 2, 16, 4 if paged else None,
+                                                        torch.float32)
+    dev = device_of("triton")
+    kc, vc, seqlens, k_new, v_new = (x.to(dev) for x in (kc, vc, seqlens, k_new, v_new))
+    bt = None if bt is None else bt.to(dev)
+    sums = moba.cache_key_sums(kc, 8, cache_seqlens=seqlens, block_table=bt)
+    want = [kc.clone(), vc.clone(), sums.clone()]
+    _append(*want[:2], k_new, v_new, seqlens, bt, want[2], 8)
+    got = [kc.clone(), vc.clone(), sums.clone()]
+    assert decode.append(*got[:2], k_new, v_new, seqlens, bt, got[2], 8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.allclose(got[2], want[2], atol=1e-5, rtol=0)
+    big = decode.APPEND_MAX_TQ + 1
+    assert not decode.append(kc, vc, k_new[:, :1].expand(-1, big, -1, -1), v_new[:, :1].expand(-1, big, -1, -1),
+                             seqlens, bt, sums, 8)

@@ -29,8 +29,9 @@ CASES = {  # name: (T, block, topk, forward and backward) in bf16, batch 1, 32 q
 }
 
 CHILD = r"""
-import json, sys
+import cProfile, json, pstats, sys, time
 sys.path.insert(0, sys.argv[1])
+PROFILE = sys.argv[3] == "1"
 import torch, triton.testing
 import moba
 for T, bs, topk, fb in json.loads(sys.argv[2]):
@@ -56,7 +57,24 @@ for T, bs, topk, fb in json.loads(sys.argv[2]):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
-    print(json.dumps(dict(ms=ms, peak=peak)), flush=True)
+    # eager calls back to back (no cache flush between them): the host's time to issue one, and the wall time
+    n = 50
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        run()
+    issue = (time.perf_counter() - t) / n * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / n * 1e3
+    if PROFILE:
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(n):
+            run()
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(15)
+    print(json.dumps(dict(ms=ms, peak=peak, issue_ms=issue, wall_ms=wall)), flush=True)
     del q, k, v, do
     torch.cuda.empty_cache()
 """
@@ -68,14 +86,19 @@ def main():
     p.add_argument("--cases", default="fwd8k,fb32k,fwd512k,fwd1m,fb512k_b128,decode1m")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="append one JSON line per (tree, case)")
+    p.add_argument("--profile", action="store_true", help="print each child's cProfile of 50 eager calls per case "
+                   "(the first round)")
     a = p.parse_args()
     trees = [t.split("=", 1) for t in a.tree]
     res = {(n, c): [] for n, _ in trees for c in a.cases.split(",")}
     cases = a.cases.split(",")
-    for _ in range(a.rounds):     # one process per tree and round: every case, in order
+    for i in range(a.rounds):     # one process per tree and round: every case, in order
         for n, path in trees:
-            r = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps([CASES[c] for c in cases])],
-                               capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps([CASES[c] for c in cases]),
+                                "1" if a.profile and i == 0 else "0"], capture_output=True, text=True)
+            if a.profile and i == 0:
+                print(f"--- {n}: cProfile of 50 eager calls per case ({', '.join(cases)})\n"
+                      + "\n".join(x for x in r.stdout.splitlines() if not x.startswith("{")), flush=True)
             lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
             if r.returncode:
                 print(f"{n}: failed after {len(lines)} cases\n{r.stderr[-2000:]}", flush=True)
@@ -97,9 +120,14 @@ def main():
                 with open(a.out, "a") as f:
                     f.write(json.dumps(dict(tool="ab_trees", card=card, case=c, tree=n, path=dict(trees)[n],
                                             shape=CASES[c], ms=ms, ms_rounds=[r["ms"] for r in rs],
+                                            issue_ms_rounds=[r.get("issue_ms") for r in rs],
+                                            wall_ms_rounds=[r.get("wall_ms") for r in rs],
                                             peak_bytes=max((r["peak"] for r in rs), default=None))) + "\n")
         print(f"{c:12s} " + " ".join(f"{ms:12.3f} {mb:10.1f}" for _, ms, mb in row) + "  "
               + " ".join(f"{ms / first:.3f}" for _, ms, _ in row[1:]), flush=True)
+        print(f"{'':12s} eager back to back, issue / wall ms per call: " + "; ".join(
+            f"{n} {statistics.median(r['issue_ms'] for r in res[(n, c)]):.3f} / "
+            f"{statistics.median(r['wall_ms'] for r in res[(n, c)]):.3f}" for n, _ in trees if res[(n, c)]), flush=True)
 
 
 if __name__ == "__main__":
