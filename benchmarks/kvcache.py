@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
@@ -39,9 +38,9 @@ sys.path.insert(0, os.path.abspath(A.tree or os.path.join(os.path.dirname(__file
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.testing  # noqa: E402
 
 import moba  # noqa: E402
+from moba.bench import append_jsonl, card, cuda_graph, source_commit, time_ms  # noqa: E402
 
 K, M = 1024, 1024 * 1024
 CASES = {   # name: (lengths before the step, paged)
@@ -52,6 +51,7 @@ CASES = {   # name: (lengths before the step, paged)
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+REPEATS = 4             # time_ms: do_bench over 200 ms on CUDA, the median of 4 calls elsewhere
 if A.smoke:
     CASES = {"smoke": ([300, 1000, 77], True)}
     A.cases, A.block, A.topk, A.page = "smoke", 64, 3, 16
@@ -63,29 +63,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def bench(fn):
-    if DEV == "cuda":
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    fn()
-    t = time.perf_counter()
-    for _ in range(3):
-        fn()
-    return (time.perf_counter() - t) / 3 * 1e3
-
-
 def graph_of(fn):
     if DEV != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA device")
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return cuda_graph(fn)[0]
 
 
 def issue_ms(fn, n=100):
@@ -103,8 +84,8 @@ def issue_ms(fn, n=100):
 
 def timed(name, fn, row):
     try:
-        row[f"{name}_ms"] = bench(fn)
-        row[f"{name}_graph_ms"] = bench(graph_of(fn))
+        row[f"{name}_ms"] = time_ms(fn, DEV, REPEATS)
+        row[f"{name}_graph_ms"] = time_ms(graph_of(fn), DEV, REPEATS)
     except Exception as e:          # noqa: BLE001 - a dense kernel that does not take this shape is recorded
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
@@ -182,13 +163,8 @@ def case(name):
                                                 k_new=k_new, v_new=v_new, key_sums=sums)
 
     row = dict(case=name, tree=A.label, lengths=lens, paged=paged, page_size=ps if paged else None, block=bs,
-               topk=topk, heads=H, kv_heads=HKV, head_dim=D, dtype="bf16", card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-               torch=torch.__version__)
-    try:
-        from moba.bench import source_commit
-        row["commit"] = source_commit()
-    except Exception:       # noqa: BLE001
-        pass
+               topk=topk, heads=H, kv_heads=HKV, head_dim=D, dtype=str(DT).removeprefix("torch."), card=card(DEV),
+               torch=torch.__version__, commit=source_commit())
     # correctness of the step against dense attention where every block is chosen is the tests' job; here the
     # step's output is checked finite and the selection is measured
     out = step()
@@ -272,8 +248,7 @@ def main():
         if errs:
             print("   ", errs, flush=True)
         if A.out:
-            with open(A.out, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+            append_jsonl(A.out, [r])
 
 
 if __name__ == "__main__":

@@ -150,16 +150,17 @@ def moba_attention_with_kvcache(q, k_cache, v_cache, block_size, topk, *, cache_
     if be == "naive":
         be = "torch"
     with torch.no_grad():
-        if be in ("triton", "gluon"):
+        triton = be in ("triton", "gluon")
+        if triton:
             from .triton import decode
-            if k_new is not None and not decode.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
-                                                       key_sums, block_size):
-                _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
+        # the Triton append is one launch where it applies; torch ops otherwise
+        if k_new is not None and not (triton and decode.append(k_cache, v_cache, k_new, v_new, cache_seqlens,
+                                                               block_table, key_sums, block_size)):
+            _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
+        if triton:
             out, lse = decode.kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums,
                                       sc)
         else:
-            if k_new is not None:
-                _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
             out, lse = _torch_kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums,
                                       sc)
     return (out, lse) if return_lse else out

@@ -239,6 +239,16 @@ def _several_chunks(monkeypatch):
         monkeypatch.setattr(fwd, name, value)
 
 
+def _gluon_within_triton_error(q, k, v, bs, topk, extra):
+    """The "gluon" backend's output and log-sum-exp against the fp64 reference, within the Triton kernels' error."""
+    ref, ref_lse = moba.naive_moba_attention(q.double(), k.double(), v.double(), bs, topk, return_lse=True, **extra)
+    tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, backend="triton", **extra)
+    glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, backend="gluon", **extra)
+    assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
+    assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3
+    assert rel_err(glu_lse, ref_lse) <= 1.2 * rel_err(tri_lse, ref_lse) + 1e-4
+
+
 @needs_gluon
 @pytest.mark.parametrize("gate", ["in_own_kernel", "triton_gate"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -256,12 +266,7 @@ def test_gluon_forward(monkeypatch, gate, dtype, lens_q, lens_k, Hq, Hkv, D, bs,
     if gate == "triton_gate":
         _several_chunks(monkeypatch)
     q, k, v, extra = make_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, device="cuda")
-    ref, ref_lse = moba.naive_moba_attention(q.double(), k.double(), v.double(), bs, topk, return_lse=True, **extra)
-    tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, backend="triton", **extra)
-    glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, backend="gluon", **extra)
-    assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
-    assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3
-    assert rel_err(glu_lse, ref_lse) <= 1.2 * rel_err(tri_lse, ref_lse) + 1e-4
+    _gluon_within_triton_error(q, k, v, bs, topk, extra)
     got = errors(moba_fn(bs, topk, "gluon", **extra), q, k, v, naive_fn(bs, topk, **extra))
     assert max(got) < 2e-2, got
 
@@ -275,9 +280,4 @@ def test_gluon_own_block(lens_q, lens_k, bs, topk):
     Tq < Tk with unaligned query tiles, and blocks of 512 with chosen ones too; fp64 reference within the Triton
     kernel's error."""
     q, k, v, extra = make_inputs(lens_q, lens_k, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
-    ref, ref_lse = moba.naive_moba_attention(q.double(), k.double(), v.double(), bs, topk, return_lse=True, **extra)
-    tri, tri_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, backend="triton", **extra)
-    glu, glu_lse = moba.moba_attention(q, k, v, bs, topk, return_lse=True, backend="gluon", **extra)
-    assert torch.isfinite(glu).all() and torch.isfinite(glu_lse).all()
-    assert rel_err(glu, ref) <= 1.2 * rel_err(tri, ref) + 1e-3
-    assert rel_err(glu_lse, ref_lse) <= 1.2 * rel_err(tri_lse, ref_lse) + 1e-4
+    _gluon_within_triton_error(q, k, v, bs, topk, extra)

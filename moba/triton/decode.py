@@ -211,23 +211,22 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
 def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, block_table, key_sums, scale: float):
     """`moba.moba_attention_with_kvcache` after the append: q [B, Tq, Hq, D] (the last Tq positions of each
     sequence) -> out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. Every query is one row of the split kernel, its keys the
-    positions up to its own; all tables are computed on the device from ``cache_seqlens`` (no host sync, launch
-    shapes fixed by the inputs' shapes: CUDA-graph capturable)."""
+    positions up to its own, derived from ``cache_seqlens`` inside the kernel (no host sync, launch shapes fixed
+    by the inputs' shapes: CUDA-graph capturable)."""
     from ..kvcache import cache_key_sums
     B, Tq, Hq, D = q.shape
     if key_sums is None:     # the slow path: the sums from the cache (the new keys included), every call
         key_sums = cache_key_sums(k_cache, block_size, cache_seqlens=cache_seqlens + Tq, block_table=block_table)
-    qf = q.reshape(B * Tq, Hq, D)
-    # the query rows' key ranges come from cache_seqlens inside the kernel: no table ops on the host
-    lens = cache_seqlens
-    if block_table is None:
+    if block_table is None:      # the sums of batch row b's blocks are rows b * nb .. of the flattened sums
         nb = key_sums.shape[1]
-        sums = key_sums.view(B * nb, *key_sums.shape[2:])
-        out, lse = _launch(qf, k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale, sums,
-                           1.0 / block_size, from_lens=(Tq, nb))
+        sums, paged = key_sums.view(B * nb, *key_sums.shape[2:]), None
     else:
-        out, lse = _launch(qf, k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale, key_sums,
-                           1.0 / block_size, paged=(block_table, k_cache.shape[1]), from_lens=(Tq, 0))
+        nb, sums, paged = 0, key_sums, (block_table, k_cache.shape[1])
+    # FROM_LENS: the kernel derives each query row's keys and sums rows from cache_seqlens (passed as K_END; the
+    # other table arguments are unread), so the host runs no table ops
+    lens = cache_seqlens
+    out, lse = _launch(q.reshape(B * Tq, Hq, D), k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale,
+                       sums, 1.0 / block_size, paged=paged, from_lens=(Tq, nb))
     return out.view(B, Tq, Hq, -1), lse.view(B, Tq, Hq)
 
 
