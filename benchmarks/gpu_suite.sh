@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one device call (a 16-core GPU machine, about 7 minutes on an H100): every test file with
-# CUDA cases, the longest split into groups by -k, all side by side with 540 s each; one summary line per process (and
+# CUDA cases, the longest split into groups by -k, all side by side with 540 s each (SUITE_TIMEOUT); one summary line per process (and
 # its first failures).
 # test_random_configs runs its CUDA cases only: the CPU ones run in CI, and beside the rest they outlast the limit.
 # Usage: bash benchmarks/gpu_suite.sh
@@ -15,11 +15,11 @@ groups=(  # "files|-k expression"
 pids=()
 for i in "${!groups[@]}"; do
   IFS='|' read -r files k <<< "${groups[$i]}"
-  timeout 540 python3 -m pytest -q $(printf 'tests/%s ' $files) ${k:+-k "$k"} -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
+  timeout ${SUITE_TIMEOUT:-540} python3 -m pytest -q $(printf 'tests/%s ' $files) ${k:+-k "$k"} -p no:cacheprovider > /tmp/s_$i.log 2>&1 &
   pids+=($!)
 done
 rcs=(); for p in "${pids[@]}"; do wait $p; rcs+=($?); done
 for i in "${!pids[@]}"; do
-  echo "${groups[$i]}: $(tail -1 /tmp/s_$i.log)$( ((rcs[i] == 124)) && echo "  [cut by the 540 s limit]")"
+  echo "${groups[$i]}: $(tail -1 /tmp/s_$i.log)$( ((rcs[i] == 124)) && echo "  [cut by the ${SUITE_TIMEOUT:-540} s limit]")"
   grep -m3 -E "^(FAILED|ERROR)" /tmp/s_$i.log
 done

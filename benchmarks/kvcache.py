@@ -32,6 +32,9 @@ ap.add_argument("--page", type=int, default=256)
 ap.add_argument("--label", default="", help="a name for the tree in the rows")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kvcache.jsonl"),
                 help="append one JSON line per case")
+ap.add_argument("--decode-configs", default="",
+                help="also time the step's graph under these decode launch configs (moba.triton.configs.CONFIG"
+                     "['decode']): 'per_sm:max_splits:bn:warps:stages:chunk,...'")
 ap.add_argument("--smoke", action="store_true", help="a small case that runs anywhere (checks this script)")
 A = ap.parse_args()
 sys.path.insert(0, os.path.abspath(A.tree or os.path.join(os.path.dirname(__file__), "..")))
@@ -176,6 +179,22 @@ def case(name):
     row["rel_err_vs_moba_attention"] = float((out.float() - ref.float()).norm() / ref.float().norm())
     timed("moba", step, row)
     row["moba_issue_ms"] = issue_ms(step, 100 if DEV == "cuda" else 3)
+    if A.decode_configs:
+        from moba.triton import configs
+        row["decode_configs"] = []
+        for c in A.decode_configs.split(","):
+            cfg = tuple(int(x) for x in c.split(":"))
+            configs.CONFIG["decode"] = cfg
+            try:
+                o = step()
+                r = dict(config=cfg, rel_diff=float((o.float() - out.float()).norm() / out.float().norm()))
+                r["graph_ms"] = time_ms(graph_of(step), DEV, REPEATS)
+            except Exception as e:      # noqa: BLE001 - a config the kernel cannot compile is recorded
+                r = dict(config=cfg, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            finally:
+                configs.CONFIG["decode"] = None
+            row["decode_configs"].append(r)
+            print(f"   decode config {cfg}: {r.get('graph_ms', r.get('error'))}", flush=True)
     # dense: each sequence's keys in place
     views = [(kp[cu[b]:cu[b + 1]][None], vp[cu[b]:cu[b + 1]][None]) for b in range(B)]
     from torch.nn.attention import SDPBackend, sdpa_kernel

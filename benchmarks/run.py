@@ -92,6 +92,7 @@ def _registry() -> dict:
         Case("fb32k", 32 * K, 512, 3, fwd_bwd=True),
         Case("fwd128k", 128 * K, 4096, 12),
         Case("fb128k", 128 * K, 512, 3, fwd_bwd=True),
+        Case("fb128k_b4096", 128 * K, 4096, 12, fwd_bwd=True),
         Case("fwd512k", 512 * K, 4096, 12),
         Case("fwd1m", M, 4096, 12),
         Case("fb512k_b128", 512 * K, 128, 8, fwd_bwd=True, about="small blocks at long context"),
@@ -126,7 +127,7 @@ CASES = _registry()
 GROUPS = {
     "issue": ["fwd8k", "fb32k", "fwd512k", "fwd1m", "fb512k_b128", "decode1m", "decode_batch"],
     "short": ["fwd8k", "fb8k", "fwd32k", "fb32k", "dense32k", "dense_fb32k"],
-    "long": ["fwd128k", "fb128k", "fwd512k", "fwd1m", "fb512k_b128"],
+    "long": ["fwd128k", "fb128k", "fb128k_b4096", "fwd512k", "fwd1m", "fb512k_b128"],
     "decode": ["decode128k", "decode1m", "decode_batch"],
     "small_blocks": [n for n in CASES if n.startswith("fb16k_x4_")],
     "sweep": [n for n in CASES if n.startswith("sweep")],

@@ -4,7 +4,9 @@
     python examples/generate.py tiny            # a tiny random-weight Llama, for a smoke run
 
 MoBA is used for the prefill and, with --decode moba (default), for every generated token as well;
---decode full is the paper's evaluation mode (MoBA prefill, dense generation).
+--decode full is the paper's evaluation mode (MoBA prefill, dense generation). --cache moba generates through
+MoBA's KV cache (moba.hf.generate: greedy, decode steps replayed as a CUDA graph on a GPU) instead of
+transformers' generate.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def main(argv=None):
     p.add_argument("--full-layers", default="", help="comma-separated layers that keep full attention")
     p.add_argument("--decode", choices=["moba", "full"], default="moba")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
+    p.add_argument("--cache", choices=["dynamic", "static", "moba"], default="dynamic")
     a = p.parse_args(argv)
     import moba.hf
     if a.model == "tiny":
@@ -48,7 +50,10 @@ def main(argv=None):
     moba.hf.enable(model, block_size=a.block_size, topk=a.topk, full_attention_layers=full, decode=a.decode)
     t = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False, cache_implementation=a.cache)
+        if a.cache == "moba":
+            out = torch.cat([ids, moba.hf.generate(model, ids, a.max_new_tokens)], 1)
+        else:
+            out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False, cache_implementation=a.cache)
     dt = time.perf_counter() - t
     new = out[0, ids.shape[1]:]
     text = tok.decode(new, skip_special_tokens=True) if tok is not None else new.tolist()

@@ -82,12 +82,17 @@ def cache_key_sums(k_cache, block_size, *, cache_seqlens, block_table=None) -> t
     if block_table is None:
         B, Tmax, Hkv, D = k_cache.shape
         nb = -(-Tmax // block_size)
-        out = torch.zeros(B, nb, Hkv, D, dtype=torch.float32, device=k_cache.device)
-        lens = cache_seqlens.long()
-        for j in range(nb):                                             # one block of every row at a time
-            t = torch.arange(j * block_size, min((j + 1) * block_size, Tmax), device=k_cache.device)
-            m = (t[None, :] < lens[:, None]).float()[..., None, None]
-            out[:, j] = (k_cache[:, t[0]:t[-1] + 1].float() * m).sum(1)
+        out = torch.empty(B, nb, Hkv, D, dtype=torch.float32, device=k_cache.device)
+        lens = cache_seqlens.to(k_cache.device).long()
+        step = max(1, (1 << 26) // max(1, B * block_size * Hkv * D))   # blocks per pass: ~256 MiB of fp32 at a time
+        for j0 in range(0, nb, step):
+            t0, t1 = j0 * block_size, min((j0 + step) * block_size, Tmax)
+            nj = -(-(t1 - t0) // block_size)
+            t = torch.arange(t0, t1, device=k_cache.device)
+            x = k_cache[:, t0:t1].float() * (t[None, :] < lens[:, None])[..., None, None]
+            if nj * block_size != t1 - t0:                              # the cache's last block is short
+                x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nj * block_size - (t1 - t0)))
+            out[:, j0:j0 + nj] = x.view(B, nj, block_size, Hkv, D).sum(2)
         return out
     count = _page_rows(k_cache, cache_seqlens, block_table)
     r = torch.arange(k_cache.shape[1], device=k_cache.device)

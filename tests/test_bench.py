@@ -164,3 +164,33 @@ def test_kvcache_benchmark_smoke(tmp_path):
     assert row["moba_ms"] > 0 and row["sdpa_ms"] > 0 and row["speedup"] > 0
     assert 1.0 < row["byte_bound"] < 10.0           # some blocks skipped, never more bytes than dense
     assert "CUDA" in row["moba_error"]              # graphs need CUDA: recorded, not faked
+
+
+def test_generate_benchmark_smoke(tmp_path):
+    """benchmarks/generate.py on its tiny CPU model: one row with MoBA's and the dense methods' steady-state times
+    and tokens/s (graph rows need CUDA: none here)."""
+    pytest.importorskip("transformers")
+    import subprocess
+    out = tmp_path / "gen.jsonl"
+    r = subprocess.run([sys.executable, str(RUN_PY.parent / "generate.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["case"] == "ctx300" and row["mode"] == "eager" and row["context"] == 300
+    assert row["moba_ms"] > 0 and row["static_sdpa_ms"] > 0 and row["prefix_sdpa_ms"] > 0
+    assert row["speedup"] == pytest.approx(min(row["static_sdpa_ms"], row["prefix_sdpa_ms"]) / row["moba_ms"])
+    assert row["moba_tokens_per_s"] == pytest.approx(1e3 / row["moba_ms"])
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    """benchmarks/train_step.py on the tiny-cpu preset: a row per attention with step time and tokens/s."""
+    import subprocess
+    out = tmp_path / "ts.jsonl"
+    r = subprocess.run([sys.executable, str(RUN_PY.parent / "train_step.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    moba_row, full_row = [json.loads(x) for x in out.read_text().splitlines()]
+    assert (moba_row["attn"], full_row["attn"]) == ("moba", "full") and moba_row["case"] == "train_tiny-cpu"
+    assert moba_row["step_ms"] > 0 and moba_row["tokens_per_s"] == pytest.approx(
+        moba_row["batch"] * moba_row["seq_len"] / moba_row["step_ms"] * 1e3)
+    assert moba_row["speedup_vs_full"] == pytest.approx(full_row["step_ms"] / moba_row["step_ms"])

@@ -106,12 +106,14 @@ def test_batched_decoding_with_cache_equals_reference(backend):
 @pytest.mark.parametrize("backend", backends("triton", "gluon"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 3), (8, 1)], ids=["G2", "odd-heads", "G8"])
-@pytest.mark.parametrize("chunk", [512, 8], ids=["block-per-item", "block-split"])
-def test_decode_kernel_matches_reference(backend, dtype, Hq, Hkv, chunk, monkeypatch):
-    """The one-launch decode kernel (one query per sequence, no gradient) against the fp64 reference;
-    with chunk 8 each 16-key block is read by two programs."""
-    from moba.triton import decode
-    monkeypatch.setattr(decode, "CHUNK", chunk)
+@pytest.mark.parametrize("config", [(8, 64, 64, 4, 2, 512), (8, 64, 64, 4, 2, 8), (4, 4, 16, 4, 3, 32)],
+                         ids=["block-per-item", "block-split", "steps-per-item"])
+def test_decode_kernel_matches_reference(backend, dtype, Hq, Hkv, config, monkeypatch):
+    """The one-launch decode kernel (one query per sequence, no gradient) against the fp64 reference, under
+    launch configs (configs.CONFIG["decode"]) where a work item is a whole 16-key block, half of one (each block
+    read by two programs), or two blocks of 16-key steps (the item stops at its block's end) in 4 splits."""
+    from moba.triton import configs, decode
+    monkeypatch.setitem(configs.CONFIG, "decode", config)
     lens_k = [75, 1, 200, 33]
     q, k, v, extra = make_inputs([1] * 4, lens_k, Hq, Hkv, 16, Dv=32, dtype=dtype, device=DEVICE)
     ref = moba.naive_moba_attention(q.double(), k.double(), v.double(), 16, 4, return_lse=True, **extra)

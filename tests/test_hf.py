@@ -191,6 +191,8 @@ def test_examples_run(capsys):
     out = mods["generate"].main(["tiny", "--block-size", "4", "--topk", "2", "--max-new-tokens", "4",
                                  "--cache", "static"])
     assert out.shape[1] == len(b"The quick brown fox") + 4
+    assert torch.equal(mods["generate"].main(["tiny", "--block-size", "4", "--topk", "2", "--max-new-tokens", "4",
+                                              "--cache", "moba"]), out)
     losses = mods["train_hybrid"].main(["--steps", "6", "--seq-len", "64", "--block-size", "8", "--switch-at", "4"])
     assert len(losses) == 6 and losses[-1] < losses[0]
 
@@ -288,3 +290,98 @@ def test_half_precision_model_on_cpu(dtype):
     moba.hf.enable(m, block_size=8, topk=3)
     out = m.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 104) and torch.isfinite(m(batch, attention_mask=mask).logits).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# moba.hf.generate: generation through MoBA's KV cache (MobaCache)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,full,decode", [("llama", (), "moba"), ("qwen3", (-1,), "moba"),
+                                                ("llama", (-1,), "full")],
+                         ids=["llama", "qwen3-hybrid", "llama-decode-full"])
+def test_generate_through_the_kv_cache_equals_transformers_generate(family, full, decode):
+    """Greedy tokens of moba.hf.generate (prefill by moba_attention, steps through moba_attention_with_kvcache, dense
+    layers with every block selected) equal transformers' generate over the model's own MoBA path."""
+    m = tiny(family)
+    moba.hf.enable(m, block_size=8, topk=2, full_attention_layers=full, decode=decode)
+    x = ids(B=2, T=37, seed=11)
+    want = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=14, do_sample=False)[:, 37:]
+    assert torch.equal(moba.hf.generate(m, x, 14), want)
+
+
+def test_generate_ragged_rows_and_a_continued_cache():
+    """Rows of different lengths (no padding) give each row's tokens alone; a second call continues the cache (it
+    holds the prompt and all but the last new token) as generating over the whole conversation would."""
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    a, b = ids(T=29, seed=12)[0], ids(T=42, seed=13)[0]
+    alone = [m.generate(r[None], max_new_tokens=9, do_sample=False)[0, len(r):] for r in (a, b)]
+    cache = moba.hf.MobaCache(m, 2, 128)
+    out = moba.hf.generate(m, [a, b], 9, cache=cache)
+    assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])
+    assert cache.seen == [29 + 8, 42 + 8]
+    c, d = ids(T=11, seed=14)[0], ids(T=5, seed=15)[0]
+    more = moba.hf.generate(m, [torch.cat([out[0, -1:], c]), torch.cat([out[1, -1:], d])], 6, cache=cache)
+    for i, (p, q) in enumerate(((a, c), (b, d))):
+        whole = torch.cat([p, out[i], q])[None]
+        assert torch.equal(more[i], m.generate(whole, max_new_tokens=6, do_sample=False)[0, whole.shape[1]:])
+
+
+def test_moba_cache_forward_matches_the_whole_sequence():
+    """A plain forward through MobaCache, chunk by chunk (prefill, then appends of several tokens and of one): the
+    logits of the whole sequence at once."""
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    x = ids(B=2, T=45, seed=16)
+    whole = m(x).logits
+    cache = moba.hf.MobaCache(m, 2, 64)
+    steps, t0 = [], 0
+    for t1 in (20, 29, 30, 31, 45):
+        pos = torch.arange(t0, t1)[None].expand(2, -1)
+        steps.append(m(x[:, t0:t1], position_ids=pos, past_key_values=cache, use_cache=True).logits)
+        t0 = t1
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="max_length"):
+        m(x[:, :20], position_ids=torch.arange(45, 65)[None].expand(2, -1), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("backend", backends("triton", "gluon"))
+def test_generate_with_a_kernel_backend(backend):
+    """The kernel backend behind generate (interpreted on the CPU): the torch backend's tokens, eagerly and, on a GPU,
+    with the decode step captured as a CUDA graph (which then also covers eos_token_id)."""
+    dev = device_of(backend)
+    ref_m, m = tiny(layers=2).to(dev), tiny(layers=2).to(dev)
+    moba.hf.enable(ref_m, block_size=8, topk=2, backend="torch")
+    moba.hf.enable(m, block_size=8, topk=2, backend=backend)
+    rows = [ids(T=26, seed=17)[0].to(dev), ids(T=17, seed=18)[0].to(dev)]
+    n = 12 if dev == "cuda" else 5
+    want = moba.hf.generate(ref_m, rows, n, cuda_graph=False)
+    assert torch.equal(moba.hf.generate(m, rows, n, cuda_graph=False), want)
+    if dev == "cuda":
+        assert torch.equal(moba.hf.generate(m, rows, n, cuda_graph=True), want)
+        eos = int(want[0, 4])
+        got = moba.hf.generate(m, rows, n, cuda_graph=True, eos_token_id=eos)
+        for r in range(2):
+            hit = (want[r] == eos).nonzero()
+            stop = int(hit[0]) if hit.numel() else n
+            assert torch.equal(got[r, :stop + 1], want[r, :stop + 1]) and (got[r, stop:] == eos).all()
+
+
+def test_generate_validates():
+    m = tiny(layers=1)
+    x = ids(T=10)
+    with pytest.raises(ValueError, match="enable"):
+        moba.hf.generate(m, x, 3)
+    with pytest.raises(ValueError, match="enable"):
+        moba.hf.MobaCache(m, 1, 16)
+    moba.hf.enable(m, block_size=8, topk=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        moba.hf.generate(m, x, 0)
+    with pytest.raises(ValueError, match="prompts"):
+        moba.hf.generate(m, [x[0], torch.zeros(0, dtype=torch.long)], 3)
+    with pytest.raises(ValueError, match="max_length"):
+        moba.hf.generate(m, x, 7, max_length=16)
+    with pytest.raises(ValueError, match="batch_size"):
+        moba.hf.generate(m, x, 3, cache=moba.hf.MobaCache(m, 2, 32))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph"):
+            moba.hf.generate(m, x, 3, cuda_graph=True)

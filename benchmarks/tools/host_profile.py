@@ -30,14 +30,22 @@ def main():
     ap.add_argument("--topk", type=int, default=None)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--fwd-bwd", action="store_true", help="time forward and backward (torch.autograd.grad)")
     a = ap.parse_args()
-    c = run.case(a.case, T=a.T, block_size=a.block_size, topk=a.topk, fwd_bwd=False)
-    q, k, v, _ = run.inputs(c, "cuda", torch.bfloat16)
+    c = run.case(a.case, T=a.T, block_size=a.block_size, topk=a.topk, fwd_bwd=a.fwd_bwd)
+    q, k, v, do = run.inputs(c, "cuda", torch.bfloat16)
+    if a.fwd_bwd:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        do = torch.randn_like(q) if do is None else do
 
     def f():
-        return moba.moba_attention(q, k, v, c.block_size, c.topk, backend=a.backend)
+        if not a.fwd_bwd:
+            return moba.moba_attention(q, k, v, c.block_size, c.topk, backend=a.backend)
+        return torch.autograd.grad(moba.moba_attention(q, k, v, c.block_size, c.topk, backend=a.backend), (q, k, v),
+                                   do)[0]
 
-    print(f"{torch.cuda.get_device_name()}: {c.name} forward, B={c.batch} T={c.T} H={c.heads}/{c.kv_heads} "
+    print(f"{torch.cuda.get_device_name()}: {c.name} {'fwd+bwd' if a.fwd_bwd else 'forward'}, B={c.batch} T={c.T} "
+          f"H={c.heads}/{c.kv_heads} "
           f"D={c.head_dim}, block {c.block_size}, topk {c.topk}, backend {a.backend}")
     for _ in range(5):
         f()
@@ -57,7 +65,14 @@ def main():
     torch.cuda.synchronize()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(30)
     print(s.getvalue())
+    # the dispatcher's view (cProfile's attribution is unreliable across C++ dispatch): self CPU time per op
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            f()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     try:
         replay, out = cuda_graph(f)
     except Exception as e:            # noqa: BLE001 — report, do not hide

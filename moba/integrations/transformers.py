@@ -170,6 +170,14 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         raise ValueError("attn_implementation='moba' needs model.config.moba: call moba.hf.enable(model, ...)")
     layer = getattr(module, "layer_idx", None)
     cp = _CP.get(id(module.config))
+    from .generation import cache_attention, handed_cache
+    kv = handed_cache(layer, key)
+    if kv is not None:      # a MobaCache handed these keys out: append them and read the cache
+        if cp is not None:
+            raise ValueError("MobaCache does not run context-parallel: enable the model without cp_group to generate")
+        if dropout and dropout > 0:
+            raise ValueError(f"MoBA attention does not implement attention dropout (got {dropout})")
+        return cache_attention(module, kv, cfg, _layer_mode(cfg, layer) == "full", query, key, value, scaling), None
     if cp is not None:     # the mask transformers built is for the local shard alone: the global one is causal
         return _context_parallel(module, cp, cfg, layer, query, key, value, attention_mask, dropout, scaling)
     if _layer_mode(cfg, layer) == "full":

@@ -231,6 +231,12 @@ def _own_dq(Q, K, V, DO, LSE, DELTA, DQACC, DQP, SEL, DQ, TILE_Q0, TILE_Q1, TILE
     tl.store(DQ + o_m[:, None] * sdq_t + i_h * sdq_h + o_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=m_qd)
 
 
+def _own_rows(own_block, NB: int):
+    """Each block's own query rows, first and end (own_block, every query row's own block, is sorted)."""
+    blocks = torch.arange(NB, device=own_block.device)
+    return torch.searchsorted(own_block, blocks), torch.searchsorted(own_block, blocks, right=True)
+
+
 def backward(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, topk: int, scale: float,
              deterministic: bool, use_gluon: bool = False):
     """Gradients (dq, dk, dv) of the packed forward from its output, log-sum-exp and kept selection. ``use_gluon``:
@@ -264,9 +270,7 @@ def backward(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, t
     BN = meta_k["BN"]
     kt_b, kt_n0 = cached(("k_tiles", lay.key(), BN, str(q.device)), lambda: k_tiles(lay, BN, q.device))
     n_kt = kt_b.numel()
-    blocks = torch.arange(NB, device=q.device)
-    own_q0 = torch.searchsorted(lt.own_block, blocks)                # own_block is sorted
-    own_q1 = torch.searchsorted(lt.own_block, blocks, right=True)
+    own_q0, own_q1 = cached(("own_rows", lay.key(), str(q.device)), lambda: _own_rows(lt.own_block, NB))
     args = (q, k, v, do, lse, delta, dk, dv, ent, grp_off, kt_b, kt_n0, lt.blk_start, lt.blk_end, own_q0, own_q1,
             lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, sl2, NB)
     if n_kt and use_gluon and BN == 128 and gluon.usable(q, D, DV, k, v, do):
@@ -291,7 +295,7 @@ def backward(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, t
     dq = new_empty(T, Hq, D, dtype=q.dtype, device=q.device)
     (q0, q1, p0, kb, _), _ = q_tiles(lay, meta_o["BM"], device=q.device)
     if q0.numel():
-        dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+        dummy = cached(("fp32_one", str(q.device)), lambda: torch.zeros(1, dtype=torch.float32, device=q.device))
         _own_dq[(q0.numel(), Hq)](q, k, v, do, lse, delta, dummy if dq_acc is None else dq_acc,
                                   dummy if dqp is None else dqp, sel, dq, q0, q1, p0, kb, *strides,
                                   dq.stride(0), dq.stride(1), scale, sl2, lay.block_size,

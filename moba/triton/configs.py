@@ -12,6 +12,13 @@ CONFIG = dict.fromkeys(KINDS)
 GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (64, 64, 4, 3), "own": (64, 64, 4, 3),
                "dkdv": (32, 128, 8, 3), "dq": (64, 64, 4, 2), "own_dq": (64, 32, 4, 3)}
 
+# The decode kernel (moba.triton.decode): (programs per SM over the whole grid, which sets the splits of each
+# (sequence, kv head)'s walk; the most splits; keys per step; num_warps; num_stages; keys per work item, which
+# stops at its block's end). CONFIG["decode"] None means DECODE_DEFAULT. A step streams K/V: enough programs and bytes in flight per
+# SM to keep HBM busy, few enough that every split still finds chosen blocks to read.
+DECODE_DEFAULT = (8, 64, 64, 4, 2, 512)
+CONFIG["decode"] = None
+
 # The forward's query chunks bound the selection and the entry ids it groups: at least SELECT_BYTES, or q's size
 # / SELECT_SHARE for inference. With a backward to come the selection is kept whole anyway, so only the entry ids
 # count and the bound is q's size / KEEP_SHARE: training shapes with many slots and few heads otherwise ran in

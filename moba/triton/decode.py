@@ -18,11 +18,9 @@ import triton.language as tl
 
 from ..layout import Layout, LayoutTensors
 from ..utils import cached, cdiv, new_empty, next_pow2, sm_count, to_device
+from . import configs
 from .common import online_softmax
 from .gate import scores_of, topk_merge
-
-MAX_SPLITS = 64          # programs per (sequence, kv head); each takes every NSPLIT-th chunk of the walk
-CHUNK = 512              # keys per work item: a chosen block is read by several programs at once
 
 
 @triton.jit
@@ -185,9 +183,11 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     GP = max(16, next_pow2(G))
     S = topk - 1
     BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
-    # enough programs to keep every SM streaming K/V: ~8 per SM over the whole grid, at most MAX_SPLITS
+    # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
+    # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
+    per_sm, max_splits, bn, warps, stages, chunk = configs.CONFIG["decode"] or configs.DECODE_DEFAULT
     sms = sm_count(q.device) if q.is_cuda else 1
-    NSPLIT = min(MAX_SPLITS, max(2, next_pow2(cdiv(8 * sms, N * Hkv))))
+    NSPLIT = min(max_splits, max(2, next_pow2(cdiv(per_sm * sms, N * Hkv))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
     part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)
     pm, pl, pacc = part[:n_part], part[n_part:2 * n_part], part[2 * n_part:].view(n_part, BDV)
@@ -200,9 +200,9 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
         scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps,
         *(from_lens or (1, 0)),
-        G=G, GP=GP, S=S, SP=max(1, next_pow2(S)), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=64, BNB=32, CH=CHUNK,
+        G=G, GP=GP, S=S, SP=max(1, next_pow2(S)), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=bn, BNB=32, CH=chunk,
         SPLIT_M=q.dtype != torch.float32, PREC=prec, PAGED=paged is not None,
-        FROM_LENS=from_lens is not None, num_warps=4, num_stages=2)
+        FROM_LENS=from_lens is not None, num_warps=warps, num_stages=stages)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse
