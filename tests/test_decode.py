@@ -106,12 +106,14 @@ def test_batched_decoding_with_cache_equals_reference(backend):
 @pytest.mark.parametrize("backend", backends("triton", "gluon"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 3), (8, 1)], ids=["G2", "odd-heads", "G8"])
-@pytest.mark.parametrize("config", [(8, 64, 64, 4, 2, 512), (8, 64, 64, 4, 2, 8), (4, 4, 16, 4, 3, 32)],
-                         ids=["block-per-item", "block-split", "steps-per-item"])
+@pytest.mark.parametrize("config", [(8, 64, 64, 4, 2, 512, 0), (8, 64, 64, 4, 2, 8, 0), (4, 4, 16, 4, 3, 32, 0),
+                                    (8, 64, 64, 4, 2, 512, 1), (4, 4, 16, 4, 3, 8, 1)],
+                         ids=["block-per-item", "block-split", "steps-per-item", "listed", "listed-split"])
 def test_decode_kernel_matches_reference(backend, dtype, Hq, Hkv, config, monkeypatch):
     """The one-launch decode kernel (one query per sequence, no gradient) against the fp64 reference, under
     launch configs (configs.CONFIG["decode"]) where a work item is a whole 16-key block, half of one (each block
-    read by two programs), or two blocks of 16-key steps (the item stops at its block's end) in 4 splits."""
+    read by two programs), or two blocks of 16-key steps (the item stops at its block's end) in 4 splits; with
+    the gate in its own launch and the splits sharing out its list of chosen blocks ("listed")."""
     from moba.triton import configs, decode
     monkeypatch.setitem(configs.CONFIG, "decode", config)
     lens_k = [75, 1, 200, 33]

@@ -24,46 +24,28 @@ from .gate import scores_of, topk_merge
 
 
 @triton.jit
-def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
-                  sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size, m_scale,
-                  BT, sbt, PS, PPB, TQ, NBR,
-                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
-                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                  BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
-                  PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False):
-    """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
-    batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
-    sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
-    ``m_scale`` (1 for means, 1 / block_size for sums). FROM_LENS (a KV cache's step): the tables are not built on
-    the host; K_END is the cache's lengths before the TQ new queries of each sequence, query i_n is the
-    (i_n % TQ)-th new one of sequence i_n // TQ, whose block means start at row (i_n // TQ) * NBR of M."""
-    i_n = tl.program_id(0)
-    i_g = tl.program_id(1)
-    i_s = tl.program_id(2)
-    if FROM_LENS:
+def _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS: tl.constexpr):
+    """Query row i_n's keys (rows k0 .. k1 - 1 of batch row ``row``) and its sequence's first block-means row."""
+    if FROM_LENS:   # a KV cache's step: query i_n is the (i_n % TQ)-th new one of sequence i_n // TQ
         row = (i_n // TQ).to(tl.int64)
         k0 = 0
         k1 = tl.load(K_END + row).to(tl.int32) + i_n % TQ + 1
         fb = row * NBR
     else:
-        k0 = tl.load(K_START + i_n).to(tl.int32)        # the sequence's keys: rows k0 .. k1 - 1 of batch row ROW
+        k0 = tl.load(K_START + i_n).to(tl.int32)
         k1 = tl.load(K_END + i_n).to(tl.int32)
         row = tl.load(ROW + i_n).to(tl.int64)
         fb = tl.load(BLK_OFF + i_n)
-    if PAGED:
-        BT += row * sbt
-    else:
-        K += row * sk_b
-        V += row * sv_b
-    own = (k1 - k0 - 1) // block_size                                  # local id of the own block
-    o_r = tl.arange(0, GP)
-    m_r = o_r < G
-    o_d = tl.arange(0, BD)
-    o_dv = tl.arange(0, BDV)
-    b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
-                  mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
-    # gate: the S best earlier blocks of every head row
+    return k0, k1, row, fb
+
+
+@triton.jit
+def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.constexpr, GP: tl.constexpr,
+             S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr,
+             SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr):
+    """The S best earlier blocks (local ids, -1 for none) of each of the G query rows [GP, BD]: [GP, SP]."""
     BIG: tl.constexpr = 2147483647
+    o_d = tl.arange(0, BD)
     b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
     b_bi = tl.full([GP, SP], BIG, tl.int32)
     if S > 0:
@@ -84,14 +66,100 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
         b_sc = scores_of(b_q, b_mn * m_scale, SPLIT_M, PREC)
         b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
         b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
-    b_bi = tl.where(b_bv > float("-inf"), b_bi, -1)                    # [GP, S*] chosen local block ids
+    return tl.where(b_bv > float("-inf"), b_bi, -1)
+
+
+@triton.jit
+def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, sm_b, sm_h, block_size, m_scale,
+                 BT, sbt, PPB, TQ, NBR,
+                 G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+                 BD: tl.constexpr, BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
+                 PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False):
+    """The gate of one query (program axis 0) and kv head (axis 1), once for all the splits that read its blocks:
+    each query row's chosen blocks (BI [GP, SP], -1 for none) and their union with the own block as a list (LIST:
+    the distinct chosen blocks in increasing order, then the own block; CNT: its length), from which the splits take
+    work items in turn."""
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    k0, k1, row, fb = _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS)
+    if PAGED:
+        BT += row * sbt
+    own = (k1 - k0 - 1) // block_size
+    o_r = tl.arange(0, GP)
+    m_r = o_r < G
+    o_d = tl.arange(0, BD)
+    b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
+                  mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
+    b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M, PREC,
+                    PAGED)
+    base = i_n * tl.num_programs(1) + i_g
+    o_s = tl.arange(0, SP)
+    tl.store(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_bi)
+    # the union: sorted, each distinct id where it first appears (-1, no block, sorts first and is dropped)
+    L: tl.constexpr = GP * SP
+    o_l = tl.arange(0, L)
+    srt = tl.sort(tl.reshape(b_bi, [L]))
+    prev = tl.gather(srt, tl.maximum(o_l - 1, 0), 0)
+    first = (srt >= 0) & ((o_l == 0) | (srt != prev))
+    pos = tl.cumsum(first.to(tl.int32), 0) - 1
+    tl.store(LIST + base * (L + 1) + pos, srt, mask=first)
+    n = tl.sum(first.to(tl.int32), 0)
+    tl.store(LIST + base * (L + 1) + n, own)
+    tl.store(CNT + base, n + 1)
+
+
+@triton.jit
+def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LIST, CNT,
+                  sq_n, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sm_b, sm_h, scale_log2, block_size, m_scale,
+                  BT, sbt, PS, PPB, TQ, NBR,
+                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                  BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
+                  PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, LISTED: tl.constexpr = False):
+    """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
+    batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
+    sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
+    ``m_scale`` (1 for means, 1 / block_size for sums). FROM_LENS (a KV cache's step): the tables are not built on
+    the host; K_END is the cache's lengths before the TQ new queries of each sequence, query i_n is the
+    (i_n % TQ)-th new one of sequence i_n // TQ, whose block means start at row (i_n // TQ) * NBR of M.
+    LISTED: the gate ran before (`_decode_gate`: BI, LIST, CNT) and the splits take the work items of the listed
+    blocks in turn (every split gets the same share of the reading); else each program runs the gate itself and
+    takes every NSPLIT-th work item of all the blocks, reading those some head chose."""
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    i_s = tl.program_id(2)
+    k0, k1, row, fb = _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS)
+    if PAGED:
+        BT += row * sbt
+    else:
+        K += row * sk_b
+        V += row * sv_b
+    own = (k1 - k0 - 1) // block_size                                  # local id of the own block
+    o_r = tl.arange(0, GP)
+    m_r = o_r < G
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
+                  mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
+    base = i_n * tl.num_programs(1) + i_g
+    if LISTED:
+        o_s = tl.arange(0, SP)
+        b_bi = tl.load(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :])     # [GP, SP] chosen local block ids
+        n_blk = tl.load(CNT + base)
+    else:
+        b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M,
+                        PREC, PAGED)
+        n_blk = own + 1
     # attention over this split's share of the union of chosen blocks, plus the own block
     b_m = tl.full([GP], float("-inf"), tl.float32)
     b_l = tl.zeros([GP], tl.float32)
     b_acc = tl.zeros([GP, BDV], tl.float32)
     cpb = tl.cdiv(block_size, CH)                                       # work items (chunks) per block
-    for w in range(i_s, (own + 1) * cpb, NSPLIT):
-        b = w // cpb
+    for w in range(i_s, n_blk * cpb, NSPLIT):
+        if LISTED:
+            b = tl.load(LIST + base * (GP * SP + 1) + w // cpb)
+        else:
+            b = w // cpb
         rows = (tl.max(tl.where(b_bi == b, 1, 0), 1) > 0) | (b == own)   # [GP] heads that read block b
         rows = rows & m_r
         if tl.max(rows.to(tl.int32), 0) > 0:
@@ -115,7 +183,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC,
                 b_m, b_l, b_acc = online_softmax(b_s, V + r_v[:, None] + i_g * sv_h + o_dv[None, :],
                                                   m_n[:, None] & (o_dv[None, :] < DV), b_m, b_l, b_acc, PREC,
                                                   True)
-    base = (i_n * tl.num_programs(1) + i_g) * NSPLIT + i_s
+    base = base * NSPLIT + i_s
     tl.store(PM + base * GP + o_r, b_m)
     tl.store(PL + base * GP + o_r, b_l)
     tl.store(PACC + (base * GP + o_r)[:, None] * BDV + o_dv[None, :], b_acc)
@@ -185,7 +253,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
     # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
-    per_sm, max_splits, bn, warps, stages, chunk = configs.CONFIG["decode"] or configs.DECODE_DEFAULT
+    per_sm, max_splits, bn, warps, stages, chunk, listed = configs.CONFIG["decode"] or configs.DECODE_DEFAULT
     sms = sm_count(q.device) if q.is_cuda else 1
     NSPLIT = min(max_splits, max(2, next_pow2(cdiv(per_sm * sms, N * Hkv))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
@@ -195,14 +263,26 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bt, ps = paged if paged is not None else (row, 1)
+    SP = max(1, next_pow2(S))
+    lens = from_lens or (1, 0)
+    kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=32, SPLIT_M=q.dtype != torch.float32, PREC=prec,
+              PAGED=paged is not None, FROM_LENS=from_lens is not None)
+    listed = bool(listed) and S > 0
+    if listed:      # the gate once per (query, kv head): its choices and their union's list
+        n = N * Hkv
+        bi = torch.empty(n * GP * SP, dtype=torch.int32, device=q.device)
+        lst = torch.empty(n * (GP * SP + 1), dtype=torch.int32, device=q.device)
+        cnt = torch.empty(n, dtype=torch.int32, device=q.device)
+        _decode_gate[(N, Hkv)](q, means, k_start, k_end, row, blk_off, bi, lst, cnt, q.stride(0), q.stride(1),
+                               means.stride(0), means.stride(1), block_size, m_scale, bt, bt.stride(0),
+                               block_size // ps, *lens, **kw, num_warps=4)
+    else:
+        bi = lst = cnt = part                                           # unread
     _decode_split[(N, Hkv, NSPLIT)](
-        q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, q.stride(0), q.stride(1),
+        q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, bi, lst, cnt, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
-        scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps,
-        *(from_lens or (1, 0)),
-        G=G, GP=GP, S=S, SP=max(1, next_pow2(S)), NSPLIT=NSPLIT, D=D, DV=DV, BD=BD, BDV=BDV, BN=bn, BNB=32, CH=chunk,
-        SPLIT_M=q.dtype != torch.float32, PREC=prec, PAGED=paged is not None,
-        FROM_LENS=from_lens is not None, num_warps=warps, num_stages=stages)
+        scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps, *lens,
+        NSPLIT=NSPLIT, DV=DV, BDV=BDV, BN=bn, CH=chunk, LISTED=listed, **kw, num_warps=warps, num_stages=stages)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse
