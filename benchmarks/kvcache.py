@@ -11,7 +11,8 @@ share of that bound reached. bf16, 32 query / 8 kv heads, D 128, block 4096, top
 
     python benchmarks/kvcache.py [--cases b1_1m,b1_128k,b8_paged] [--tree PATH] [--out FILE]
 
-``--tree`` imports ``moba`` from another source tree (a before/after comparison in one call).
+``--tree`` imports ``moba`` from another source tree (a before/after comparison in one call); ``--decode-configs``
+also times each case's step (as a graph) under other launch configs of the decode kernel.
 """
 from __future__ import annotations
 

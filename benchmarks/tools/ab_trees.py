@@ -3,7 +3,7 @@ should not move speed (a refactor) is checked, and how an optimisation is measur
 
 Each tree runs in its own process (it imports ``moba`` from that tree), round after round, so that drift of the
 machine hits every tree alike. Prints the median ms and peak memory per tree and case, and the ratio of each tree
-to the first; ``--out`` appends the rows as JSONL.
+to the first; ``--out`` appends the rows as JSONL. The cases are benchmarks/run.py's (batch 1, 32 / 8 heads of 128).
 
     git worktree add /tmp/base <commit>
     python benchmarks/tools/ab_trees.py --tree base=/tmp/base --tree new=. --cases fwd8k,fb32k --rounds 3
@@ -13,20 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import pathlib
 import subprocess
 import sys
 
-K, M = 1024, 1024 * 1024
-CASES = {  # name: (T, block, topk, forward and backward) in bf16, batch 1, 32 query / 8 kv heads, head dim 128
-    "fwd8k": (8 * K, 512, 3, False),
-    "fb8k": (8 * K, 512, 3, True),
-    "fwd32k": (32 * K, 512, 3, False),
-    "fb32k": (32 * K, 512, 3, True),
-    "fwd512k": (512 * K, 4096, 12, False),
-    "fwd1m": (M, 4096, 12, False),
-    "fb512k_b128": (512 * K, 128, 8, True),
-    "decode1m": (M, 4096, 12, None),      # one query against a 1M-token cache
-}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))     # benchmarks/: the case registry
+import run  # noqa: E402
+
+
+def shape(name):
+    """(T, block, topk, forward and backward; None for one query against T keys) of a run.py case; the children
+    run it in bf16, batch 1, 32 query / 8 kv heads, head dim 128 (run.py's kernel cases)."""
+    c = run.CASES[name]
+    if c.batch != 1 or (c.heads, c.kv_heads, c.head_dim) != (32, 8, 128) or c.lengths:
+        raise ValueError(f"ab_trees runs batch-1 cases with 32/8 heads of 128 and one length; {name} is not one")
+    return c.T, c.block_size, c.topk, None if c.decode else c.fwd_bwd
+
 
 CHILD = r"""
 import cProfile, json, pstats, sys, time
@@ -94,7 +96,7 @@ def main():
     cases = a.cases.split(",")
     for i in range(a.rounds):     # one process per tree and round: every case, in order
         for n, path in trees:
-            r = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps([CASES[c] for c in cases]),
+            r = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps([shape(c) for c in cases]),
                                 "1" if a.profile and i == 0 else "0"], capture_output=True, text=True)
             if a.profile and i == 0:
                 print(f"--- {n}: cProfile of 50 eager calls per case ({', '.join(cases)})\n"
@@ -119,7 +121,7 @@ def main():
             if a.out:
                 with open(a.out, "a") as f:
                     f.write(json.dumps(dict(tool="ab_trees", card=card, case=c, tree=n, path=dict(trees)[n],
-                                            shape=CASES[c], ms=ms, ms_rounds=[r["ms"] for r in rs],
+                                            shape=shape(c), ms=ms, ms_rounds=[r["ms"] for r in rs],
                                             issue_ms_rounds=[r.get("issue_ms") for r in rs],
                                             wall_ms_rounds=[r.get("wall_ms") for r in rs],
                                             peak_bytes=max((r["peak"] for r in rs), default=None))) + "\n")

@@ -263,11 +263,13 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bt, ps = paged if paged is not None else (row, 1)
-    SP = max(1, next_pow2(S))
+    listed = bool(listed) and S > 0
+    # the gate's list is built from all GP x SP choices at once, a tile kept at least as large as the 128 threads of
+    # its 4 warps so that no thread holds a replicated copy (the one form that failed on a GPU: docs/performance.md)
+    SP = max(1, next_pow2(S), 128 // GP if listed else 1)
     lens = from_lens or (1, 0)
     kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=32, SPLIT_M=q.dtype != torch.float32, PREC=prec,
               PAGED=paged is not None, FROM_LENS=from_lens is not None)
-    listed = bool(listed) and S > 0
     if listed:      # the gate once per (query, kv head): its choices and their union's list
         n = N * Hkv
         bi = torch.empty(n * GP * SP, dtype=torch.int32, device=q.device)
