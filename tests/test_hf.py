@@ -385,3 +385,7 @@ def test_generate_validates():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda_graph"):
             moba.hf.generate(m, x, 3, cuda_graph=True)
+    cache = moba.hf.MobaCache(m, 1, 32)
+    moba.hf.disable(m)                  # another attention would read the new keys alone: refused
+    with pytest.raises(ValueError, match="attn_implementation"):
+        m(x, past_key_values=cache, use_cache=True)

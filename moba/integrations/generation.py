@@ -90,6 +90,7 @@ class MobaCache(Cache):
             raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         n = model.config.num_hidden_layers
         super().__init__(layers=[_MobaLayer(batch_size, max_length, int(cfg["block_size"])) for _ in range(n)])
+        self._config = model.config
         self.rows_total, self.max_length = batch_size, max_length
         self.seen = [0] * batch_size
         self.rows = slice(0, batch_size)     # the rows a forward feeds (generate prefills ragged rows one by one)
@@ -107,6 +108,10 @@ class MobaCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Hands the new keys and values back untouched and remembers them for this layer's attention."""
+        if getattr(self._config, "_attn_implementation", None) != "moba":
+            # another attention would read the new keys alone as if they were the whole sequence
+            raise ValueError("MobaCache is read by MoBA's attention only: the model's attn_implementation is "
+                             f"{getattr(self._config, '_attn_implementation', None)!r} (moba.hf.enable switches it)")
         rows = range(self.rows_total)[self.rows]
         Tq = key_states.shape[2]
         if key_states.shape[0] != len(rows):
