@@ -40,7 +40,8 @@ class _MobaLayer(CacheLayerMixin):
     def __init__(self, batch_size: int, max_length: int, block_size: int):
         super().__init__()
         self.B, self.T, self.bs = batch_size, max_length, block_size
-        self.sums = self.lens = None
+        self.keys = self.values = self.sums = self.lens = None
+        self.is_initialized = False         # (transformers 4.x's base sets no such flag)
 
     def lazy_initialization(self, key_states, value_states):
         B, Hkv, _, D = key_states.shape
@@ -63,6 +64,9 @@ class _MobaLayer(CacheLayerMixin):
         return 0
 
     def get_max_length(self) -> int:
+        return self.T
+
+    def get_max_cache_shape(self) -> int:       # transformers 4.x's name of get_max_length
         return self.T
 
     def reset(self) -> None:
@@ -100,8 +104,9 @@ class MobaCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.seen[self.rows])
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return query_length, 0
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        # transformers 4.x passes the new tokens' cache_position tensor, 5.x their count
+        return (query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length), 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
