@@ -344,6 +344,21 @@ def test_moba_cache_forward_matches_the_whole_sequence():
         m(x[:, :20], position_ids=torch.arange(45, 65)[None].expand(2, -1), past_key_values=cache, use_cache=True)
 
 
+def test_moba_cache_counts_tokens_when_a_model_runs_fewer_layers_than_it_lists():
+    """The cache counts a forward's tokens at its first layer: a model cut to fewer layers than its config lists
+    (a draft model, a pruned one) still continues the cache instead of prefilling it again."""
+    m = tiny()
+    moba.hf.enable(m, block_size=8, topk=2)
+    m.model.layers = m.model.layers[:2]
+    x = ids(B=1, T=30, seed=19)
+    whole = m(x).logits
+    cache = moba.hf.MobaCache(m, 1, 40)
+    a = m(x[:, :17], position_ids=torch.arange(17)[None], past_key_values=cache, use_cache=True).logits
+    b = m(x[:, 17:], position_ids=torch.arange(17, 30)[None], past_key_values=cache, use_cache=True).logits
+    assert cache.seen == [30]
+    torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", backends("triton", "gluon"))
 def test_generate_with_a_kernel_backend(backend):
     """The kernel backend behind generate (interpreted on the CPU): the torch backend's tokens, eagerly and, on a GPU,

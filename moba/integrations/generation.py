@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 
 import torch
 
@@ -30,7 +31,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("moba.hf needs transformers: pip install 'moba[hf]'") from e
 
-_HANDED = threading.local()     # .last = (cache, layer_idx, key tensor) of the latest update
+_HANDED = threading.local()     # .last = (cache, layer_idx, weak reference to the key tensor) of the latest update
+APPEND_CHUNK = 4096             # new tokens per serving step when a forward continues a non-empty cache
 
 
 class _MobaLayer(CacheLayerMixin):
@@ -42,6 +44,7 @@ class _MobaLayer(CacheLayerMixin):
         self.B, self.T, self.bs = batch_size, max_length, block_size
         self.keys = self.values = self.sums = self.lens = None
         self.is_initialized = False         # (transformers 4.x's base sets no such flag)
+        self.filled = [False] * batch_size  # rows a prefill wrote (host side)
 
     def lazy_initialization(self, key_states, value_states):
         B, Hkv, _, D = key_states.shape
@@ -75,6 +78,7 @@ class _MobaLayer(CacheLayerMixin):
             self.values.zero_()
             self.sums.zero_()
             self.lens.zero_()
+        self.filled = [False] * self.B
 
 
 class MobaCache(Cache):
@@ -128,8 +132,9 @@ class MobaCache(Cache):
                 raise ValueError(f"MobaCache holds max_length={self.max_length} tokens per row; row {over[0]} has "
                                  f"{self.seen[over[0]]} and {Tq} more were fed")
             self._fresh = all(self.seen[b] == 0 for b in rows)
+            self._advance(Tq)       # counted here, so that a model running fewer layers than it lists keeps count
         out = self.layers[layer_idx].update(key_states, value_states)
-        _HANDED.last = (self, layer_idx, key_states)
+        _HANDED.last = (self, layer_idx, weakref.ref(key_states))
         return out
 
     def _advance(self, Tq: int) -> None:
@@ -142,15 +147,19 @@ class MobaCache(Cache):
 
 
 def handed_cache(layer, key):
-    """The MobaCache whose update just handed out ``key`` for this layer, else None (a ValueError if a MobaCache's
-    keys reached the attention changed: the cache could not be read correctly)."""
+    """The MobaCache whose update just handed out ``key`` for this layer, else None; a ValueError where a MobaCache's
+    keys reached another layer's attention or reached it changed (the cache could not be read correctly)."""
     last = getattr(_HANDED, "last", None)
-    if last is None or last[1] != layer:
+    if last is None:
         return None
     _HANDED.last = None
-    if last[2] is not key:
-        raise ValueError("this model changes the keys between MobaCache.update and its attention call; MobaCache "
-                         "needs the keys exactly as the cache handed them back")
+    handed = last[2]()
+    if handed is None:          # left by a forward that stopped between the update and the attention
+        return None
+    if last[1] != layer or handed is not key:
+        raise ValueError("this model changes the keys between MobaCache.update and its attention call, or calls them "
+                         f"for different layers ({last[1]} and {layer}); MobaCache needs each layer's keys exactly as "
+                         "the cache handed them back")
     return last[0]
 
 
@@ -168,6 +177,9 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))            # [B, T, H, D] views
     rows, Tq = cache.rows, q.shape[1]
     if cache._fresh:
+        if any(st.filled[b] for b in range(cache.rows_total)[rows]):
+            raise ValueError(f"layer {layer} of MobaCache already holds these rows' tokens but the cache counts none "
+                             "(a forward through it stopped midway?): reset the cache")
         if full:
             out = _dense(module, query, key, value, None, 0.0, scaling)[0]
         else:
@@ -178,14 +190,19 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
         st.sums[rows].zero_()
         st.sums[rows, :nb] = cache_key_sums(k, bs, cache_seqlens=torch.full((k.shape[0],), Tq, device=k.device))
         st.lens[rows] = Tq
+        for b in range(cache.rows_total)[rows]:
+            st.filled[b] = True
     else:
         dense = full or cfg.get("decode", "moba") == "full"
-        out = moba_attention_with_kvcache(q, st.keys[rows], st.values[rows], bs,
-                                          st.sums.shape[1] if dense else topk, cache_seqlens=st.lens[rows],
-                                          k_new=k, v_new=v, key_sums=st.sums[rows], scale=scaling, backend=be)
-        st.lens[rows] += Tq
-    if layer == len(cache.layers) - 1:
-        cache._advance(Tq)
+        outs = []
+        for t0 in range(0, Tq, APPEND_CHUNK):    # a long continuation in chunks: every query is a row of the step
+            t1 = min(Tq, t0 + APPEND_CHUNK)
+            outs.append(moba_attention_with_kvcache(
+                q[:, t0:t1], st.keys[rows], st.values[rows], bs, st.sums.shape[1] if dense else topk,
+                cache_seqlens=st.lens[rows], k_new=k[:, t0:t1], v_new=v[:, t0:t1], key_sums=st.sums[rows],
+                scale=scaling, backend=be))
+            st.lens[rows] += t1 - t0
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return out
 
 
@@ -232,17 +249,23 @@ def generate(model, prompts, max_new_tokens: int, *, cache: MobaCache | None = N
         cache = MobaCache(model, B, max_length if max_length is not None else need)
     elif not isinstance(cache, MobaCache) or cache.rows_total != B:
         raise ValueError(f"cache must be a MobaCache of batch_size {B} (one row per prompt), got {cache!r}")
+    elif max_length is not None and max_length != cache.max_length:
+        raise ValueError(f"max_length={max_length} disagrees with the given cache's {cache.max_length}")
     long = [b for b, p in enumerate(rows) if cache.seen[b] + len(p) + max_new_tokens > cache.max_length]
     if long:
         b = long[0]
         raise ValueError(f"row {b} needs {cache.seen[b] + len(rows[b]) + max_new_tokens} tokens (context "
                          f"{cache.seen[b]}, prompt {len(rows[b])}, max_new_tokens {max_new_tokens}) but the cache "
                          f"holds max_length={cache.max_length}")
+    kernels = resolve_backend(model.config.moba.get("backend", "auto"),
+                              torch.empty(0, device=device)) in ("triton", "gluon")
     if cuda_graph == "auto":
-        cuda_graph = device.type == "cuda" and resolve_backend(model.config.moba.get("backend", "auto"),
-                                                               torch.empty(0, device=device)) in ("triton", "gluon")
+        cuda_graph = device.type == "cuda" and kernels
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}")
+    elif cuda_graph and not kernels:     # the torch backend reads the lengths on the host: not capturable
+        raise ValueError("cuda_graph=True needs the kernel backend (moba.hf.enable(..., backend='auto' or 'triton')); "
+                         f"this model's is {model.config.moba.get('backend')!r}")
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def forward(ids, pos):

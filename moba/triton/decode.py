@@ -92,7 +92,7 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
                   mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
     b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M, PREC,
                     PAGED)
-    base = i_n * tl.num_programs(1) + i_g
+    base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
     o_s = tl.arange(0, SP)
     tl.store(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_bi)
     # the union: sorted, each distinct id where it first appears (-1, no block, sorts first and is dropped)
@@ -115,7 +115,8 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
                   G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
-                  PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, LISTED: tl.constexpr = False):
+                  PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, LISTED: tl.constexpr = False,
+                  ALL: tl.constexpr = False):
     """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
     batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
     sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
@@ -124,7 +125,8 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
     (i_n % TQ)-th new one of sequence i_n // TQ, whose block means start at row (i_n // TQ) * NBR of M.
     LISTED: the gate ran before (`_decode_gate`: BI, LIST, CNT) and the splits take the work items of the listed
     blocks in turn (every split gets the same share of the reading); else each program runs the gate itself and
-    takes every NSPLIT-th work item of all the blocks, reading those some head chose."""
+    takes every NSPLIT-th work item of all the blocks, reading those some head chose. ALL: topk covers every block
+    (dense causal attention; S is 0, no gate runs) and every block is read for every head."""
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -141,7 +143,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
     o_dv = tl.arange(0, BDV)
     b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
                   mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
-    base = i_n * tl.num_programs(1) + i_g
+    base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
     if LISTED:
         o_s = tl.arange(0, SP)
         b_bi = tl.load(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :])     # [GP, SP] chosen local block ids
@@ -160,7 +162,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
             b = tl.load(LIST + base * (GP * SP + 1) + w // cpb)
         else:
             b = w // cpb
-        rows = (tl.max(tl.where(b_bi == b, 1, 0), 1) > 0) | (b == own)   # [GP] heads that read block b
+        rows = (tl.max(tl.where(b_bi == b, 1, 0), 1) > 0) | (b == own) | ALL   # [GP] heads that read block b
         rows = rows & m_r
         if tl.max(rows.to(tl.int32), 0) > 0:
             kb0 = k0 + b * block_size + (w % cpb) * CH
@@ -192,7 +194,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
 @triton.jit
 def _decode_merge(PM, PL, PACC, O, LSE, so_n, so_h, Hq, G: tl.constexpr, GP: tl.constexpr,
                   NSPLIT: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr):
-    i_n = tl.program_id(0)
+    i_n = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_g = i_h // G
     r = i_h % G
@@ -241,7 +243,7 @@ def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: floa
 
 
 def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means, m_scale=1.0, paged=None,
-            from_lens=None):
+            from_lens=None, all_blocks=False):
     """q [N, Hq, D], one query per program row; ``paged``: (block_table, page_size) with k/v [pages, page_size,
     Hkv, D] and ``means`` the per-page key sums; ``from_lens``: (Tq, blocks per batch row of ``means``) where
     ``k_end`` is a KV cache's lengths and the kernel derives the rest (FROM_LENS)."""
@@ -249,7 +251,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
     GP = max(16, next_pow2(G))
-    S = topk - 1
+    S = 0 if all_blocks else topk - 1          # all_blocks: topk covers every block, nothing to choose
     BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
     # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
@@ -284,7 +286,8 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
         q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, bi, lst, cnt, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), means.stride(0), means.stride(1),
         scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps, *lens,
-        NSPLIT=NSPLIT, DV=DV, BDV=BDV, BN=bn, CH=chunk, LISTED=listed, **kw, num_warps=warps, num_stages=stages)
+        NSPLIT=NSPLIT, DV=DV, BDV=BDV, BN=bn, CH=chunk, LISTED=listed, ALL=all_blocks, **kw, num_warps=warps,
+        num_stages=stages)
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse
@@ -307,8 +310,10 @@ def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, bloc
     # FROM_LENS: the kernel derives each query row's keys and sums rows from cache_seqlens (passed as K_END; the
     # other table arguments are unread), so the host runs no table ops
     lens = cache_seqlens
+    # the most blocks a sequence of this cache can have: a topk covering them is dense causal attention (no gate)
+    most = -(-(k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]) // block_size)
     out, lse = _launch(q.reshape(B * Tq, Hq, D), k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale,
-                       sums, 1.0 / block_size, paged=paged, from_lens=(Tq, nb))
+                       sums, 1.0 / block_size, paged=paged, from_lens=(Tq, nb), all_blocks=topk >= most)
     return out.view(B, Tq, Hq, -1), lse.view(B, Tq, Hq)
 
 
