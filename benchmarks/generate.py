@@ -41,7 +41,7 @@ import transformers  # noqa: E402
 
 import moba.hf  # noqa: E402
 from moba import cache_key_sums  # noqa: E402
-from moba.bench import append_jsonl, card, dense_variants, source_commit, versions  # noqa: E402
+from moba.bench import append_jsonl, card, cuda_graph, dense_variants, source_commit, versions  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -155,19 +155,10 @@ def dense_run(model, cache, L, graph, n):
         for i in range(n):
             step()
             out[:, i] = tok[:, 0]
-    else:   # as moba.hf.generate does: two eager steps off the capture stream, one captured, replays
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(2):
-                step()
-                out[:, i] = tok[:, 0]
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
+    else:   # as moba.hf.generate does: two eager steps off the capture stream, one captured, then replays
+        replay, _ = cuda_graph(step, warmup=2)
         for i in range(2, n):
-            g.replay()
+            replay()
             out[:, i] = tok[:, 0]
     sync()
     return time.perf_counter() - t, out

@@ -104,6 +104,11 @@ class MobaCache(Cache):
         self.rows = slice(0, batch_size)     # the rows a forward feeds (generate prefills ragged rows one by one)
         self._fresh = False
 
+    @property
+    def row_ids(self) -> range:
+        """The rows the current forward feeds (``rows`` as indices)."""
+        return range(self.rows_total)[self.rows]
+
     # transformers' view: the mask of the new tokens alone (skipped); lengths come from the host's count
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.seen[self.rows])
@@ -121,7 +126,7 @@ class MobaCache(Cache):
             # another attention would read the new keys alone as if they were the whole sequence
             raise ValueError("MobaCache is read by MoBA's attention only: the model's attn_implementation is "
                              f"{getattr(self._config, '_attn_implementation', None)!r} (moba.hf.enable switches it)")
-        rows = range(self.rows_total)[self.rows]
+        rows = self.row_ids
         Tq = key_states.shape[2]
         if key_states.shape[0] != len(rows):
             raise ValueError(f"a forward through MobaCache feeds its {len(rows)} rows (cache.rows), got a batch of "
@@ -138,7 +143,7 @@ class MobaCache(Cache):
         return out
 
     def _advance(self, Tq: int) -> None:
-        for b in range(self.rows_total)[self.rows]:
+        for b in self.row_ids:
             self.seen[b] += Tq
 
     def reset(self):
@@ -177,7 +182,7 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))            # [B, T, H, D] views
     rows, Tq = cache.rows, q.shape[1]
     if cache._fresh:
-        if any(st.filled[b] for b in range(cache.rows_total)[rows]):
+        if any(st.filled[b] for b in cache.row_ids):
             raise ValueError(f"layer {layer} of MobaCache already holds these rows' tokens but the cache counts none "
                              "(a forward through it stopped midway?): reset the cache")
         if full:
@@ -190,7 +195,7 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
         st.sums[rows].zero_()
         st.sums[rows, :nb] = cache_key_sums(k, bs, cache_seqlens=torch.full((k.shape[0],), Tq, device=k.device))
         st.lens[rows] = Tq
-        for b in range(cache.rows_total)[rows]:
+        for b in cache.row_ids:
             st.filled[b] = True
     else:
         dense = full or cfg.get("decode", "moba") == "full"
