@@ -30,6 +30,8 @@ ap.add_argument("--tree", default=None, help="source tree to import moba from (d
 ap.add_argument("--block", type=int, default=4096)
 ap.add_argument("--topk", type=int, default=12)
 ap.add_argument("--page", type=int, default=256)
+ap.add_argument("--gate", default="head", choices=("head", "group"),
+                help="'group': the variant whose query heads of a kv head choose together (moba_attention's gate)")
 ap.add_argument("--label", default="", help="a name for the tree in the rows")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kvcache.jsonl"),
                 help="append one JSON line per case")
@@ -109,6 +111,8 @@ def selection_bytes(q, sums_per_block, lens_after, bs, topk, elem):
             chosen = {own}
             if own and topk > 1:
                 sc = q[b, 0, h * G:(h + 1) * G].float() @ means[:, h].T     # [G, own]
+                if A.gate == "group":
+                    sc = sc.sum(0, keepdim=True)
                 chosen |= set(sc.topk(min(topk - 1, own), dim=1).indices.flatten().tolist())
             toks = sum(min(bs, L - j * bs) for j in chosen)
             moba_b += toks * row + own * D * 4
@@ -164,10 +168,10 @@ def case(name):
 
     def step():
         return moba.moba_attention_with_kvcache(q, kc, vc, bs, topk, cache_seqlens=seqlens, block_table=bt,
-                                                k_new=k_new, v_new=v_new, key_sums=sums)
+                                                k_new=k_new, v_new=v_new, key_sums=sums, gate=A.gate)
 
     row = dict(case=name, tree=A.label, lengths=lens, paged=paged, page_size=ps if paged else None, block=bs,
-               topk=topk, heads=H, kv_heads=HKV, head_dim=D, dtype=str(DT).removeprefix("torch."), card=card(DEV),
+               topk=topk, gate=A.gate, heads=H, kv_heads=HKV, head_dim=D, dtype=str(DT).removeprefix("torch."), card=card(DEV),
                torch=torch.__version__, commit=source_commit())
     # correctness of the step against dense attention where every block is chosen is the tests' job; here the
     # step's output is checked finite and the selection is measured
@@ -175,8 +179,8 @@ def case(name):
     sync()
     row["finite"] = bool(torch.isfinite(out).all())
     # the step against moba_attention of each sequence's query on its keys (the general path): the same function
-    ref = torch.cat([moba.moba_attention(q[b:b + 1], kp[cu[b]:cu[b + 1]][None], vp[cu[b]:cu[b + 1]][None], bs, topk)
-                     for b in range(B)])
+    ref = torch.cat([moba.moba_attention(q[b:b + 1], kp[cu[b]:cu[b + 1]][None], vp[cu[b]:cu[b + 1]][None], bs, topk,
+                                         gate=A.gate) for b in range(B)])
     row["rel_err_vs_moba_attention"] = float((out.float() - ref.float()).norm() / ref.float().norm())
     timed("moba", step, row)
     row["moba_issue_ms"] = issue_ms(step, 100 if DEV == "cuda" else 3)

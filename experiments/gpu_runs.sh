@@ -265,6 +265,13 @@ R4) # 1./3. granularity at R's scale: MoBA with finer blocks at the same sparsit
     [[ -n ${R4_BIG_ONLY:-} ]] && v=("moba128:")
     side_by_side s8k6k_ "--preset s8k --steps 6000 --max-minutes 0 --attn moba --block-size 128 --topk 12 --seed ${SEED:-0}" \
       "${v[@]}" ;;
+R7) # 6. the gate="group" variant (a kv head's query heads choose together) at R3's and R's scale, seed SEED (default
+    # 0), resumable as R: R3's 4.92M model (4 query / 1 kv heads: groups of 4; compare with its per-head MoBA 2.3254 and
+    # full 2.3520) and the 26.75M model (8 / 2 heads: groups of 4; compare with R's MoBA 2.0206 and full 1.9785) side
+    # by side on one GPU; the 26.75M run needs further calls on the warm machine, as R4's
+    end=$((SECONDS + ${SECONDS_LEFT:-540}))
+    side_by_side s8k6k_ "--preset s8k --steps 6000 --max-minutes 0 --attn moba --gate group --seed ${SEED:-0}" \
+      "small_moba_group:--dim 256 --layers 4 --heads 4 --kv-heads 1" "moba_group:" ;;
 esac
 tar czf "$OUT/${1:-A}.tgz" runs/*.log runs/*/history.json runs/*/retrieval.json runs/*/*.png runs/data/*/meta.json \
   2>/dev/null; ls -la "$OUT"

@@ -304,6 +304,22 @@ def heat(fname, rows):
     plt.close(fig)
 
 
+def group_gate():
+    """6. The gate="group" variant against per-head MoBA (and full attention) on the CPU: gate_cpu_<gate>_s<seed>."""
+    names = [f"gate_cpu_{g}_s{s}" for s in range(5) for g in ("head", "group")] + ["gate_cpu_full_s0"]
+    names = [n for n in names if n in _all()]
+    table(names, title="6. gate='group' against per-head MoBA (CPU, 2 layers, 8 / 2 heads, 1024 tokens, block 64 topk 3)")
+    print("\n| seed | per-head MoBA | group gate | group / head - 1 |\n|---|---|---|---|")
+    for s in range(5):
+        pair = [f"gate_cpu_{g}_s{s}" for g in ("head", "group")]
+        if all(n in _all() for n in pair):
+            h, g = (final(n)[1]["val_loss"] for n in pair)
+            print(f"| {s} | {h:.4f} | {g:.4f} | {100 * (g / h - 1):+.2f}% |")
+    if names:
+        plot("group_gate_cpu.png", "gate='group' vs per-head MoBA (CPU, 3.3M tokens)", "step",
+             [curve(n, lambda r: r["step"]) for n in names])
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--add"]:
@@ -311,6 +327,7 @@ def main(argv=None):
     loss_parity()
     trailing_32k()
     retrieval()
+    group_gate()
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class Config:
     attn: str = "moba"            # "full" or "moba"
     block_size: int = 64
     topk: int = 3
+    gate: str = "head"            # "head" (MoBA) or "group" (variant: the query heads of a kv head choose together)
     full_last: int = 0            # hybrid: the last N layers keep full attention
     moba_until: float = 1.0       # hybrid: fraction of steps with MoBA, then full attention everywhere
     # training
@@ -212,11 +213,11 @@ class Attention(nn.Module):
         if cp is not None:       # this rank's shard of the sequence (context parallelism over the group cp)
             import moba.distributed as md
             if self.mode == "moba":
-                y = md.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk, group=cp)
+                y = md.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk, group=cp, gate=self.cfg.gate)
             else:
                 y = md.dense_attention(q, k, v, group=cp)
         elif self.mode == "moba":
-            y = moba.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk)
+            y = moba.moba_attention(q, k, v, self.cfg.block_size, self.cfg.topk, gate=self.cfg.gate)
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=True).transpose(1, 2)

@@ -6,9 +6,9 @@ import os
 import torch
 
 from . import autograd
-from .layout import check_args, make_layout, pack, validate
+from .layout import check_args, check_gate, make_layout, pack, validate
 from .naive import naive_moba_attention
-from .torch_backend import gate
+from .torch_backend import gate as torch_gate
 
 
 def _triton_usable(q: torch.Tensor) -> bool:
@@ -49,7 +49,7 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None
 
 
 def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None, scale=None,
-                   return_lse=False, backend="auto", deterministic=False, means_cache=None):
+                   return_lse=False, backend="auto", deterministic=False, means_cache=None, gate="head"):
     """Mixture of Block Attention.
 
     Keys are cut into blocks of ``block_size`` tokens from the start of each sequence. A query at
@@ -88,6 +88,11 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         means_cache: a :class:`moba.BlockMeansCache` for decoding from growing KV caches (one sequence,
             a batch, or packed sequences through cu_seqlens_k): the gate's block means are updated with
             the newly completed blocks only, instead of re-pooling every cached key at every step.
+        gate: ``"head"`` (MoBA as defined above: every query head scores and chooses its own blocks) or ``"group"``
+            (a variant, not the paper's MoBA: the query heads that share a kv head choose the same blocks, by the
+            sum of their scores ``<q_h, mean>`` over the group; with grouped-query attention a decode step then
+            reads ``topk`` blocks per kv head instead of the union of its heads' choices). Train and serve a model
+            with the same gate; docs/design.md (section 11) gives its measured cost in quality.
 
     Returns:
         ``out`` [B, Tq, Hq, Dv] in q's dtype, or ``(out, lse)``. Gradients flow to q, k and v; the gate is
@@ -99,10 +104,11 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         torch.Size([1, 1000, 4, 64])
     """
     sc = check_args(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
+    group = check_gate(gate) and q.shape[2] > k.shape[2]
     backend = resolve_backend(backend, q, v)
     if backend == "naive":
         return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,
-                                    cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse)
+                                    cu_seqlens_k=cu_seqlens_k, scale=sc, return_lse=return_lse, gate=gate)
     if backend in ("triton", "gluon"):
         from .triton.common import MAX_HEAD_DIM, supports
         if not supports(q, v):
@@ -117,24 +123,26 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
     keep_sel = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if keep_sel or torch.compiler.is_compiling():
         out, lse, _ = autograd.moba_fwd(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend,
-                                      deterministic, keep_sel, means)
+                                      deterministic, keep_sel, means, group)
     else:   # eager inference: the op's body without the dispatcher (host time is most of a decode step)
         out, lse, _ = autograd._forward(q, k, v, cu_seqlens, cu_seqlens_k, block_size, topk, sc, backend, False,
-                                      means, lay)
+                                      means, lay, group)
     if return_lse:
         return out, lse.float()
     return out
 
 
 @torch.no_grad()
-def select_blocks(q, k, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None):
+def select_blocks(q, k, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None, gate="head"):
     """The blocks each (query, head) reads: int32 [B, Tq, Hq, topk].
 
     Slot 0 is the own block; then the chosen earlier blocks by decreasing gate score; -1 where fewer
     than ``topk - 1`` earlier blocks exist. Block ids count from the start of each query's sequence.
+    ``gate`` as in :func:`moba_attention`.
     """
     lay, _ = validate(q, k, k, block_size, topk, cu_seqlens, cu_seqlens_k)
+    group = check_gate(gate)
     qp, kp = pack(q), pack(k)
     lt = lay.tensors(q.device)
-    sel = gate.select_past_blocks(qp, kp, lay, lt, topk)
-    return gate.to_local(sel, lay, lt).view(q.shape[0], q.shape[1], q.shape[2], topk)
+    sel = torch_gate.select_past_blocks(qp, kp, lay, lt, topk, group=group)
+    return torch_gate.to_local(sel, lay, lt).view(q.shape[0], q.shape[1], q.shape[2], topk)

@@ -19,7 +19,7 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means, lay=None):
+def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means, lay=None, group=False):
     lay = lay if lay is not None else make_layout(q, k, block_size, cu_q, cu_k)
     B, Tq, Hq, _ = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
@@ -32,15 +32,15 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
         if decode.usable(q, lay, topk, keep_sel):   # one query per sequence: one launch
             if means is None:
                 means = triton_gate.block_means(kp, lay, lt)
-            out, lse = decode.decode(qp, kp, vp, lay, lt, topk, scale, means)
+            out, lse = decode.decode(qp, kp, vp, lay, lt, topk, scale, means, group)
             sel = None
         else:
             out, lse, sel = fwd.forward(qp, kp, vp, lay, lt, topk, scale, keep=keep_sel, means=means, sel_dtype=sdt,
-                                        use_gluon=backend == "gluon")
+                                        use_gluon=backend == "gluon", group=group)
             if keep_sel and sel.shape[2] < max(topk - 1, 1):   # short sequences: fewer slots than topk - 1
                 sel = torch.nn.functional.pad(sel, (0, max(topk - 1, 1) - sel.shape[2]), value=-1)
     else:
-        sel = gate.select_past_blocks(qp, kp, lay, lt, topk, means)
+        sel = gate.select_past_blocks(qp, kp, lay, lt, topk, means, group)
         if sel.shape[2] == 0:
             sel = torch.full((sel.shape[0], Hq, 1), -1, dtype=torch.int32, device=q.device)
         out, lse = torch_attention.forward(qp, kp, vp, torch_attention.make_plan(sel, lay, lt, Hkv), scale)
@@ -53,16 +53,16 @@ def _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, me
 @torch.library.custom_op("moba::fwd", mutates_args=())
 def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], block_size: int,
              topk: int, scale: float, backend: str, deterministic: bool, keep_sel: bool,
-             means: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+             means: Optional[Tensor], group: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """-> out [B, Tq, Hq, Dv] (q's dtype), lse [B, Tq, Hq] (fp32; fp64 for fp64 inputs), and the selection kept for backward
     ([B*Tq, Hq, max(topk-1, 1)] global block ids, int16 where they fit (``layout.sel_dtype``) else int32; empty
-    when ``keep_sel`` is False)."""
-    out, lse, sel = _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means)
+    when ``keep_sel`` is False). ``group``: the ``gate="group"`` variant."""
+    out, lse, sel = _forward(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, keep_sel, means, group=group)
     return out, lse, sel
 
 
 @moba_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, deterministic, keep_sel, means):
+def _(q, k, v, cu_q, cu_k, block_size, topk, scale, backend, deterministic, keep_sel, means, group=False):
     B, Tq, Hq, _ = q.shape
     out = q.new_empty(B, Tq, Hq, v.shape[3])
     lse = q.new_empty(B, Tq, Hq, dtype=_lse_dtype(q))
@@ -98,7 +98,7 @@ def _(dout, dlse, q, k, v, out, lse, sel, cu_q, cu_k, block_size, topk, scale, b
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, block_size, topk, scale, backend, deterministic, keep_sel, means = inputs
+    q, k, v, cu_q, cu_k, block_size, topk, scale, backend, deterministic, keep_sel, means, group = inputs
     out, lse, sel = output
     ctx.save_for_backward(q, k, v, out, lse, sel, cu_q, cu_k)
     ctx.args = (block_size, topk, scale, backend, deterministic)
@@ -111,7 +111,7 @@ def _backward(ctx, dout, dlse, dsel):
         raise RuntimeError("moba: backward through a forward that ran without gradients enabled")
     dq, dk, dv = moba_bwd(dout, dlse, q, k, v, out, lse, sel, cu_q, cu_k, block_size, topk, scale, backend,
                           deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 moba_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .api import resolve_backend
-from .layout import check_args
+from .layout import check_args, check_gate
 
 __all__ = ["moba_attention_with_kvcache", "cache_key_sums"]
 
@@ -126,7 +126,7 @@ def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums
 
 def moba_attention_with_kvcache(q, k_cache, v_cache, block_size, topk, *, cache_seqlens, block_table=None,
                                 k_new=None, v_new=None, key_sums=None, scale=None, return_lse=False,
-                                backend="auto"):
+                                backend="auto", gate="head"):
     """MoBA of new queries against a KV cache (inference: no gradient).
 
     Args:
@@ -144,13 +144,14 @@ def moba_attention_with_kvcache(q, k_cache, v_cache, block_size, topk, *, cache_
         backend: "torch" (reads the lengths on the host: any device, no CUDA graphs), "triton" / "gluon" (one
             launch with no host synchronisation and launch shapes fixed by (B, Tq, the cache's shape): a step can
             be captured in a CUDA graph and replayed as the lengths grow), "auto" ("triton" on CUDA).
-        scale, return_lse: as in :func:`moba.moba_attention`.
+        scale, return_lse, gate: as in :func:`moba.moba_attention`.
 
     Returns ``out`` [B, Tq, Hq, Dv] (``(out, lse)`` with ``return_lse``), exactly :func:`moba.moba_attention` of
     each sequence's queries against its keys.
     """
     paged, page_size, sc = _check(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, k_new, v_new,
                                   key_sums, scale, backend)
+    group = check_gate(gate) and q.shape[2] > k_cache.shape[2]
     be = resolve_backend(backend, q, v_cache)
     if be == "naive":
         be = "torch"
@@ -164,14 +165,14 @@ def moba_attention_with_kvcache(q, k_cache, v_cache, block_size, topk, *, cache_
             _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums, block_size)
         if triton:
             out, lse = decode.kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums,
-                                      sc)
+                                      sc, group)
         else:
             out, lse = _torch_kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums,
-                                      sc)
+                                      sc, group)
     return (out, lse) if return_lse else out
 
 
-def _torch_kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums, scale):
+def _torch_kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, key_sums, scale, group=False):
     """The torch backend: each sequence's keys gathered (a view for a contiguous cache), every sequence packed into
     one call of the single-device forward, the block means taken from key_sums where given."""
     from .autograd import _forward
@@ -199,5 +200,6 @@ def _torch_kvcache(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_t
     cu_k = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)
     kp, vp = torch.cat(ks)[None], torch.cat(vs)[None]
     m = torch.cat(means).to(torch.float64 if q.dtype == torch.float64 else torch.float32) if means else None
-    out, lse, _ = _forward(q.reshape(1, B * Tq, Hq, D), kp, vp, cu_q, cu_k, block_size, topk, scale, "torch", False, m)
+    out, lse, _ = _forward(q.reshape(1, B * Tq, Hq, D), kp, vp, cu_q, cu_k, block_size, topk, scale, "torch", False, m,
+                           group=group)
     return out.view(B, Tq, Hq, -1), lse.view(B, Tq, Hq).float()

@@ -134,6 +134,17 @@ class LayoutTensors:
                                                                blk_start, blk_end, cu_q, cu_k, blk_off)))
 
 
+GATES = ("head", "group")
+
+
+def check_gate(gate) -> bool:
+    """``gate``'s check; True for the shared (``"group"``) gate."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be 'head' (MoBA: every query head chooses its own blocks) or 'group' (a variant: "
+                         f"the query heads of a kv head choose together), got {gate!r}")
+    return gate == "group"
+
+
 def check_args(q, k, v, block_size, topk, cu_seqlens=None, cu_seqlens_k=None, scale=None,
                backend="auto") -> float:
     """Every check of ``moba_attention``'s arguments that needs no tensor values (so no device sync,

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from .layout import validate
+from .layout import check_gate, validate
 
 
 def _ref_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def naive_select(qs, ks, block_size, topk):
+def naive_select(qs, ks, block_size, topk, gate="head"):
     """Gate for one sequence. qs [Tq, Hq, D], ks [Tk, Hkv, D] -> [Tq, Hq, topk] local block ids, -1 unused.
 
-    Slot 0 is the own block; the rest are the chosen earlier blocks by decreasing gate score.
+    Slot 0 is the own block; the rest are the chosen earlier blocks by decreasing gate score. ``gate="group"``: a
+    block's score is the sum of its scores for the query heads of one kv head, and those heads choose alike.
     """
     Tq, Hq, D = qs.shape
     Tk, Hkv, _ = ks.shape
@@ -35,6 +36,8 @@ def naive_select(qs, ks, block_size, topk):
     means = kp.sum(1) / cnt[:, None, None].to(dt)                                # [nb, Hkv, D]
     means = means.repeat_interleave(G, dim=1)                                     # [nb, Hq, D]
     score = torch.einsum("thd,bhd->thb", qs.to(dt), means)                        # [Tq, Hq, nb]
+    if gate == "group":
+        score = score.view(Tq, Hkv, G, nb).sum(2, keepdim=True).expand(Tq, Hkv, G, nb).reshape(Tq, Hq, nb)
     past = torch.arange(nb, device=qs.device)[None, :] < own[:, None]             # [Tq, nb]
     score = score.masked_fill(~past[:, None, :], float("-inf"))
     n = min(topk - 1, nb)
@@ -45,9 +48,10 @@ def naive_select(qs, ks, block_size, topk):
 
 
 def naive_moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=None, scale=None,
-                         return_lse=False):
+                         return_lse=False, gate="head"):
     """Reference MoBA attention; same contract as :func:`moba.moba_attention` (differentiable)."""
     lay, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale)
+    check_gate(gate)
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -64,7 +68,7 @@ def naive_moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqle
             lses.append(qs.new_zeros(0, Hq, dtype=torch.float32))
             continue
         with torch.no_grad():
-            sel = naive_select(qs.detach(), ks.detach(), block_size, topk).long()  # [Tq, Hq, topk]
+            sel = naive_select(qs.detach(), ks.detach(), block_size, topk, gate).long()  # [Tq, Hq, topk]
         key_blk = torch.arange(Tks, device=q.device) // block_size                # [Tk]
         pos = torch.arange(Tks - Tqs, Tks, device=q.device)
         chosen = (sel[..., None] == key_blk).any(2)                              # [Tq, Hq, Tk]

@@ -37,11 +37,18 @@ CASES += [
     ("P2-allgather-zigzag-naive", 2, "allgather", "zigzag", "float64", "naive", 48, 4, 2, 8, 5, 3, [0, 20, 48]),
     ("P2-allgather-zigzag-triton", 2, "allgather", "zigzag", "float32", "triton", 64, 4, 2, 16, 8, 3, [0, 30, 64]),
     ("P2-ulysses-zigzag-triton", 2, "ulysses", "zigzag", "float32", "triton", 64, 4, 2, 16, 8, 3, None),
+    # the gate="group" variant (cases named "-group")
+    ("P2-allgather-zigzag-group-fp64", 2, "allgather", "zigzag", "float64", "torch", 96, 8, 2, 16, 10, 3,
+     [0, 17, 18, 60, 96]),
+    ("P2-ulysses-contiguous-group-fp64", 2, "ulysses", "contiguous", "float64", "torch", 96, 8, 2, 16, 10, 3, None),
+    ("P2-allgather-zigzag-group-triton", 2, "allgather", "zigzag", "float32", "triton", 64, 4, 2, 16, 8, 3,
+     [0, 30, 64]),
 ]
 DENSE = [(f"P{P}-{scheme}-{layout}-dense{'-docs' if docs else ''}", P, scheme, layout, docs)
          for P in (2, 4) for scheme in ("allgather", "ulysses") for layout in ("zigzag", "contiguous")
          for docs in (None, [0, 9, 50, 64])]
-BAD = ["unequal shards", "ulysses heads", "zigzag odd length", "cu_seqlens end", "block_size on one rank"]
+BAD = ["unequal shards", "ulysses heads", "zigzag odd length", "cu_seqlens end", "block_size on one rank",
+       "gate on one rank"]
 
 
 def _rel(a, b):
@@ -64,9 +71,10 @@ def _moba_case(case, rank, group):
     name, P, scheme, layout, dtype, backend, T, Hq, Hkv, D, bs, topk, docs = case
     q, k, v, dout, dlse = _inputs(T, Hq, Hkv, D, dtype, seed=len(name))
     cu = None if docs is None else torch.tensor(docs, dtype=torch.int32)
+    gate = "group" if "-group" in name else "head"
     ql, kl, vl = (md.shard(x, layout=layout).requires_grad_() for x in (q, k, v))
     out, lse = md.moba_attention(ql, kl, vl, bs, topk, layout=layout, scheme=scheme, cu_seqlens=cu, return_lse=True,
-                                 backend=backend)
+                                 backend=backend, gate=gate)
     loss = (out.double() * md.shard(dout, layout=layout).double()).sum() + (
         lse.double() * md.shard(dlse, layout=layout)).sum()
     loss.backward()
@@ -74,7 +82,7 @@ def _moba_case(case, rank, group):
     if rank:
         return None
     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-    o, lse_ref = moba.moba_attention(qf, kf, vf, bs, topk, cu_seqlens=cu, return_lse=True, backend=backend)
+    o, lse_ref = moba.moba_attention(qf, kf, vf, bs, topk, cu_seqlens=cu, return_lse=True, backend=backend, gate=gate)
     ((o.double() * dout.double()).sum() + (lse_ref.double() * dlse).sum()).backward()
     want = [o, lse_ref, qf.grad, kf.grad, vf.grad]
     return {n: _rel(a, b) for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
@@ -119,9 +127,10 @@ def _bad_case(which, rank, P):
         cu = torch.tensor([0, 5, 8 * P + 1], dtype=torch.int32)
     if which == "block_size on one rank" and rank == P - 1:
         bs = 5
+    gate = "groups" if which == "gate on one rank" and rank == 0 else "head"
     q, k, v = torch.randn(1, n, Hq, 8), torch.randn(1, n, Hkv, 8), torch.randn(1, n, Hkv, 8)
     try:
-        md.moba_attention(q, k, v, bs, 2, layout=layout, scheme=scheme, cu_seqlens=cu)
+        md.moba_attention(q, k, v, bs, 2, layout=layout, scheme=scheme, cu_seqlens=cu, gate=gate)
     except ValueError as e:
         return "ValueError: " + str(e)
     return "no error"
@@ -209,6 +218,7 @@ def test_bad_input_names_the_problem(results):
     assert any("even" in m for m in results["P2-bad-zigzag odd length"])
     assert any("cu_seqlens" in m for m in results["P2-bad-cu_seqlens end"])
     assert any("block_size" in m for m in results["P4-bad-block_size on one rank"])
+    assert any("gate must be" in m for m in results["P2-bad-gate on one rank"])
 
 
 @pytest.mark.parametrize("P", (2, 4))

@@ -107,13 +107,15 @@ from triton.compiler import ASTSource
 from moba.triton import gate
 from moba.triton.common import sm90_signature
 fn = gate._gate_topk_g
-cexpr = dict(Hq=32, G=4, S=2, SP=2, D=128, BM=128, BNB=32, BD=128, SPLIT=True, PREC="tf32", R=8, COUNT=True)
-sig, const, attrs = sm90_signature(fn, cexpr, {"Q": "bf16", "M": "fp32", "SEL": "i16", "CNT": "i32"},
-                                   {"sq_t", "sq_h", "sm_b", "sm_h", "t0", "block_size", "NK", "NB"})
-k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 8, "num_stages": 3})
-assert k.asm["ttgir"].count("scf.for") == 1, "a loop inside the head loop: Triton would not pipeline it"
-assert "cp.async" in k.asm["ptx"] and "wgmma.mma_async" in k.asm["ptx"], "the heads' rows are not prefetched"
+for group in (False, True):    # the gate="group" variant: its own loop over the heads, the same prefetch
+    cexpr = dict(Hq=32, G=4, S=2, SP=2, D=128, BM=128, BNB=32, BD=128, SPLIT=True, PREC="tf32", R=8, COUNT=True,
+                 GROUP=group)
+    sig, const, attrs = sm90_signature(fn, cexpr, {"Q": "bf16", "M": "fp32", "SEL": "i16", "CNT": "i32"},
+                                       {"sq_t", "sq_h", "sm_b", "sm_h", "t0", "block_size", "NK", "NB"})
+    k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 8, "num_stages": 3})
+    assert k.asm["ttgir"].count("scf.for") == 1, "a loop inside the head loop: Triton would not pipeline it"
+    assert "cp.async" in k.asm["ptx"] and "wgmma.mma_async" in k.asm["ptx"], "the heads' rows are not prefetched"
 print("ok", k.metadata.shared)
 """
 

@@ -171,10 +171,38 @@ def test_save_and_load_keep_the_moba_settings(tmp_path):
     assert back.config.moba["topk"] == 2
 
 
+def test_group_gate_in_a_model(tmp_path):
+    """enable(gate="group") reaches every path: the forward (it changes the logits against the per-head gate), a
+    padded batch (rows as alone), moba.hf.generate through the KV cache (transformers' tokens over the model's own
+    path), save and load; the per-kv-head query heads choose alike (4 query / 2 kv heads)."""
+    m = tiny()
+    x = ids(T=64)
+    moba.hf.enable(m, block_size=8, topk=2)
+    head = m(x).logits
+    moba.hf.enable(m, gate="group")
+    assert m.config.moba["gate"] == "group" and m.config.moba["topk"] == 2
+    group = m(x).logits
+    assert (group - head).abs().max() > 1e-3
+    a, b = ids(T=40, seed=2)[0], ids(T=27, seed=3)[0]
+    batch, mask = left_padded(a, b)
+    out = m(batch, attention_mask=mask).logits
+    torch.testing.assert_close(out[1, 13:], m(b[None]).logits[0], rtol=1e-4, atol=1e-4)
+    gen = m.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(gen[1, 40:], m.generate(b[None], max_new_tokens=5, do_sample=False)[0, 27:])
+    want = m.generate(x[:, :37], max_new_tokens=12, do_sample=False)[:, 37:]
+    assert torch.equal(moba.hf.generate(m, x[:, :37], 12), want)
+    m.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="moba").eval()
+    assert back.config.moba["gate"] == "group"
+    torch.testing.assert_close(back(x).logits, group, rtol=1e-5, atol=1e-5)
+
+
 def test_enable_validates():
     m = tiny(layers=1)
     with pytest.raises(ValueError, match="block_size"):
         moba.hf.enable(m, block_size=0, topk=2)
+    with pytest.raises(ValueError, match="gate must be"):
+        moba.hf.enable(m, block_size=8, topk=2, gate="kv")
     with pytest.raises(ValueError, match="decode"):
         moba.hf.enable(m, block_size=8, topk=2, decode="sparse")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import autograd as moba_autograd
 from ..api import resolve_backend
-from ..layout import BACKENDS, check_args
+from ..layout import BACKENDS, GATES, check_args, check_gate
 from ..naive import naive_moba_attention
 from . import comm
 
@@ -29,7 +29,7 @@ SCHEMES = ("allgather", "ulysses")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _local_error(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, P, dense):
+def _local_error(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, P, dense, gate):
     """What is wrong with this rank's arguments, as a ValueError message, or None."""
     if layout not in comm.LAYOUTS:
         return f"layout must be one of {comm.LAYOUTS}, got {layout!r}"
@@ -40,6 +40,7 @@ def _local_error(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, s
             check_args(q, k, v, 1, 1, None, None, scale, "auto")
         else:
             check_args(q, k, v, block_size, topk, None, None, scale, backend)
+            check_gate(gate)
     except ValueError as e:
         return str(e)
     B, n, Hq = q.shape[:3]
@@ -64,7 +65,7 @@ def _local_error(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, s
     return None
 
 
-def _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, dense=False):
+def _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, dense=False, gate="head"):
     """Check the arguments on every rank and compare them across ranks (one small all-gather): raises the same
     ValueError on every rank when any rank's arguments are wrong or the ranks disagree, instead of hanging in a
     collective that some rank never joins."""
@@ -73,7 +74,7 @@ def _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scal
     rank, P = comm.world(group)
     if rank < 0:
         raise ValueError("this process is not a member of the given group")
-    err = _local_error(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, P, dense)
+    err = _local_error(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, P, dense, gate)
     if P == 1:
         if err:
             raise ValueError(err)
@@ -85,7 +86,8 @@ def _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scal
             int(block_size) if isinstance(block_size, int) else -1, int(topk) if isinstance(topk, int) else -1,
             comm.LAYOUTS.index(layout) if layout in comm.LAYOUTS else -1,
             SCHEMES.index(scheme) if scheme in SCHEMES else -1,
-            BACKENDS.index(backend) if backend in BACKENDS else -1, len(cu), hash(tuple(cu)) % (1 << 62)]
+            BACKENDS.index(backend) if backend in BACKENDS else -1, GATES.index(gate) if gate in GATES else -1,
+            len(cu), hash(tuple(cu)) % (1 << 62)]
     dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     mine = torch.tensor(meta, dtype=torch.int64, device=dev)
     every = torch.empty(P * len(meta), dtype=torch.int64, device=dev)
@@ -97,7 +99,7 @@ def _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scal
     if bad:
         raise ValueError(f"moba.distributed: rank(s) {bad} of the group rejected their arguments (see their error)")
     names = ["q shape"] * 4 + ["k shape"] * 4 + ["v shape"] * 4 + [
-        "dtype", "block_size", "topk", "layout", "scheme", "backend", "cu_seqlens", "cu_seqlens"]
+        "dtype", "block_size", "topk", "layout", "scheme", "backend", "gate", "cu_seqlens", "cu_seqlens"]
     for i, name in enumerate(names, start=1):
         vals = [m[i] for m in every]
         if len(set(vals)) > 1:
@@ -135,7 +137,7 @@ class _AllGatherMoBA(torch.autograd.Function):
     again in the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_size, topk, scale, backend, deterministic, group, layout, cu):
+    def forward(ctx, q, k, v, block_size, topk, scale, backend, deterministic, group, layout, cu, group_gate):
         rank, P = comm.world(group)
         kf, vf = (comm.gather_sequence(x, group, layout) for x in (k, v))
         runs = _runs(q.shape[1], rank, P, layout, cu)
@@ -143,7 +145,7 @@ class _AllGatherMoBA(torch.autograd.Function):
         for ls, L, k0, end, cu_q, cu_k in runs:
             out, lse, sel = moba_autograd.moba_fwd(q[:, ls:ls + L], kf[:, k0:end], vf[:, k0:end],
                                                    cu_q, cu_k, block_size, topk, scale, backend, deterministic,
-                                                   True, None)
+                                                   True, None, group_gate)
             outs.append(out)
             lses.append(lse)
             sels.append(sel)
@@ -173,17 +175,17 @@ class _AllGatherMoBA(torch.autograd.Function):
             dvf[:, k0:end] += dv_r
         del kf, vf
         dk, dv = (comm.scatter_sequence_sum(x, group, layout) for x in (dkf, dvf))
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-def _naive_allgather(q, k, v, block_size, topk, scale, group, layout, cu):
+def _naive_allgather(q, k, v, block_size, topk, scale, group, layout, cu, gate):
     """The reference backend: the naive attention per query run on gathered K/V, with autograd throughout."""
     rank, P = comm.world(group)
     kf, vf = (comm.GatherSequence.apply(x, group, layout) for x in (k, v))
     outs, lses = [], []
     for ls, L, k0, end, cu_q, cu_k in _runs(q.shape[1], rank, P, layout, cu):
         o, lse = naive_moba_attention(q[:, ls:ls + L], kf[:, k0:end], vf[:, k0:end], block_size, topk,
-                                      cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scale, return_lse=True)
+                                      cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scale, return_lse=True, gate=gate)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 1), torch.cat(lses, 1)
@@ -193,7 +195,7 @@ def _naive_allgather(q, k, v, block_size, topk, scale, group, layout, cu):
 # public entry points
 # ----------------------------------------------------------------------------------------------------------
 def moba_attention(q, k, v, block_size, topk, *, group=None, layout="zigzag", scheme="allgather", cu_seqlens=None,
-                   scale=None, return_lse=False, backend="auto", deterministic=False, validate=True):
+                   scale=None, return_lse=False, backend="auto", deterministic=False, validate=True, gate="head"):
     """MoBA over a sequence sharded across the ranks of ``group`` (context parallelism).
 
     q [B, n, Hq, D], k [B, n, Hkv, D], v [B, n, Hkv, Dv] are this rank's shards of the whole sequence of
@@ -209,7 +211,7 @@ def moba_attention(q, k, v, block_size, topk, *, group=None, layout="zigzag", sc
             must be a multiple of P).
         cu_seqlens: int32 [N+1] offsets of the documents packed in the WHOLE sequence (B must be 1); the same
             tensor on every rank (on the CPU, or on q's device).
-        backend, deterministic, scale: as in :func:`moba.moba_attention`.
+        backend, deterministic, scale, gate: as in :func:`moba.moba_attention`.
         validate: compare shapes and settings across the ranks first (one small all-gather), so that a mistake
             raises the same ValueError on every rank; ``False`` skips it (mismatched shards then hang or fail).
 
@@ -220,18 +222,18 @@ def moba_attention(q, k, v, block_size, topk, *, group=None, layout="zigzag", sc
         out = moba.distributed.moba_attention(q, k, v, 4096, 12)        # this rank's shard of the output
     """
     if validate:
-        _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend)
+        _validate(q, k, v, block_size, topk, group, layout, scheme, cu_seqlens, scale, backend, gate=gate)
     P = dist.get_world_size(group)
     sc = check_args(q, k, v, block_size, topk, None, None, scale, backend)
     if P == 1:     # both layouts are the identity on one rank
         from ..api import moba_attention as single
         return single(q, k, v, block_size, topk, cu_seqlens=cu_seqlens, scale=sc, return_lse=return_lse,
-                      backend=backend, deterministic=deterministic)
+                      backend=backend, deterministic=deterministic, gate=gate)
     if scheme == "ulysses":
         qh, kh, vh = (comm.seq_to_heads_grad(x, group, layout) for x in (q, k, v))
         from ..api import moba_attention as single
         out, lse = single(qh, kh, vh, block_size, topk, cu_seqlens=cu_seqlens, scale=sc, return_lse=True,
-                          backend=backend, deterministic=deterministic)
+                          backend=backend, deterministic=deterministic, gate=gate)
         out = comm.heads_to_seq_grad(out, group, layout)
         if not return_lse:
             return out
@@ -239,9 +241,10 @@ def moba_attention(q, k, v, block_size, topk, *, group=None, layout="zigzag", sc
     cu = None if cu_seqlens is None else cu_seqlens.tolist()
     be = resolve_backend(backend, q, v)
     if be == "naive":
-        out, lse = _naive_allgather(q, k, v, block_size, topk, sc, group, layout, cu)
+        out, lse = _naive_allgather(q, k, v, block_size, topk, sc, group, layout, cu, gate)
     else:
-        out, lse = _AllGatherMoBA.apply(q, k, v, block_size, topk, sc, be, deterministic, group, layout, cu)
+        out, lse = _AllGatherMoBA.apply(q, k, v, block_size, topk, sc, be, deterministic, group, layout, cu,
+                                        check_gate(gate) and q.shape[2] > k.shape[2])
         lse = lse.float()
     return (out, lse) if return_lse else out
 

@@ -178,7 +178,7 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
     from .transformers import _dense
     layer = module.layer_idx
     st = cache.layers[layer]
-    bs, topk, be = int(cfg["block_size"]), int(cfg["topk"]), cfg.get("backend", "auto")
+    bs, topk, be, gate = int(cfg["block_size"]), int(cfg["topk"]), cfg.get("backend", "auto"), cfg.get("gate", "head")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))            # [B, T, H, D] views
     rows, Tq = cache.rows, q.shape[1]
     if cache._fresh:
@@ -188,7 +188,7 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
         if full:
             out = _dense(module, query, key, value, None, 0.0, scaling)[0]
         else:
-            out = moba_attention(q, k, v, bs, topk, scale=scaling, backend=be)
+            out = moba_attention(q, k, v, bs, topk, scale=scaling, backend=be, gate=gate)
         st.keys[rows, :Tq] = k
         st.values[rows, :Tq] = v
         nb = -(-Tq // bs)
@@ -205,7 +205,7 @@ def cache_attention(module, cache: MobaCache, cfg: dict, full: bool, query, key,
             outs.append(moba_attention_with_kvcache(
                 q[:, t0:t1], st.keys[rows], st.values[rows], bs, st.sums.shape[1] if dense else topk,
                 cache_seqlens=st.lens[rows], k_new=k[:, t0:t1], v_new=v[:, t0:t1], key_sums=st.sums[rows],
-                scale=scaling, backend=be))
+                scale=scaling, backend=be, gate=gate))
             st.lens[rows] += t1 - t0
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return out

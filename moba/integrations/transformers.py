@@ -4,7 +4,7 @@ Registration goes through ``AttentionInterface`` and ``AttentionMaskInterface`` 
 reach us as a boolean [B, 1, Tq, Tk] mask); nothing in transformers is patched. The MoBA settings live in
 ``model.config.moba`` (a plain dict, so ``save_pretrained``/``from_pretrained`` keep them):
 
-    {"block_size": 512, "topk": 3, "full_attention_layers": [...], "decode": "moba" | "full",
+    {"block_size": 512, "topk": 3, "gate": "head" | "group", "full_attention_layers": [...], "decode": "moba" | "full",
      "mode": "moba" | "full", "layer_modes": {"<layer>": "moba" | "full"}, "previous": "<impl>"}
 
 A layer runs dense attention (transformers' own SDPA path, bit for bit) when its mode is "full"; the
@@ -27,7 +27,7 @@ import torch
 
 from ..api import moba_attention, resolve_backend
 from ..cache import BlockMeansCache
-from ..layout import BACKENDS, check_args
+from ..layout import BACKENDS, check_args, check_gate
 from ..utils import to_device
 
 NAME = "moba"
@@ -160,7 +160,8 @@ def _context_parallel(module, cp, cfg, layer, query, key, value, attention_mask,
     if _layer_mode(cfg, layer) == "full":
         return md.dense_attention(q, k, v, group=group, layout=layout, scheme=scheme, scale=scaling), None
     return md.moba_attention(q, k, v, int(cfg["block_size"]), int(cfg["topk"]), group=group, layout=layout,
-                             scheme=scheme, scale=scaling, backend=cfg.get("backend", "auto")), None
+                             scheme=scheme, scale=scaling, backend=cfg.get("backend", "auto"),
+                             gate=cfg.get("gate", "head")), None
 
 
 def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -185,7 +186,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if dropout and dropout > 0:
         raise ValueError(f"MoBA attention does not implement attention dropout (got {dropout}); set the model's "
                          f"attention_dropout to 0 or use full attention for this layer")
-    bs, topk, be = int(cfg["block_size"]), int(cfg["topk"]), cfg.get("backend", "auto")
+    bs, topk, be, gate = int(cfg["block_size"]), int(cfg["topk"]), cfg.get("backend", "auto"), cfg.get("gate", "head")
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))              # [B, T, H, D] views, no copy
@@ -199,13 +200,13 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
             k, v = k[:, :Tq], v[:, :Tq]
         if decode_full and Tq < k.shape[1]:
             return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be,
+        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be, gate=gate,
                               means_cache=_means_cache(module, [Tq] * B, [k.shape[1]] * B)), None
     ranges = _real_ranges(attention_mask, Tq, Tk)
     if decode_full and any(qe - qs < ke - ks for ks, ke, qs, qe in ranges if qe > qs):
         return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if B == 1 and ranges[0] == (0, Tk, Tq - min(Tq, Tk), Tq) and Tq <= Tk:
-        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be,
+        return moba_attention(q, k, v, bs, topk, scale=scaling, backend=be, gate=gate,
                               means_cache=_means_cache(module, [Tq], [Tk])), None
     out = query.new_zeros(B, Tq, Hq, value.shape[3])
     if B == 1:   # one row: its real tokens are a slice (views, no copy); e.g. a static cache's used slots
@@ -213,7 +214,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if qe > qs:
             kk = k[:, ks:ke]
             out[:, qs:qe] = moba_attention(q[:, qs:qe], kk, v[:, ks:ke], bs, topk, scale=scaling, backend=be,
-                                           means_cache=_means_cache(module, [qe - qs], [ke - ks]))
+                                           gate=gate, means_cache=_means_cache(module, [qe - qs], [ke - ks]))
         return out, None
     # pack each row's real tokens as one sequence (rows without a real query are left out)
     rows = [(b, r) for b, r in enumerate(ranges) if r[3] > r[2]]
@@ -229,7 +230,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
         with torch.no_grad():
             means = cache.means(k.detach(), bs, starts=starts, ends=ends)
             from ..triton import decode
-            o, _ = decode.decode_padded(q[bi, qi], k, v, starts, ends, bs, topk, sc, means)
+            o, _ = decode.decode_padded(q[bi, qi], k, v, starts, ends, bs, topk, sc, means, gate == "group")
         out[bi, qi] = o
         return out, None
     qp = torch.cat([q[b, qs:qe] for b, (ks, ke, qs, qe) in rows])[None]
@@ -243,7 +244,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
     cu_k = torch.tensor(off_k, dtype=torch.int32)
     cache = _means_cache(module, [qe - qs for _, (ks, ke, qs, qe) in rows], [ke - ks for _, (ks, ke, qs, qe) in rows])
     o = moba_attention(qp, kp, vp, bs, topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scaling, backend=be,
-                       means_cache=cache)[0]
+                       means_cache=cache, gate=gate)[0]
     for i, (b, (_, _, qs, qe)) in enumerate(rows):
         out[b, qs:qe] = o[off_q[i]:off_q[i + 1]]
     return out, None
@@ -253,12 +254,13 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout=0.
 # public switches
 # ------------------------------------------------------------------------------------------------------
 def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decode="moba", backend="auto",
-           cp_group=None, cp_layout="zigzag", cp_scheme="allgather"):
+           cp_group=None, cp_layout="zigzag", cp_scheme="allgather", gate=None):
     """Turn MoBA on for a loaded transformers model (same parameters; nothing is added to the model).
 
     ``full_attention_layers`` keep dense attention (the paper's hybrid: e.g. the last 3 of 32 layers).
     ``decode="full"`` runs dense attention when generating from a cache (MoBA for prefill only).
-    ``backend`` is passed to :func:`moba.moba_attention` ("auto": the GPU kernels on CUDA).
+    ``backend`` is passed to :func:`moba.moba_attention` ("auto": the GPU kernels on CUDA), and ``gate`` ("head", the
+    default: MoBA; "group": the variant whose query heads of a kv head choose together, see its docstring).
     ``cp_group``: run every layer context-parallel over this process group (``cp_layout``, ``cp_scheme`` as in
     :func:`moba.distributed.moba_attention`); each rank then feeds its shard of the sequence with its positions.
     Settings already in ``model.config.moba`` (a saved model) are the defaults.
@@ -271,6 +273,8 @@ def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decod
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an int >= 1 (it counts the own block), got {topk!r}")
+    gate = gate if gate is not None else prev.get("gate", "head")
+    check_gate(gate)
     if decode not in ("moba", "full"):
         raise ValueError(f"decode must be 'moba' or 'full', got {decode!r}")
     if backend not in BACKENDS:
@@ -288,7 +292,7 @@ def enable(model, *, block_size=None, topk=None, full_attention_layers=(), decod
                                                                       prev.get("full_attention_layers", ()))})
     current = getattr(model.config, "_attn_implementation", None)
     model.config.moba = {
-        "block_size": block_size, "topk": topk, "full_attention_layers": full, "decode": decode,
+        "block_size": block_size, "topk": topk, "gate": gate, "full_attention_layers": full, "decode": decode,
         "backend": backend,
         "mode": prev.get("mode", "moba"), "layer_modes": prev.get("layer_modes", {}),
         "previous": prev.get("previous") or (current if current not in (None, NAME) else "sdpa"),

@@ -90,11 +90,12 @@ def _top(score: torch.Tensor, n: int):
 
 
 def select_past_blocks(q: torch.Tensor, k: torch.Tensor, lay: Layout, lt: LayoutTensors, topk: int,
-                       means: torch.Tensor | None = None) -> torch.Tensor:
+                       means: torch.Tensor | None = None, group: bool = False) -> torch.Tensor:
     """Chosen earlier blocks per (query, head).
 
     q [total_q, Hq, D], k [total_k, Hkv, D] packed. Returns int32 [total_q, Hq, topk - 1] of *global*
-    block ids by decreasing gate score, -1 in unused slots (fewer earlier blocks than topk - 1).
+    block ids by decreasing gate score, -1 in unused slots (fewer earlier blocks than topk - 1). ``group``
+    (``gate="group"``): the scores of a kv head's G query heads summed, one choice for all G.
     """
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -118,13 +119,16 @@ def select_past_blocks(q: torch.Tensor, k: torch.Tensor, lay: Layout, lt: Layout
             qc = q[t0:t1].to(acc).view(t1 - t0, Hkv, G, D)
             mc = means[b_lo:b_hi]                                               # [nbr, Hkv, D]
             with _exact_fp32():
-                score = torch.einsum("tgjd,bgd->tgjb", qc, mc).reshape(t1 - t0, Hq, b_hi - b_lo)
+                score = torch.einsum("tgjd,bgd->tgjb", qc, mc)
+            score = score.sum(2) if group else score.reshape(t1 - t0, Hq, b_hi - b_lo)   # [t, Hkv or Hq, nbr]
             blk = torch.arange(b_lo, b_hi, device=q.device)
             ok = (blk[None, :] >= lt.first_block[t0:t1, None]) & (blk[None, :] < lt.own_block[t0:t1, None])
             score.masked_fill_(~ok[:, None, :], float("-inf"))
             val, idx = _top(score, n)
-            idx = torch.where(torch.isfinite(val), idx + b_lo, torch.full_like(idx, -1))
-            sel[t0:t1, :, :n] = idx.to(torch.int32)
+            idx = torch.where(torch.isfinite(val), idx + b_lo, torch.full_like(idx, -1)).to(torch.int32)
+            if group:
+                idx = idx[:, :, None, :].expand(t1 - t0, Hkv, G, n).reshape(t1 - t0, Hq, n)
+            sel[t0:t1, :, :n] = idx
         t0 = t1
     return sel
 

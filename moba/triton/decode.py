@@ -42,8 +42,9 @@ def _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS: tl.constexpr)
 @triton.jit
 def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.constexpr, GP: tl.constexpr,
              S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr,
-             SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr):
-    """The S best earlier blocks (local ids, -1 for none) of each of the G query rows [GP, BD]: [GP, SP]."""
+             SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr, GROUP: tl.constexpr):
+    """The S best earlier blocks (local ids, -1 for none) of each of the G query rows [GP, BD]: [GP, SP]. GROUP (the
+    ``gate="group"`` variant): by the sum of the G rows' scores, the same blocks for every row."""
     BIG: tl.constexpr = 2147483647
     o_d = tl.arange(0, BD)
     b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
@@ -64,6 +65,8 @@ def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.cons
         else:
             b_mn = tl.load(M + (fb + o_b)[None, :] * sm_b + i_g * sm_h + o_d[:, None], mask=m_ld, other=0.)
         b_sc = scores_of(b_q, b_mn * m_scale, SPLIT_M, PREC)
+        if GROUP:
+            b_sc = tl.broadcast_to(tl.sum(tl.where(m_r[:, None], b_sc, 0.), 0)[None, :], [GP, BNB])
         b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
         b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
     return tl.where(b_bv > float("-inf"), b_bi, -1)
@@ -74,7 +77,7 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
                  BT, sbt, PPB, TQ, NBR,
                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                  BD: tl.constexpr, BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
-                 PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False):
+                 PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, GROUP: tl.constexpr = False):
     """The gate of one query (program axis 0) and kv head (axis 1), once for all the splits that read its blocks:
     each query row's chosen blocks (BI [GP, SP], -1 for none) and their union with the own block as a list (LIST:
     the distinct chosen blocks in increasing order, then the own block; CNT: its length), from which the splits take
@@ -91,7 +94,7 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
     b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
                   mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
     b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M, PREC,
-                    PAGED)
+                    PAGED, GROUP)
     base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
     o_s = tl.arange(0, SP)
     tl.store(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_bi)
@@ -116,7 +119,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
                   PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, LISTED: tl.constexpr = False,
-                  ALL: tl.constexpr = False):
+                  ALL: tl.constexpr = False, GROUP: tl.constexpr = False):
     """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
     batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
     sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
@@ -150,7 +153,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
         n_blk = tl.load(CNT + base)
     else:
         b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M,
-                        PREC, PAGED)
+                        PREC, PAGED, GROUP)
         n_blk = own + 1
     # attention over this split's share of the union of chosen blocks, plus the own block
     b_m = tl.full([GP], float("-inf"), tl.float32)
@@ -218,14 +221,18 @@ def usable(q: torch.Tensor, lay: Layout, topk: int, keep_sel: bool) -> bool:
             and all(lay.cu_q[i + 1] - lay.cu_q[i] == 1 for i in range(lay.n_seqs)))
 
 
-def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, means: torch.Tensor):
-    """q [N, Hq, D] (one query per sequence), k/v packed [Tk, Hkv, D] -> out [N, Hq, Dv], lse fp32 [N, Hq]."""
+def decode(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, means: torch.Tensor,
+           group: bool = False):
+    """q [N, Hq, D] (one query per sequence), k/v packed [Tk, Hkv, D] -> out [N, Hq, Dv], lse fp32 [N, Hq].
+    ``group``: the ``gate="group"`` variant."""
     cu = lt.cu_k
     rows = cached(("decode_rows", lay.n_seqs, str(q.device)), lambda: torch.zeros_like(cu[:-1]))   # all in row 0
-    return _launch(q, k[None], v[None], cu[:-1], cu[1:], rows, lt.blk_off, lay.block_size, topk, scale, means)
+    return _launch(q, k[None], v[None], cu[:-1], cu[1:], rows, lt.blk_off, lay.block_size, topk, scale, means,
+                   group=group)
 
 
-def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: float, means: torch.Tensor):
+def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: float, means: torch.Tensor,
+                  group: bool = False):
     """One query per batch row against the row's keys ``k[b, starts[b]:ends[b]]`` of a padded cache, read in
     place (no packing copy): q [B, Hq, D], k/v [B, L, Hkv, D] (any strides) -> out [B, Hq, Dv], lse [B, Hq].
 
@@ -239,14 +246,15 @@ def decode_padded(q, k, v, starts, ends, block_size: int, topk: int, scale: floa
     for s, e in zip(starts, ends):
         off.append(off[-1] + -(-(e - s) // block_size))
     t = to_device(torch.tensor([list(starts), list(ends), list(range(B)), off[:-1]], dtype=torch.int32), q.device)
-    return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means)
+    return _launch(q, k, v, t[0], t[1], t[2], t[3], block_size, topk, scale, means, group=group)
 
 
 def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, means, m_scale=1.0, paged=None,
-            from_lens=None, all_blocks=False):
+            from_lens=None, all_blocks=False, group=False):
     """q [N, Hq, D], one query per program row; ``paged``: (block_table, page_size) with k/v [pages, page_size,
     Hkv, D] and ``means`` the per-page key sums; ``from_lens``: (Tq, blocks per batch row of ``means``) where
-    ``k_end`` is a KV cache's lengths and the kernel derives the rest (FROM_LENS)."""
+    ``k_end`` is a KV cache's lengths and the kernel derives the rest (FROM_LENS); ``group``: the ``gate="group"``
+    variant."""
     N, Hq, D = q.shape
     Hkv, DV = k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -271,7 +279,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     SP = max(1, next_pow2(S), 128 // GP if listed else 1)
     lens = from_lens or (1, 0)
     kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=32, SPLIT_M=q.dtype != torch.float32, PREC=prec,
-              PAGED=paged is not None, FROM_LENS=from_lens is not None)
+              PAGED=paged is not None, FROM_LENS=from_lens is not None, GROUP=group and G > 1)
     if listed:      # the gate once per (query, kv head): its choices and their union's list
         n = N * Hkv
         bi = torch.empty(n * GP * SP, dtype=torch.int32, device=q.device)
@@ -293,7 +301,8 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     return out, lse
 
 
-def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, block_table, key_sums, scale: float):
+def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, block_table, key_sums, scale: float,
+            group: bool = False):
     """`moba.moba_attention_with_kvcache` after the append: q [B, Tq, Hq, D] (the last Tq positions of each
     sequence) -> out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. Every query is one row of the split kernel, its keys the
     positions up to its own, derived from ``cache_seqlens`` inside the kernel (no host sync, launch shapes fixed
@@ -313,7 +322,7 @@ def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, bloc
     # the most blocks a sequence of this cache can have: a topk covering them is dense causal attention (no gate)
     most = -(-(k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]) // block_size)
     out, lse = _launch(q.reshape(B * Tq, Hq, D), k_cache, v_cache, lens, lens, lens, lens, block_size, topk, scale,
-                       sums, 1.0 / block_size, paged=paged, from_lens=(Tq, nb), all_blocks=topk >= most)
+                       sums, 1.0 / block_size, paged=paged, from_lens=(Tq, nb), all_blocks=topk >= most, group=group)
     return out.view(B, Tq, Hq, -1), lse.view(B, Tq, Hq)
 
 

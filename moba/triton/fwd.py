@@ -158,7 +158,7 @@ def _chunk_rows(T: int, Hq: int, Hkv: int, S: int, NB: int, bm: int, q_bytes: in
 
 
 def forward(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, keep: bool = True, means=None,
-            sel_dtype=torch.int32, use_gluon: bool = False):
+            sel_dtype=torch.int32, use_gluon: bool = False, group: bool = False):
     """Packed q [T, Hq, D], k/v [Tk, Hkv, D] -> (out [T, Hq, DV], lse fp32 [T, Hq], selection).
 
     Own block first (``_own_fwd``, or its Gluon twin, writes every row's first result), then per query chunk the
@@ -166,7 +166,8 @@ def forward(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, ke
     merges the chosen blocks into the output in place: no partial-output buffer. The selection is kept whole
     (``keep``, for a backward) as ``sel_dtype`` (int16 halves it where the block ids fit, ``layout.sel_dtype``), else
     one chunk's worth. ``use_gluon``: the sm_90 Gluon kernels where they apply (16-bit, D in (64, 128), blocks of
-    at least their 128-key tiles, K/V rows viewable as [Tk, Hkv * D])."""
+    at least their 128-key tiles, K/V rows viewable as [Tk, Hkv * D]). ``group``: the ``gate="group"`` variant (its
+    gate runs in a launch of its own)."""
     T, Hq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[2]
     # no row has more than (its sequence's blocks - 1) earlier blocks: fewer slots, same selection
@@ -188,7 +189,8 @@ def forward(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, ke
     chunk = _chunk_rows(T, Hq, Hkv, S, NB, bm, q.numel() * q.element_size(), keep)
     shape = (T if keep else chunk, Hq, max(S, 1))
     # the gate inside the Gluon own-block kernel where it fits (configs.OWN_GATE_*) and the input is one query chunk
-    own_gate = ws is not None and run_sparse and chunk >= T and most - 1 <= OWN_GATE_BLOCKS and S <= OWN_GATE_SLOTS
+    own_gate = (ws is not None and run_sparse and chunk >= T and most - 1 <= OWN_GATE_BLOCKS and S <= OWN_GATE_SLOTS
+                and not group)
     if run_sparse:
         # the gate writes every (row, head, slot) of each chunk (-1 where no block is chosen): no fill (under
         # MOBA_POISON, block 0 everywhere first, so that an entry it missed would give wrong results)
@@ -225,7 +227,8 @@ def forward(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, ke
         else:           # the gate counts its choices into the grouping's counters as it writes them
             i0, i1 = tile_range(g_starts, t0, t1)
             count = counters(S, Hkv, NB, q.device)
-            launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means, count)
+            launch_gate(q, k, lay, lt, S, sel_c, t0, [x[i0:i1] for x in g_tiles], meta_g, launch_g, means, count,
+                        group and G > 1)
         ent, grp_off, tile_g, tile_e0, tile_cum, *tinfo = group_entries(
             sel_c, Hkv, NB, bm, by_slot=True, blocks=(lt.blk_start, lt.blk_end) if ws else None, cnt=count[0])
         grid = (cdiv((t1 - t0) * Hq, bm) + NG,)      # >= the tiles of one slot

@@ -41,11 +41,12 @@ def _gate_topk_g(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                  sq_t, sq_h, sm_b, sm_h, t0, block_size, CNT, NK, NB,
                  Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                 R: tl.constexpr = 1, COUNT: tl.constexpr = False):
+                 R: tl.constexpr = 1, COUNT: tl.constexpr = False, GROUP: tl.constexpr = False):
     """`_gate_topk` for one query tile and the G query heads of one kv head, where every row's earlier blocks fit in
     one chunk of BNB (sequences of at most BNB + 1 blocks): the group's block means are loaded and split
     once, and the heads' query rows in a pipelined loop (the next head's rows load while this head's scores are
-    ranked) instead of one program per head. Same scores and the same choices as `_gate_topk`."""
+    ranked) instead of one program per head. Same scores and the same choices as `_gate_topk`. GROUP (the
+    ``gate="group"`` variant): the G heads' scores summed, one choice stored for each of them."""
     i_t = tl.program_id(0)
     i_g = tl.program_id(1)
     o_m, m_m, pos, lo, q0, q1, p0, kb = query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM)
@@ -63,19 +64,34 @@ def _gate_topk_g(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         b_hi = b_m.to(Q.dtype.element_ty)
         b_lo = (b_m - b_hi.to(tl.float32)).to(Q.dtype.element_ty)
     ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
-    for j in tl.range(0, G, num_stages=2):
-        i_h = i_g * G + j
-        b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
-                      mask=m_m[:, None] & (o_d[None, :] < D), other=0.)  # [BM, BD]
-        if SPLIT:
-            b_sc = tl.dot(b_q, b_hi, input_precision=PREC) + tl.dot(b_q, b_lo, input_precision=PREC)
-        else:
-            b_sc = tl.dot(b_q, b_m, input_precision=PREC)
-        b_sc = tl.where(ok, b_sc, float("-inf"))
+    if GROUP:       # a loop of its own: the per-head loop below must stay the kernel's only loop (pipelined)
+        b_sum = tl.zeros([BM, BNB], tl.float32)
+        for j in tl.range(0, G, num_stages=2):
+            b_q = tl.load(Q + o_m[:, None] * sq_t + (i_g * G + j) * sq_h + o_d[None, :],
+                          mask=m_m[:, None] & (o_d[None, :] < D), other=0.)  # [BM, BD]
+            if SPLIT:
+                b_sum += tl.dot(b_q, b_hi, input_precision=PREC) + tl.dot(b_q, b_lo, input_precision=PREC)
+            else:
+                b_sum += tl.dot(b_q, b_m, input_precision=PREC)
         b_bv, b_bi = topk_merge(tl.full([BM, SP], float("-inf"), tl.float32), tl.full([BM, SP], BIG, tl.int32),
-                                 b_sc, o_b, S, SP, BM, True)
-        _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h, i_g, NK, NB, Hq, S,
-                      R, COUNT)
+                                 tl.where(ok, b_sum, float("-inf")), o_b, S, SP, BM, True)
+        for j in tl.static_range(G):
+            _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_g * G + j, i_g,
+                          NK, NB, Hq, S, R, COUNT)
+    else:
+        for j in tl.range(0, G, num_stages=2):
+            i_h = i_g * G + j
+            b_q = tl.load(Q + o_m[:, None] * sq_t + i_h * sq_h + o_d[None, :],
+                          mask=m_m[:, None] & (o_d[None, :] < D), other=0.)  # [BM, BD]
+            if SPLIT:
+                b_sc = tl.dot(b_q, b_hi, input_precision=PREC) + tl.dot(b_q, b_lo, input_precision=PREC)
+            else:
+                b_sc = tl.dot(b_q, b_m, input_precision=PREC)
+            b_sc = tl.where(ok, b_sc, float("-inf"))
+            b_bv, b_bi = topk_merge(tl.full([BM, SP], float("-inf"), tl.float32), tl.full([BM, SP], BIG, tl.int32),
+                                     b_sc, o_b, S, SP, BM, True)
+            _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h, i_g, NK, NB,
+                          Hq, S, R, COUNT)
 
 
 @triton.jit
@@ -147,7 +163,7 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
                sq_t, sq_h, sm_b, sm_h, t0, block_size, CNT, NK, NB,
                Hq: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                BM: tl.constexpr, BNB: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-               REPLACE: tl.constexpr, R: tl.constexpr = 1, COUNT: tl.constexpr = False):
+               REPLACE: tl.constexpr, R: tl.constexpr = 1, COUNT: tl.constexpr = False, GROUP: tl.constexpr = False):
     """Top S earlier blocks per (query, head) by <q, block mean>, kept in registers (no score matrix): S rounds
     of max extraction per chunk of BNB blocks, or (REPLACE, many slots) a replacement scan and S rounds once.
 
@@ -155,6 +171,8 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
     cores give nearly fp32-exact scores. Ties go to the lower block id. Output by decreasing score.
     COUNT: each chosen (row, slot) entry also counted into the forward grouping's counters CNT (R copies of NK =
     S * Hkv * NB), in the copy `_slot_place`'s counting pass would use for it (its program of 1024 entries, mod R).
+    GROUP (the ``gate="group"`` variant): the scores of head i_h's G group heads summed (each program of the
+    group ranks the same sums: G times the gate's work, which stays small beside the attention's).
     """
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -174,7 +192,15 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < b_end
         p_m = o_b[None, :] * sm_b + i_g * sm_h + o_d[:, None]
-        b_sc = mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT, PREC)   # [BM, BNB]
+        if GROUP:
+            b_mn = tl.load(M + p_m, mask=m_b[None, :] & (o_d[:, None] < D), other=0.)
+            b_sc = tl.zeros([BM, BNB], tl.float32)
+            for j in range(G):
+                b_qj = tl.load(Q + o_m[:, None] * sq_t + (i_g * G + j) * sq_h + o_d[None, :],
+                               mask=m_m[:, None] & (o_d[None, :] < D), other=0.)
+                b_sc += scores_of(b_qj, b_mn, SPLIT, PREC)
+        else:
+            b_sc = mean_scores(b_q, M, p_m, m_b[None, :] & (o_d[:, None] < D), SPLIT, PREC)   # [BM, BNB]
         ok = m_m[:, None] & m_b[None, :] & (o_b[None, :] < own[:, None])
         b_sc = tl.where(ok, b_sc, float("-inf"))
         if REPLACE:
@@ -233,7 +259,7 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
     return out
 
 
-def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch.Tensor:
+def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int, group: bool = False) -> torch.Tensor:
     """The Triton gate alone: int32 [T, Hq, topk - 1] global block ids (as ``torch_backend.gate.select_past_blocks``)."""
     T, Hq, D = q.shape
     S = topk - 1
@@ -241,14 +267,15 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int) -> torch
     if S and lay.n_blocks > 1 and T:
         meta, launch = kernel_config(D, D, q.dtype, "gate")
         tiles, _ = q_tiles(lay, meta["BM"], device=q.device)
-        launch_gate(q, k, lay, lt, S, sel, 0, tiles, meta, launch)
+        launch_gate(q, k, lay, lt, S, sel, 0, tiles, meta, launch, group=group)
     return sel
 
 
-def launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, count=None):
+def launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, count=None, group=False):
     """The gate for query tiles ``tiles`` into ``sel_c`` (rows from t0). ``count``: `grouping.counters`' (cnt, NK,
     R), counted by the gate as it writes the selection. Sequences of at most GATE_SHARED_BLOCKS blocks take
-    `_gate_topk_g` (one program per query tile and kv head), others `_gate_topk` (one per query tile and head)."""
+    `_gate_topk_g` (one program per query tile and kv head), others `_gate_topk` (one per query tile and head).
+    ``group``: the ``gate="group"`` variant (the G heads' scores summed)."""
     q0, q1, p0, kb, fb = tiles
     means = means if means is not None else block_means(k, lay, lt)
     Hq, Hkv = q.shape[1], k.shape[1]
@@ -256,7 +283,8 @@ def launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, co
     args = (q, means, sel_c, q0, q1, p0, kb, fb, q.stride(0), q.stride(1), means.stride(0), means.stride(1), t0,
             lay.block_size, cnt, NK, lay.n_blocks)
     kw = dict(Hq=Hq, G=Hq // Hkv, S=S, SP=next_pow2(S), D=q.shape[2], BM=meta["BM"], BNB=GATE_SHARED_BLOCKS - 1,
-              BD=meta["BD"], SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], R=R, COUNT=count is not None)
+              BD=meta["BD"], SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], R=R, COUNT=count is not None,
+              GROUP=group)
     if lay.most_blocks <= GATE_SHARED_BLOCKS and S < GATE_REPLACE_S:
         _gate_topk_g[(q0.numel(), Hkv)](*args, **kw, **launch)
     else:
