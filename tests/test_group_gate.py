@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import moba
-from helpers import backends, device_of, make_inputs, rel_err, run_with_grads
+from helpers import DEVICE, backends, device_of, make_inputs, needs_triton, rel_err, run_with_grads
 from moba.naive import naive_select
 from test_kvcache import _setup
 
@@ -115,3 +115,24 @@ def test_gate_argument_is_checked():
                                                           dtype=torch.int32), gate="Group")):
         with pytest.raises(ValueError, match="gate must be 'head'"):
             call()
+
+
+@needs_triton
+@pytest.mark.parametrize("limit", [None, 17], ids=["per_kv_head", "per_head"])
+def test_triton_group_gate_forms_match_the_torch_gate(limit, monkeypatch):
+    """Both forms of the Triton gate with gate="group" (one program per query tile and kv head for sequences of at
+    most GATE_SHARED_BLOCKS blocks, else `_gate_topk`; the limit lowered to 17 sends 18 or more blocks to the latter,
+    in chunks of 16) choose what the torch gate chooses in fp64, the same blocks for every head of a group."""
+    from moba.layout import pack, validate
+    from moba.torch_backend import gate as torch_gate
+    from moba.triton import gate as triton_gate
+    if limit is not None:
+        monkeypatch.setattr(triton_gate, "GATE_SHARED_BLOCKS", limit)
+    q, k, v, extra = make_inputs([150, 3, 90], [150, 3, 90], 6, 2, 32, dtype=torch.float32, device=DEVICE)
+    for bs, topk in ((8, 3), (4, 5)):
+        lay, _ = validate(q, k, v, bs, topk, **extra)
+        got = triton_gate.select_past_blocks(pack(q), pack(k), lay, lay.tensors(q.device), topk, group=True).cpu()
+        qc, kc = pack(q).cpu().double(), pack(k).cpu().double()
+        want = torch_gate.select_past_blocks(qc, kc, lay, lay.tensors(torch.device("cpu")), topk, group=True)
+        assert torch.equal(got, want)
+        assert (got.view(got.shape[0], 2, 3, -1) == got.view(got.shape[0], 2, 3, -1)[:, :, :1]).all()

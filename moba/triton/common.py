@@ -126,8 +126,10 @@ def sm90_signature(fn, cexpr: dict, ptrs: dict, ints, floats=("scale", "scale_lo
     """(signature, constexprs, attributes) to compile the Triton or Gluon kernel ``fn`` ahead of time
     (`triton.compile` for sm_90, no GPU): ``cexpr`` its constexpr values, ``ptrs`` element types of its
     pointers by name (any other argument not in ``ints``/``floats`` is an int64 table), ``ints`` its int32
-    arguments; pointers and ints are declared 16-divisible as at a launch with aligned tensors."""
+    arguments; pointers and ints are declared 16-divisible as at a launch with aligned tensors. A constexpr that
+    ``cexpr`` leaves out takes its default, as at a launch."""
     sig, attrs = {}, {}
+    cexpr = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **cexpr}
     for i, n in enumerate(fn.arg_names):
         if n in cexpr:
             sig[n] = "constexpr"

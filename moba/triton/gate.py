@@ -171,12 +171,16 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
     cores give nearly fp32-exact scores. Ties go to the lower block id. Output by decreasing score.
     COUNT: each chosen (row, slot) entry also counted into the forward grouping's counters CNT (R copies of NK =
     S * Hkv * NB), in the copy `_slot_place`'s counting pass would use for it (its program of 1024 entries, mod R).
-    GROUP (the ``gate="group"`` variant): the scores of head i_h's G group heads summed (each program of the
-    group ranks the same sums: G times the gate's work, which stays small beside the attention's).
+    GROUP (the ``gate="group"`` variant): one program per query tile and kv head (axis 1), ranking the sums of its G
+    heads' scores and storing the choice for each of them.
     """
     i_t = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_g = i_h // G
+    if GROUP:
+        i_g = tl.program_id(1)
+        i_h = i_g * G
+    else:
+        i_h = tl.program_id(1)
+        i_g = i_h // G
     o_m, m_m, pos, lo, q0, q1, p0, kb = query_tile(i_t, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, block_size, BM)
     fb = tl.load(TILE_FB + i_t)
     own = fb + (pos - kb) // block_size                                 # [BM] global own block
@@ -210,8 +214,13 @@ def _gate_topk(Q, M, SEL, TILE_Q0, TILE_Q1, TILE_P0, TILE_KB, TILE_FB,
     if REPLACE:   # the kept set in order: S rounds of `topk_merge` against an empty chunk (scores -inf)
         b_bv, b_bi = topk_merge(b_bv, b_bi, tl.full([BM, 2], float("-inf"), tl.float32),
                                  tl.full([2], BIG, tl.int32), S, SP, BM)
-    _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h, i_g, NK, NB, Hq, S, R,
-                  COUNT)
+    if GROUP:
+        for j in tl.static_range(G):
+            _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h + j, i_g, NK, NB,
+                          Hq, S, R, COUNT)
+    else:
+        _store_choice(SEL, CNT, tl.where(b_bv > float("-inf"), b_bi, -1), o_m, m_m, o_s, t0, i_h, i_g, NK, NB, Hq, S,
+                      R, COUNT)
 
 
 @triton.jit
@@ -288,4 +297,4 @@ def launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, co
     if lay.most_blocks <= GATE_SHARED_BLOCKS and S < GATE_REPLACE_S:
         _gate_topk_g[(q0.numel(), Hkv)](*args, **kw, **launch)
     else:
-        _gate_topk[(q0.numel(), Hq)](*args, **kw, REPLACE=S >= GATE_REPLACE_S, **launch)
+        _gate_topk[(q0.numel(), Hkv if group else Hq)](*args, **kw, REPLACE=S >= GATE_REPLACE_S, **launch)
