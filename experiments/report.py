@@ -315,9 +315,16 @@ def group_gate():
         if all(n in _all() for n in pair):
             h, g = (final(n)[1]["val_loss"] for n in pair)
             print(f"| {s} | {h:.4f} | {g:.4f} | {100 * (g / h - 1):+.2f}% |")
-    if names:
-        plot("group_gate_cpu.png", "gate='group' vs per-head MoBA (CPU, 3.3M tokens)", "step",
-             [curve(n, lambda r: r["step"]) for n in names])
+    series = []
+    for s in range(5):
+        pair = [f"gate_cpu_{g}_s{s}" for g in ("head", "group")]
+        if all(n in _all() for n in pair):
+            h, g = (load(n)["history"] for n in pair)
+            series.append((f"seed {s}", [r["step"] for r in h],
+                           [100 * (b["val_loss"] / a["val_loss"] - 1) for a, b in zip(h, g)], 4))
+    if series:
+        plot("group_gate_cpu.png", "gate='group' against per-head MoBA, same seed (CPU)", "step", series,
+             ylabel="validation loss, group / head - 1 (%)", zero_line=True)
 
 
 def main(argv=None):

@@ -92,7 +92,7 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
             (a variant, not the paper's MoBA: the query heads that share a kv head choose the same blocks, by the
             sum of their scores ``<q_h, mean>`` over the group; with grouped-query attention a decode step then
             reads ``topk`` blocks per kv head instead of the union of its heads' choices). Train and serve a model
-            with the same gate; docs/design.md (section 11) gives its measured cost in quality.
+            with the same gate; experiments/RESULTS.md (section 6) gives its measured cost in quality.
 
     Returns:
         ``out`` [B, Tq, Hq, Dv] in q's dtype, or ``(out, lse)``. Gradients flow to q, k and v; the gate is
