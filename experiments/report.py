@@ -310,16 +310,13 @@ def group_gate():
     names = [n for n in names if n in _all()]
     table(names, title="6. gate='group' against per-head MoBA (CPU, 2 layers, 8 / 2 heads, 1024 tokens, block 64 topk 3)")
     print("\n| seed | per-head MoBA | group gate | group / head - 1 |\n|---|---|---|---|")
-    for s in range(5):
-        pair = [f"gate_cpu_{g}_s{s}" for g in ("head", "group")]
-        if all(n in _all() for n in pair):
-            h, g = (final(n)[1]["val_loss"] for n in pair)
-            print(f"| {s} | {h:.4f} | {g:.4f} | {100 * (g / h - 1):+.2f}% |")
     series = []
     for s in range(5):
         pair = [f"gate_cpu_{g}_s{s}" for g in ("head", "group")]
         if all(n in _all() for n in pair):
             h, g = (load(n)["history"] for n in pair)
+            print(f"| {s} | {h[-1]['val_loss']:.4f} | {g[-1]['val_loss']:.4f} | "
+                  f"{100 * (g[-1]['val_loss'] / h[-1]['val_loss'] - 1):+.2f}% |")
             series.append((f"seed {s}", [r["step"] for r in h],
                            [100 * (b["val_loss"] / a["val_loss"] - 1) for a, b in zip(h, g)], 4))
     if series:

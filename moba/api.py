@@ -104,7 +104,7 @@ def moba_attention(q, k, v, block_size, topk, *, cu_seqlens=None, cu_seqlens_k=N
         torch.Size([1, 1000, 4, 64])
     """
     sc = check_args(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, backend)
-    group = check_gate(gate) and q.shape[2] > k.shape[2]
+    group = check_gate(gate)
     backend = resolve_backend(backend, q, v)
     if backend == "naive":
         return naive_moba_attention(q, k, v, block_size, topk, cu_seqlens=cu_seqlens,

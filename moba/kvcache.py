@@ -151,7 +151,7 @@ def moba_attention_with_kvcache(q, k_cache, v_cache, block_size, topk, *, cache_
     """
     paged, page_size, sc = _check(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, k_new, v_new,
                                   key_sums, scale, backend)
-    group = check_gate(gate) and q.shape[2] > k_cache.shape[2]
+    group = check_gate(gate)
     be = resolve_backend(backend, q, v_cache)
     if be == "naive":
         be = "torch"

@@ -244,7 +244,7 @@ def moba_attention(q, k, v, block_size, topk, *, group=None, layout="zigzag", sc
         out, lse = _naive_allgather(q, k, v, block_size, topk, sc, group, layout, cu, gate)
     else:
         out, lse = _AllGatherMoBA.apply(q, k, v, block_size, topk, sc, be, deterministic, group, layout, cu,
-                                        check_gate(gate) and q.shape[2] > k.shape[2])
+                                        check_gate(gate))
         lse = lse.float()
     return (out, lse) if return_lse else out
 

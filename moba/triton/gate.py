@@ -283,8 +283,8 @@ def select_past_blocks(q, k, lay: Layout, lt: LayoutTensors, topk: int, group: b
 def launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, count=None, group=False):
     """The gate for query tiles ``tiles`` into ``sel_c`` (rows from t0). ``count``: `grouping.counters`' (cnt, NK,
     R), counted by the gate as it writes the selection. Sequences of at most GATE_SHARED_BLOCKS blocks take
-    `_gate_topk_g` (one program per query tile and kv head), others `_gate_topk` (one per query tile and head).
-    ``group``: the ``gate="group"`` variant (the G heads' scores summed)."""
+    `_gate_topk_g` (one program per query tile and kv head), others `_gate_topk` (one per query tile and head; per
+    kv head with ``group``, the ``gate="group"`` variant: the G heads' scores summed)."""
     q0, q1, p0, kb, fb = tiles
     means = means if means is not None else block_means(k, lay, lt)
     Hq, Hkv = q.shape[1], k.shape[1]
