@@ -130,6 +130,35 @@ def test_decode_kernel_matches_reference(backend, dtype, Hq, Hkv, config, monkey
     assert rel_err(out, ref[0]) < tol and rel_err(lse, ref[1]) < 2e-4 + (0 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("backend", backends("triton"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("Hq,Hkv,gate", [(4, 2, "head"), (8, 1, "head"), (6, 2, "group")], ids=["G2", "G8", "group"])
+def test_decode_gate_lists_its_choices_union(backend, dtype, Hq, Hkv, gate, monkeypatch):
+    """The listed walk's gate launch on its own: each query row's choices are the reference gate's (padding rows
+    choose nothing), and its list is their union in increasing order, then the own block."""
+    from moba.naive import naive_select
+    from moba.triton import configs, decode
+    monkeypatch.setitem(configs.CONFIG, "decode", (8, 64, 64, 4, 2, 512, 1))
+    lens_k, bs, topk = [75, 1, 200, 130], 16, 5
+    q, k, v, extra = make_inputs([1] * 4, lens_k, Hq, Hkv, 16, dtype=dtype, device=DEVICE)
+    seen = []
+    real = decode._gate_lists
+    monkeypatch.setattr(decode, "_gate_lists", lambda *a: seen.append(real(*a)) or seen[-1])
+    with torch.no_grad():
+        moba.moba_attention(q, k, v, bs, topk, backend=backend, gate=gate, **extra)
+    (bi, lst, cnt), = seen
+    G, cu = Hq // Hkv, [0] + torch.tensor(lens_k).cumsum(0).tolist()
+    for n, L in enumerate(lens_k):
+        ref = naive_select(q[0, n:n + 1].double(), k[0, cu[n]:cu[n + 1]].double(), bs, topk, gate=gate)[0]
+        own = (L - 1) // bs
+        for g in range(Hkv):
+            want = [sorted(x for x in ref[g * G + r, 1:].tolist() if x >= 0) for r in range(G)]
+            got = [sorted(x for x in bi[n, g, r].tolist() if x >= 0) for r in range(bi.shape[2])]
+            assert got[:G] == want and not any(got[G:]), (n, g)
+            union = sorted(set(sum(want, [])))
+            assert cnt[n, g].item() == len(union) + 1 and lst[n, g, :len(union) + 1].tolist() == union + [own], (n, g)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_decode_padded_reads_rows_in_place(dtype):

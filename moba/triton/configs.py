@@ -18,7 +18,7 @@ GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (64, 64, 4, 3), "own": (64, 64, 4
 # evenly, 0: the gate in every split, which takes every n-th work item of all the blocks). CONFIG["decode"] None
 # means DECODE_DEFAULT. A step streams K/V: enough programs and bytes in flight per SM to keep HBM busy, few enough
 # that every split still finds chosen blocks to read.
-DECODE_DEFAULT = (8, 64, 64, 4, 2, 512, 0)
+DECODE_DEFAULT = (8, 64, 64, 4, 2, 512, 1)
 CONFIG["decode"] = None
 
 # The forward's query chunks bound the selection and the entry ids it groups: at least SELECT_BYTES, or q's size

@@ -98,14 +98,20 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
     base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
     o_s = tl.arange(0, SP)
     tl.store(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_bi)
-    # the union: sorted, each distinct id where it first appears (-1, no block, sorts first and is dropped)
+    # the union, in increasing order: each distinct id where it first appears, placed after the distinct ids below
+    # it. The choices are read back from BI as one flat row (the barrier makes this program's stores visible to all
+    # its threads) and compared pairwise: no reshape, sort or gather of a tile in the gate's layout, the form whose
+    # fp32 build gave wrong lists on a GPU (docs/performance.md)
     L: tl.constexpr = GP * SP
+    tl.debug_barrier()
     o_l = tl.arange(0, L)
-    srt = tl.sort(tl.reshape(b_bi, [L]))
-    prev = tl.gather(srt, tl.maximum(o_l - 1, 0), 0)
-    first = (srt >= 0) & ((o_l == 0) | (srt != prev))
-    pos = tl.cumsum(first.to(tl.int32), 0) - 1
-    tl.store(LIST + base * (L + 1) + pos, srt, mask=first)
+    v = tl.load(BI + base * L + o_l)
+    vr = v[:, None]
+    vc = v[None, :]
+    earlier = (o_l[None, :] < o_l[:, None]) & (vc == vr)                 # [L, L]: j < i holds the same id
+    first = (v >= 0) & (tl.max(earlier.to(tl.int32), 1) == 0)
+    pos = tl.sum(((vc < vr) & first[None, :]).to(tl.int32), 1)           # distinct ids below v_i
+    tl.store(LIST + base * (L + 1) + pos, v, mask=first)
     n = tl.sum(first.to(tl.int32), 0)
     tl.store(LIST + base * (L + 1) + n, own)
     tl.store(CNT + base, n + 1)
@@ -274,20 +280,12 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bt, ps = paged if paged is not None else (row, 1)
     listed = bool(listed) and S > 0
-    # the gate's list is built from all GP x SP choices at once, a tile kept at least as large as the 128 threads of
-    # its 4 warps so that no thread holds a replicated copy (the one form that failed on a GPU: docs/performance.md)
-    SP = max(1, next_pow2(S), 128 // GP if listed else 1)
+    SP = max(1, next_pow2(S))
     lens = from_lens or (1, 0)
     kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=32, SPLIT_M=q.dtype != torch.float32, PREC=prec,
               PAGED=paged is not None, FROM_LENS=from_lens is not None, GROUP=group and G > 1)
     if listed:      # the gate once per (query, kv head): its choices and their union's list
-        n = N * Hkv
-        bi = torch.empty(n * GP * SP, dtype=torch.int32, device=q.device)
-        lst = torch.empty(n * (GP * SP + 1), dtype=torch.int32, device=q.device)
-        cnt = torch.empty(n, dtype=torch.int32, device=q.device)
-        _decode_gate[(N, Hkv)](q, means, k_start, k_end, row, blk_off, bi, lst, cnt, q.stride(0), q.stride(1),
-                               means.stride(0), means.stride(1), block_size, m_scale, bt, bt.stride(0),
-                               block_size // ps, *lens, **kw, num_warps=4)
+        bi, lst, cnt = _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw)
     else:
         bi = lst = cnt = part                                           # unread
     _decode_split[(N, Hkv, NSPLIT)](
@@ -299,6 +297,19 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     _decode_merge[(N, Hq)](pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP, NSPLIT=NSPLIT,
                            DV=DV, BDV=BDV)
     return out, lse
+
+
+def _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw):
+    """`_decode_gate` over every (query, kv head): each query row's chosen blocks BI [N, Hkv, GP, SP] (-1 for
+    none), the list of their union then the own block [N, Hkv, GP * SP + 1], and the list's length [N, Hkv]."""
+    N, Hkv, GP, SP = q.shape[0], q.shape[1] // kw["G"], kw["GP"], kw["SP"]
+    bi = torch.empty(N, Hkv, GP, SP, dtype=torch.int32, device=q.device)
+    lst = torch.empty(N, Hkv, GP * SP + 1, dtype=torch.int32, device=q.device)
+    cnt = torch.empty(N, Hkv, dtype=torch.int32, device=q.device)
+    _decode_gate[(N, Hkv)](q, means, k_start, k_end, row, blk_off, bi, lst, cnt, q.stride(0), q.stride(1),
+                           means.stride(0), means.stride(1), block_size, m_scale, bt, bt.stride(0),
+                           block_size // ps, *lens, **kw, num_warps=4)
+    return bi, lst, cnt
 
 
 def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, block_table, key_sums, scale: float,
