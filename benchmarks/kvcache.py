@@ -38,6 +38,8 @@ ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "result
 ap.add_argument("--decode-configs", default="",
                 help="also time the step's graph under these decode launch configs (moba.triton.configs.CONFIG"
                      "['decode']): 'per_sm:max_splits:bn:warps:stages:chunk,...'")
+ap.add_argument("--profile", action="store_true",
+                help="CUDA: the step's GPU time per kernel and its host time (moba.bench.profile_call)")
 ap.add_argument("--smoke", action="store_true", help="a small case that runs anywhere (checks this script)")
 A = ap.parse_args()
 sys.path.insert(0, os.path.abspath(A.tree or os.path.join(os.path.dirname(__file__), "..")))
@@ -184,6 +186,9 @@ def case(name):
     row["rel_err_vs_moba_attention"] = float((out.float() - ref.float()).norm() / ref.float().norm())
     timed("moba", step, row)
     row["moba_issue_ms"] = issue_ms(step, 100 if DEV == "cuda" else 3)
+    if A.profile and DEV == "cuda":
+        from moba.bench import profile_call
+        row["moba_profile"] = profile_call(step)
     if A.decode_configs:
         from moba.triton import configs
         row["decode_configs"] = []
