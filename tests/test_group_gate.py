@@ -91,7 +91,7 @@ def test_group_gate_with_kvcache(backend, listed, paged, monkeypatch):
         pytest.skip("a launch config of the Triton decode kernel")
     if backend == "triton":
         from moba.triton import configs
-        monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:-1] + (listed,))
+        monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:6] + (listed,))
     dtype = torch.float64 if backend == "torch" else torch.float32
     bs, topk, Tq = 8, 3, 2
     q, kc, vc, seqlens, bt, k_new, v_new, keys, vals = _setup(3, [37, 100, 64], Tq, 6, 2, 16, paged, dtype)

@@ -97,7 +97,7 @@ def test_kvcache_decode_loop_grows_in_place(backend, listed, monkeypatch):
         if backend != "triton":
             pytest.skip("a launch config of the Triton decode kernel")
         from moba.triton import configs
-        monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:-1] + (1,))
+        monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:6] + (1,))
     dtype = torch.float64 if backend == "torch" else torch.float32
     bs, topk, ps, steps = 8, 3, 4, 6
     q, kc, vc, seqlens, bt, _, _, keys, vals = _setup(2, [13, 30], steps, 4, 2, 16, ps, dtype, max_pages=12)

@@ -20,7 +20,7 @@ from ..layout import Layout, LayoutTensors
 from ..utils import cached, cdiv, new_empty, next_pow2, sm_count, to_device
 from . import configs
 from .common import online_softmax
-from .gate import scores_of, topk_merge
+from .gate import _topk_replace, scores_of, topk_merge
 
 
 @triton.jit
@@ -42,9 +42,11 @@ def _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS: tl.constexpr)
 @triton.jit
 def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.constexpr, GP: tl.constexpr,
              S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr,
-             SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr, GROUP: tl.constexpr):
-    """The S best earlier blocks (local ids, -1 for none) of each of the G query rows [GP, BD]: [GP, SP]. GROUP (the
-    ``gate="group"`` variant): by the sum of the G rows' scores, the same blocks for every row."""
+             SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr, GROUP: tl.constexpr,
+             REPLACE: tl.constexpr):
+    """The S best earlier blocks (local ids, -1 for none) of each of the G query rows [GP, BD]: [GP, SP], in no
+    particular order. GROUP (the ``gate="group"`` variant): by the sum of the G rows' scores, the same blocks for
+    every row. REPLACE: kept by `_topk_replace` (the same set)."""
     BIG: tl.constexpr = 2147483647
     o_d = tl.arange(0, BD)
     b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
@@ -68,7 +70,10 @@ def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.cons
         if GROUP:
             b_sc = tl.broadcast_to(tl.sum(tl.where(m_r[:, None], b_sc, 0.), 0)[None, :], [GP, BNB])
         b_sc = tl.where(m_r[:, None] & m_b[None, :], b_sc, float("-inf"))
-        b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
+        if REPLACE:
+            b_bv, b_bi = _topk_replace(b_bv, b_bi, b_sc, o_b, S, SP)
+        else:
+            b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
     return tl.where(b_bv > float("-inf"), b_bi, -1)
 
 
@@ -77,7 +82,8 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
                  BT, sbt, PPB, TQ, NBR,
                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                  BD: tl.constexpr, BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
-                 PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, GROUP: tl.constexpr = False):
+                 PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, GROUP: tl.constexpr = False,
+                 REPLACE: tl.constexpr = False):
     """The gate of one query (program axis 0) and kv head (axis 1), once for all the splits that read its blocks:
     each query row's chosen blocks (BI [GP, SP], -1 for none) and their union with the own block as a list (LIST:
     the distinct chosen blocks in increasing order, then the own block; CNT: its length), from which the splits take
@@ -94,7 +100,7 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
     b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
                   mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
     b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M, PREC,
-                    PAGED, GROUP)
+                    PAGED, GROUP, REPLACE)
     base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
     o_s = tl.arange(0, SP)
     tl.store(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_bi)
@@ -125,7 +131,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   BNB: tl.constexpr, CH: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
                   PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, LISTED: tl.constexpr = False,
-                  ALL: tl.constexpr = False, GROUP: tl.constexpr = False):
+                  ALL: tl.constexpr = False, GROUP: tl.constexpr = False, REPLACE: tl.constexpr = False):
     """One query (program axis 0), one kv head, one split of the walk over the blocks. Keys: rows k0 .. k1 - 1 of
     batch row ROW; or (PAGED) positions k0 .. k1 - 1 of sequence ROW's pages BT[ROW, :] (PS rows each, page stride
     sk_b), its block means the sums of its blocks' PPB pages in M ([pages, Hkv, D]). Means are M's rows times
@@ -159,7 +165,7 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
         n_blk = tl.load(CNT + base)
     else:
         b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M,
-                        PREC, PAGED, GROUP)
+                        PREC, PAGED, GROUP, REPLACE)
         n_blk = own + 1
     # attention over this split's share of the union of chosen blocks, plus the own block
     b_m = tl.full([GP], float("-inf"), tl.float32)
@@ -269,7 +275,8 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
     # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
-    per_sm, max_splits, bn, warps, stages, chunk, listed = configs.CONFIG["decode"] or configs.DECODE_DEFAULT
+    cfg = configs.CONFIG["decode"] or ()
+    per_sm, max_splits, bn, warps, stages, chunk, listed, bnb, replace = cfg + configs.DECODE_DEFAULT[len(cfg):]
     sms = sm_count(q.device) if q.is_cuda else 1
     NSPLIT = min(max_splits, max(2, next_pow2(cdiv(per_sm * sms, N * Hkv))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
@@ -282,8 +289,9 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     listed = bool(listed) and S > 0
     SP = max(1, next_pow2(S))
     lens = from_lens or (1, 0)
-    kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=32, SPLIT_M=q.dtype != torch.float32, PREC=prec,
-              PAGED=paged is not None, FROM_LENS=from_lens is not None, GROUP=group and G > 1)
+    kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=bnb, SPLIT_M=q.dtype != torch.float32, PREC=prec,
+              PAGED=paged is not None, FROM_LENS=from_lens is not None, GROUP=group and G > 1,
+              REPLACE=bool(replace))
     if listed:      # the gate once per (query, kv head): its choices and their union's list
         bi, lst, cnt = _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw)
     else:
