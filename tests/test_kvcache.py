@@ -88,16 +88,16 @@ def test_kvcache_against_reference(case, sums, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("listed", [0, 1], ids=["gate-per-split", "listed"])
-def test_kvcache_decode_loop_grows_in_place(backend, listed, monkeypatch):
+@pytest.mark.parametrize("gate_cfg", [None, (0,), (1, 16, 0, 2)], ids=["default", "gate-per-split", "2-gate-programs"])
+def test_kvcache_decode_loop_grows_in_place(backend, gate_cfg, monkeypatch):
     """A decode loop: each step appends one key to the paged cache and its sums, the lengths grow on the device;
-    every step equals the reference on the keys so far. Triton: with the gate in every split, and in its own launch
-    whose list the splits share out."""
-    if listed:
+    every step equals the reference on the keys so far. Triton: with the gate in its own launch whose list the
+    splits share out (the default), in every split, and in two programs per sequence and kv head then a merge."""
+    if gate_cfg is not None:
         if backend != "triton":
             pytest.skip("a launch config of the Triton decode kernel")
         from moba.triton import configs
-        monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:6] + (1,))
+        monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:6] + gate_cfg)
     dtype = torch.float64 if backend == "torch" else torch.float32
     bs, topk, ps, steps = 8, 3, 4, 6
     q, kc, vc, seqlens, bt, _, _, keys, vals = _setup(2, [13, 30], steps, 4, 2, 16, ps, dtype, max_pages=12)

@@ -17,10 +17,11 @@ GPU_DEFAULT = {"gate": (128, 64, 8, 3), "fwd": (64, 64, 4, 3), "own": (64, 64, 4
 # stops at its block's end; 1: the gate in a launch of its own, whose list of chosen blocks the splits share out
 # evenly, 0: the gate in every split, which takes every n-th work item of all the blocks; block means the gate
 # scores at a time; 1: the gate keeps its choices by replacement (`_topk_replace`, rounds only while a chunk holds
-# better blocks), 0: by topk - 1 rounds of max extraction per chunk). CONFIG["decode"] None means DECODE_DEFAULT; a
-# shorter tuple takes the rest from it. A step streams K/V: enough programs and bytes in flight per SM to keep HBM
-# busy, few enough that every split still finds chosen blocks to read.
-DECODE_DEFAULT = (8, 64, 64, 4, 2, 512, 1, 32, 0)
+# better blocks), 0: by topk - 1 rounds of max extraction per chunk; listed: programs that score a sequence's blocks
+# side by side, a power of 2, merged by a launch of their own where more than 1). CONFIG["decode"] None means
+# DECODE_DEFAULT; a shorter tuple takes the rest from it. A step streams K/V: enough programs and bytes in flight
+# per SM to keep HBM busy, few enough that every split still finds chosen blocks to read.
+DECODE_DEFAULT = (8, 64, 64, 4, 2, 512, 1, 32, 0, 1)
 CONFIG["decode"] = None
 
 # The forward's query chunks bound the selection and the entry ids it groups: at least SELECT_BYTES, or q's size

@@ -40,13 +40,14 @@ def _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS: tl.constexpr)
 
 
 @triton.jit
-def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.constexpr, GP: tl.constexpr,
-             S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr,
-             SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr, GROUP: tl.constexpr,
+def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, c_first, c_step, G: tl.constexpr,
+             GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+             BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr, PAGED: tl.constexpr, GROUP: tl.constexpr,
              REPLACE: tl.constexpr):
-    """The S best earlier blocks (local ids, -1 for none) of each of the G query rows [GP, BD]: [GP, SP], in no
-    particular order. GROUP (the ``gate="group"`` variant): by the sum of the G rows' scores, the same blocks for
-    every row. REPLACE: kept by `_topk_replace` (the same set)."""
+    """The S best earlier blocks of each of the G query rows [GP, BD] among the chunks of BNB blocks that start at
+    c_first, c_first + c_step, ...: their scores and local ids [GP, SP] (-inf and -1 for none), in no particular
+    order. GROUP (the ``gate="group"`` variant): by the sum of the G rows' scores, the same blocks for every row.
+    REPLACE: kept by `_topk_replace` (the same set)."""
     BIG: tl.constexpr = 2147483647
     o_d = tl.arange(0, BD)
     b_bv = tl.full([GP, SP], float("-inf"), tl.float32)
@@ -55,7 +56,7 @@ def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.cons
         n_gate = own
     else:           # topk 1: the own block alone, nothing to score
         n_gate = own * 0
-    for c0 in range(0, n_gate, BNB):
+    for c0 in range(c_first, n_gate, c_step):
         o_b = c0 + tl.arange(0, BNB)
         m_b = o_b < own
         m_ld = m_b[None, :] & (o_d[:, None] < D)
@@ -74,22 +75,25 @@ def _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G: tl.cons
             b_bv, b_bi = _topk_replace(b_bv, b_bi, b_sc, o_b, S, SP)
         else:
             b_bv, b_bi = topk_merge(b_bv, b_bi, b_sc, o_b, S, SP, GP)
-    return tl.where(b_bv > float("-inf"), b_bi, -1)
+    return b_bv, tl.where(b_bv > float("-inf"), b_bi, -1)
 
 
 @triton.jit
-def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, sm_b, sm_h, block_size, m_scale,
+def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, CV, sq_n, sq_h, sm_b, sm_h, block_size, m_scale,
                  BT, sbt, PPB, TQ, NBR,
                  G: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
                  BD: tl.constexpr, BNB: tl.constexpr, SPLIT_M: tl.constexpr, PREC: tl.constexpr,
                  PAGED: tl.constexpr = False, FROM_LENS: tl.constexpr = False, GROUP: tl.constexpr = False,
-                 REPLACE: tl.constexpr = False):
+                 REPLACE: tl.constexpr = False, NPROG: tl.constexpr = 1, GR: tl.constexpr = 16):
     """The gate of one query (program axis 0) and kv head (axis 1), once for all the splits that read its blocks:
     each query row's chosen blocks (BI [GP, SP], -1 for none) and their union with the own block as a list (LIST:
     the distinct chosen blocks in increasing order, then the own block; CNT: its length), from which the splits take
-    work items in turn."""
+    work items in turn. NPROG > 1: program c (axis 2) of NPROG scores the chunks c, c + NPROG, ... of the blocks
+    and writes its best S per row, scores in CV and ids in BI ([.., NPROG, GP, SP]); `_decode_gate_merge` ranks
+    them and writes the list (a long sequence's blocks are scored by NPROG programs side by side)."""
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
+    i_c = tl.program_id(2)
     k0, k1, row, fb = _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS)
     if PAGED:
         BT += row * sbt
@@ -99,27 +103,80 @@ def _decode_gate(Q, M, K_START, K_END, ROW, BLK_OFF, BI, LIST, CNT, sq_n, sq_h, 
     o_d = tl.arange(0, BD)
     b_q = tl.load(Q + i_n * sq_n + (i_g * G + o_r)[:, None] * sq_h + o_d[None, :],
                   mask=m_r[:, None] & (o_d[None, :] < D), other=0.)      # [GP, BD]
-    b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M, PREC,
-                    PAGED, GROUP, REPLACE)
+    b_bv, b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, i_c * BNB, NPROG * BNB, G, GP,
+                          S, SP, D, BD, BNB, SPLIT_M, PREC, PAGED, GROUP, REPLACE)
     base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
     o_s = tl.arange(0, SP)
-    tl.store(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_bi)
-    # the union, in increasing order: each distinct id where it first appears, placed after the distinct ids below
-    # it. The choices are read back from BI as one flat row (the barrier makes this program's stores visible to all
-    # its threads) and compared pairwise: no reshape, sort or gather of a tile in the gate's layout, the form whose
-    # fp32 build gave wrong lists on a GPU (docs/performance.md)
-    L: tl.constexpr = GP * SP
+    tile = ((base * NPROG + i_c) * GP + o_r)[:, None] * SP + o_s[None, :]
+    tl.store(BI + tile, b_bi)
+    if NPROG > 1:
+        tl.store(CV + tile, b_bv)
+    else:
+        _list_union(BI, LIST, CNT, base, own, GP, SP, GR)
+
+
+@triton.jit
+def _decode_gate_merge(BI, LIST, CNT, CV, K_START, K_END, ROW, BLK_OFF, block_size, TQ, NBR, BIC,
+                       GP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, NPROG: tl.constexpr,
+                       GR: tl.constexpr, FROM_LENS: tl.constexpr = False):
+    """`_decode_gate`'s NPROG programs of one query and kv head merged: the S best of their NPROG x S candidates
+    per row (S rounds of max extraction, ties to the lower id; a block was scored by one program only), stored in
+    BIC [GP, SP] as `_decode_gate` with one program stores them, and their union's list."""
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    k0, k1, row, fb = _seq_of(i_n, K_START, K_END, ROW, BLK_OFF, TQ, NBR, FROM_LENS)
+    own = (k1 - k0 - 1) // block_size
+    base = (i_n * tl.num_programs(1) + i_g).to(tl.int64)
+    BIG: tl.constexpr = 2147483647
+    W: tl.constexpr = NPROG * SP
+    o_r = tl.arange(0, GP)
+    o_w = tl.arange(0, W)
+    o_s = tl.arange(0, SP)
+    off = ((base * NPROG + o_w[None, :] // SP) * GP + o_r[:, None]) * SP + o_w[None, :] % SP       # [GP, W]
+    ids = tl.load(BI + off)
+    vals = tl.where(ids >= 0, tl.load(CV + off), float("-inf"))
+    b_ni = tl.full([GP, SP], -1, tl.int32)
+    for r in range(S):
+        mx = tl.max(vals, 1)
+        idx = tl.min(tl.where(vals == mx[:, None], ids, BIG), 1)
+        b_ni = tl.where((o_s[None, :] == r) & (mx > float("-inf"))[:, None], idx[:, None], b_ni)
+        vals = tl.where(ids == idx[:, None], float("-inf"), vals)
+    tl.store(BIC + (base * GP + o_r)[:, None] * SP + o_s[None, :], b_ni)
+    _list_union(BIC, LIST, CNT, base, own, GP, SP, GR)
+
+
+@triton.jit
+def _list_union(BI, LIST, CNT, base, own, GP: tl.constexpr, SP: tl.constexpr, GR: tl.constexpr):
+    """The list of the distinct blocks chosen by the first GR rows of BI's [GP, SP] tile at ``base`` (the rows of
+    real heads; the rest choose nothing), in increasing order, then the own block (LIST; its length in CNT).
+
+    The choices are read back from BI as one flat row (a barrier makes the program's stores visible to all its
+    threads) and compared with chunks of themselves: an id is kept where it first appears, and placed after the
+    distinct ids below it. No reshape, sort or gather of a tile in the gate's layout (the form whose fp32 build gave
+    wrong lists on a GPU, docs/performance.md), and no [L, L] tile (which spills at 16 x 16 choices)."""
+    L: tl.constexpr = GR * SP
+    JC: tl.constexpr = 16 if L > 16 else L
+    LB = LIST + base * (GP * SP + 1)
     tl.debug_barrier()
     o_l = tl.arange(0, L)
-    v = tl.load(BI + base * L + o_l)
-    vr = v[:, None]
-    vc = v[None, :]
-    earlier = (o_l[None, :] < o_l[:, None]) & (vc == vr)                 # [L, L]: j < i holds the same id
-    first = (v >= 0) & (tl.max(earlier.to(tl.int32), 1) == 0)
-    pos = tl.sum(((vc < vr) & first[None, :]).to(tl.int32), 1)           # distinct ids below v_i
-    tl.store(LIST + base * (L + 1) + pos, v, mask=first)
+    o_j = tl.arange(0, JC)
+    v = tl.load(BI + base * GP * SP + o_l)
+    dup = tl.zeros([L], tl.int32)
+    for j0 in tl.static_range(0, L, JC):        # an id is a repeat if an earlier entry holds it
+        vj = tl.load(BI + base * GP * SP + j0 + o_j)
+        hit = ((j0 + o_j)[None, :] < o_l[:, None]) & (vj[None, :] == v[:, None])
+        dup += tl.sum(hit.to(tl.int32), 1)
+    first = (v >= 0) & (dup == 0)
+    tl.store(LB + o_l, tl.where(first, v, -1))  # the first appearances, read back in chunks (LIST is scratch here)
+    tl.debug_barrier()
+    pos = tl.zeros([L], tl.int32)
+    for j0 in tl.static_range(0, L, JC):        # distinct ids below v_i
+        wj = tl.load(LB + j0 + o_j)
+        pos += tl.sum(((wj[None, :] >= 0) & (wj[None, :] < v[:, None])).to(tl.int32), 1)
     n = tl.sum(first.to(tl.int32), 0)
-    tl.store(LIST + base * (L + 1) + n, own)
+    tl.debug_barrier()                          # every chunk read before the list overwrites them
+    tl.store(LB + pos, v, mask=first)
+    tl.store(LB + n, own)
     tl.store(CNT + base, n + 1)
 
 
@@ -164,8 +221,8 @@ def _decode_split(Q, K, V, M, K_START, K_END, ROW, BLK_OFF, PM, PL, PACC, BI, LI
         b_bi = tl.load(BI + (base * GP + o_r)[:, None] * SP + o_s[None, :])     # [GP, SP] chosen local block ids
         n_blk = tl.load(CNT + base)
     else:
-        b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, G, GP, S, SP, D, BD, BNB, SPLIT_M,
-                        PREC, PAGED, GROUP, REPLACE)
+        b_bi = _gate_of(b_q, M, BT, fb, own, i_g, sm_b, sm_h, m_scale, PPB, m_r, 0, BNB, G, GP, S, SP, D, BD, BNB,
+                        SPLIT_M, PREC, PAGED, GROUP, REPLACE)[1]
         n_blk = own + 1
     # attention over this split's share of the union of chosen blocks, plus the own block
     b_m = tl.full([GP], float("-inf"), tl.float32)
@@ -276,7 +333,8 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
     # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
     cfg = configs.CONFIG["decode"] or ()
-    per_sm, max_splits, bn, warps, stages, chunk, listed, bnb, replace = cfg + configs.DECODE_DEFAULT[len(cfg):]
+    per_sm, max_splits, bn, warps, stages, chunk, listed, bnb, replace, gate_progs = \
+        cfg + configs.DECODE_DEFAULT[len(cfg):]
     sms = sm_count(q.device) if q.is_cuda else 1
     NSPLIT = min(max_splits, max(2, next_pow2(cdiv(per_sm * sms, N * Hkv))))
     n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
@@ -293,7 +351,8 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
               PAGED=paged is not None, FROM_LENS=from_lens is not None, GROUP=group and G > 1,
               REPLACE=bool(replace))
     if listed:      # the gate once per (query, kv head): its choices and their union's list
-        bi, lst, cnt = _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw)
+        bi, lst, cnt = _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw,
+                                   next_pow2(gate_progs))
     else:
         bi = lst = cnt = part                                           # unread
     _decode_split[(N, Hkv, NSPLIT)](
@@ -307,16 +366,27 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     return out, lse
 
 
-def _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw):
-    """`_decode_gate` over every (query, kv head): each query row's chosen blocks BI [N, Hkv, GP, SP] (-1 for
-    none), the list of their union then the own block [N, Hkv, GP * SP + 1], and the list's length [N, Hkv]."""
+def _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw, nprog=1):
+    """`_decode_gate` over every (query, kv head), in ``nprog`` programs each (then `_decode_gate_merge`): each
+    query row's chosen blocks BI [N, Hkv, GP, SP] (-1 for none), the list of their union then the own block
+    [N, Hkv, GP * SP + 1], and the list's length [N, Hkv]."""
     N, Hkv, GP, SP = q.shape[0], q.shape[1] // kw["G"], kw["GP"], kw["SP"]
+    GR = next_pow2(kw["G"])                     # the rows of real heads that the union reads
     bi = torch.empty(N, Hkv, GP, SP, dtype=torch.int32, device=q.device)
     lst = torch.empty(N, Hkv, GP * SP + 1, dtype=torch.int32, device=q.device)
     cnt = torch.empty(N, Hkv, dtype=torch.int32, device=q.device)
-    _decode_gate[(N, Hkv)](q, means, k_start, k_end, row, blk_off, bi, lst, cnt, q.stride(0), q.stride(1),
-                           means.stride(0), means.stride(1), block_size, m_scale, bt, bt.stride(0),
-                           block_size // ps, *lens, **kw, num_warps=4)
+    if nprog > 1:       # each program's best S per row: ids and scores
+        cand = torch.empty(2, N * Hkv * nprog * GP * SP, dtype=torch.int32, device=q.device)
+        ci, cv = cand[0], cand[1].view(torch.float32)
+    else:
+        ci, cv = bi, bi                                                 # cv unread
+    _decode_gate[(N, Hkv, nprog)](q, means, k_start, k_end, row, blk_off, ci, lst, cnt, cv, q.stride(0), q.stride(1),
+                                  means.stride(0), means.stride(1), block_size, m_scale, bt, bt.stride(0),
+                                  block_size // ps, *lens, **kw, NPROG=nprog, GR=GR, num_warps=4)
+    if nprog > 1:
+        _decode_gate_merge[(N, Hkv)](ci, lst, cnt, cv, k_start, k_end, row, blk_off, block_size, *lens, bi,
+                                     GP=GP, S=kw["S"], SP=SP, NPROG=nprog, GR=GR, FROM_LENS=kw["FROM_LENS"],
+                                     num_warps=4)
     return bi, lst, cnt
 
 
