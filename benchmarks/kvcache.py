@@ -37,7 +37,8 @@ ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "result
                 help="append one JSON line per case")
 ap.add_argument("--decode-configs", default="",
                 help="also time the step's graph under these decode launch configs (moba.triton.configs.CONFIG"
-                     "['decode']): 'per_sm:max_splits:bn:warps:stages:chunk,...'")
+                     "['decode'], whose comment says what each field is; a shorter one takes the rest from the "
+                     "default): 'per_sm:max_splits:bn:warps:stages:chunk:listed:gate_chunk:replace:gate_programs,...'")
 ap.add_argument("--profile", action="store_true",
                 help="CUDA: the step's GPU time per kernel and its host time (moba.bench.profile_call)")
 ap.add_argument("--smoke", action="store_true", help="a small case that runs anywhere (checks this script)")

@@ -136,13 +136,15 @@ def test_decode_kernel_matches_reference(backend, dtype, Hq, Hkv, config, monkey
 @pytest.mark.parametrize("backend", backends("triton"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("Hq,Hkv,gate", [(4, 2, "head"), (8, 1, "head"), (6, 2, "group")], ids=["G2", "G8", "group"])
-@pytest.mark.parametrize("gate_cfg", [(32, 0), (16, 1), (16, 0, 2), (16, 1, 4)],
-                         ids=["rounds", "replace", "rounds-2-programs", "replace-4-programs"])
+@pytest.mark.parametrize("gate_cfg", [(32, 0), (16, 1), (16, 0, 2), (16, 1, 2), (16, 1, 4)],
+                         ids=["rounds", "replace", "rounds-2-programs", "replace-2-programs", "replace-4-programs"])
 def test_decode_gate_lists_its_choices_union(backend, dtype, Hq, Hkv, gate, gate_cfg, monkeypatch):
     """The listed walk's gate launch on its own: each query row's choices are the reference gate's (padding rows
     choose nothing), and its list is their union in increasing order, then the own block; the gate ranking 32
     blocks at a time by rounds of max extraction, or 16 at a time by replacement (the longest sequence has 38);
-    in one program, or in 2 or 4 side by side whose best blocks a second launch merges."""
+    in one program, or in 2 or 4 side by side whose best blocks a second launch merges (with 2, program 0 scores
+    chunks 0 and 2). The interpreter runs a program's threads as one, so the barriers between the list's writes
+    and reads are checked on a GPU only."""
     from moba.naive import naive_select
     from moba.triton import configs, decode
     monkeypatch.setitem(configs.CONFIG, "decode", (8, 64, 64, 4, 2, 512, 1) + gate_cfg)

@@ -332,7 +332,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
     # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
     # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
-    cfg = configs.CONFIG["decode"] or ()
+    cfg = tuple(configs.CONFIG["decode"] or ())
     per_sm, max_splits, bn, warps, stages, chunk, listed, bnb, replace, gate_progs = \
         cfg + configs.DECODE_DEFAULT[len(cfg):]
     sms = sm_count(q.device) if q.is_cuda else 1
@@ -352,7 +352,7 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
               REPLACE=bool(replace))
     if listed:      # the gate once per (query, kv head): its choices and their union's list
         bi, lst, cnt = _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw,
-                                   next_pow2(gate_progs))
+                                   max(1, next_pow2(gate_progs)))
     else:
         bi = lst = cnt = part                                           # unread
     _decode_split[(N, Hkv, NSPLIT)](
