@@ -371,7 +371,8 @@ def _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt,
     query row's chosen blocks BI [N, Hkv, GP, SP] (-1 for none), the list of their union then the own block
     [N, Hkv, GP * SP + 1], and the list's length [N, Hkv]."""
     N, Hkv, GP, SP = q.shape[0], q.shape[1] // kw["G"], kw["GP"], kw["SP"]
-    GR = next_pow2(kw["G"])                     # the rows of real heads that the union reads
+    # the rows of real heads that the union reads; under gate="group" they all hold the same choices: the first
+    GR = 1 if kw["GROUP"] else next_pow2(kw["G"])
     bi = torch.empty(N, Hkv, GP, SP, dtype=torch.int32, device=q.device)
     lst = torch.empty(N, Hkv, GP * SP + 1, dtype=torch.int32, device=q.device)
     cnt = torch.empty(N, Hkv, dtype=torch.int32, device=q.device)
