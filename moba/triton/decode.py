@@ -1,10 +1,19 @@
-"""Triton decode kernel: one query per sequence against its KV cache, gate and attention in one launch.
+"""Triton decode kernels: one query per sequence against its KV cache (inference only, no backward).
 
-Grid (sequence, kv head, split). A program loads the query rows of the kv head's G query heads, runs the
-gate for them (running top-(topk-1) over the block means, as ``moba.triton.gate._gate_topk``), then walks the
-candidate blocks assigned to its split and reads a block's K/V only if some head of the group chose it
-(or it is the own block): the union of the group's choices is read once per kv head. Partial results
-(max, sum, acc) per split are merged by a second small kernel. Inference only (no backward).
+A step is three launches (four with a KV cache's append, `append`), sized by `configs.DECODE_DEFAULT`:
+
+- `_decode_gate`, grid (query, kv head): loads the query rows of the kv head's G query heads, ranks the earlier
+  blocks by <q, block mean> (running top-(topk-1), as ``moba.triton.gate._gate_topk``) and writes each row's
+  choices and the list of their union with the own block (`_list_union`). Optionally several programs per
+  (query, kv head) score the blocks side by side and `_decode_gate_merge` ranks their candidates.
+- `_decode_split`, grid (query, kv head, split): the splits take the list's work items (up to 512 keys of one
+  block) in turn and read each item's K/V once for every head of the group that chose its block (the union is
+  read once per kv head, not once per query head), keeping a running (max, sum, output) per head.
+- `_decode_merge`, grid (query, query head): combines the splits' partial results.
+
+With the listed field of the config 0 there is no gate launch: every split runs the gate itself and takes every
+NSPLIT-th work item of all the blocks (slower wherever measured: docs/performance.md); with topk covering every
+block (``all_blocks``) nothing is ranked and every block is read.
 
 A sequence's keys are rows K_START .. K_END - 1 of batch row ROW, so the same kernel reads packed
 sequences (``decode``: one row, cu_seqlens_k offsets) and the rows of a padded cache in place
