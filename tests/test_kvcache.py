@@ -88,8 +88,9 @@ def test_kvcache_against_reference(case, sums, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("gate_cfg", [None, (0,), (1, 16, 0, 2)], ids=["default", "gate-per-split", "2-gate-programs"])
-def test_kvcache_decode_loop_grows_in_place(backend, gate_cfg, monkeypatch):
+@pytest.mark.parametrize("gate_cfg,long_len", [(None, 30), ((0,), 30), ((1, 16, 0, 2), 300)],
+                         ids=["default", "gate-per-split", "2-gate-programs"])
+def test_kvcache_decode_loop_grows_in_place(backend, gate_cfg, long_len, monkeypatch):
     """A decode loop: each step appends one key to the paged cache and its sums, the lengths grow on the device;
     every step equals the reference on the keys so far. Triton: with the gate in its own launch whose list the
     splits share out (the default), in every split, and in two programs per sequence and kv head then a merge (a
@@ -101,9 +102,8 @@ def test_kvcache_decode_loop_grows_in_place(backend, gate_cfg, monkeypatch):
         monkeypatch.setitem(configs.CONFIG, "decode", configs.DECODE_DEFAULT[:6] + gate_cfg)
     dtype = torch.float64 if backend == "torch" else torch.float32
     bs, topk, ps, steps = 8, 3, 4, 6
-    long = gate_cfg is not None and len(gate_cfg) > 3
-    q, kc, vc, seqlens, bt, _, _, keys, vals = _setup(2, [13, 300 if long else 30], steps, 4, 2, 16, ps, dtype,
-                                                      max_pages=80 if long else 12)
+    q, kc, vc, seqlens, bt, _, _, keys, vals = _setup(2, [13, long_len], steps, 4, 2, 16, ps, dtype,
+                                                      max_pages=long_len // ps + 5)
     dev = device_of(backend)
     q, kc, vc, bt = (x.to(dev) for x in (q, kc, vc, bt))
     # the cache holds the first lengths; the steps' keys come one at a time
