@@ -10,7 +10,7 @@ groups=(  # "files|-k expression"
   "test_forward.py|gluon_forward and in_own_kernel" "test_forward.py|gluon_forward and triton_gate"
   "test_forward.py|not matches_reference and not cuda_against_reference and not gluon_forward"
   "test_backward.py|gluon_dkdv" "test_backward.py|not gluon_dkdv" "test_varlen.py" "test_cuda_graphs.py"
-  "test_gate.py test_grouping.py" "test_decode.py test_group_gate.py" "test_kvcache.py" "test_compile.py test_validation.py test_bench.py" "test_hf.py"
+  "test_gate.py test_grouping.py" "test_decode.py test_group_gate.py" "test_kvcache.py" "test_compile.py test_validation.py test_bench.py test_launch.py" "test_hf.py"
   "test_random_configs.py|cuda-triton" "test_random_configs.py|cuda-gluon")
 pids=()
 for i in "${!groups[@]}"; do

@@ -20,6 +20,7 @@ from ..utils import cached, cdiv, new_empty
 from .common import LOG2E, gathered_rows, k_tiles, kernel_config, q_tiles, query_tile
 from .configs import DKDV_RING
 from .grouping import group_entries
+from .launch import launch_kernel
 
 
 @triton.jit
@@ -251,9 +252,8 @@ def backward(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, t
     delta = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     if T:
         dl = dlse.contiguous() if dlse is not None else delta
-        _delta[(cdiv(T * Hq, 64),)](out, do, dl, delta, T * Hq, out.stride(0), out.stride(1), do.stride(0),
-                                           do.stride(1), Hq=Hq, DV=DV, BR=64, BDV=meta["BDV"],
-                                           HAS_DLSE=dlse is not None)
+        launch_kernel(_delta, (cdiv(T * Hq, 64),), out, do, dl, delta, T * Hq, out.stride(0), out.stride(1),
+                      do.stride(0), do.stride(1), Hq=Hq, DV=DV, BR=64, BDV=meta["BDV"], HAS_DLSE=dlse is not None)
     dk = new_empty(Tk, Hkv, D, dtype=k.dtype, device=q.device)
     dv = new_empty(Tk, Hkv, DV, dtype=v.dtype, device=q.device)
     sl2 = scale * LOG2E
@@ -275,10 +275,10 @@ def backward(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, t
             lt.q_pos, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, sl2, NB)
     if n_kt and use_gluon and BN == 128 and gluon.usable(q, D, DV, k, v, do):
         from ..gluon.bwd_dkdv_sm90 import dkdv_kernel
-        dkdv_kernel[(n_kt * Hkv,)](*args, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, BM=32, BN=BN, NS=DKDV_RING,
-                                   num_warps=8)
+        launch_kernel(dkdv_kernel, (n_kt * Hkv,), *args, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, BM=32, BN=BN,
+                      NS=DKDV_RING, num_warps=8)
     elif n_kt:
-        _dkdv[(n_kt * Hkv,)](*args, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k, **launch_k)
+        launch_kernel(_dkdv, (n_kt * Hkv,), *args, Hq=Hq, Hkv=Hkv, G=G, S=max(S, 1), D=D, DV=DV, **meta_k, **launch_k)
     # dQ: chosen blocks (gathered tiles), then own block + sum
     dq_acc = dqp = None
     if has_sparse:
@@ -286,18 +286,17 @@ def backward(q, k, v, out, lse, do, dlse, sel, lay: Layout, lt: LayoutTensors, t
             dqp = torch.empty(T * Hq * S, D, dtype=torch.float32, device=q.device)
         else:
             dq_acc = torch.zeros(T * Hq, D, dtype=torch.float32, device=q.device)
-        _sparse_dq[(tile_g.numel(),)](q, k, v, do, lse, delta, dq_acc if dqp is None else dqp, ent, tile_g,
-                                      tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB,
-                                      Hq=Hq, S=S, D=D, DV=DV, ATOMIC=dqp is None,
-                                      EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
+        launch_kernel(_sparse_dq, (tile_g.numel(),), q, k, v, do, lse, delta, dq_acc if dqp is None else dqp, ent,
+                      tile_g, tile_e0, grp_off[1:], lt.blk_start, lt.blk_end, *strides, scale, sl2, NB, Hq=Hq, S=S, D=D,
+                      DV=DV, ATOMIC=dqp is None, EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     # the entry ids are dead now: dQ's output takes their place (peak: entry ids + dQ's fp32 sum, not both + dQ)
     del ent, grp_off, tile_g, tile_e0, args
     dq = new_empty(T, Hq, D, dtype=q.dtype, device=q.device)
     (q0, q1, p0, kb, _), _ = q_tiles(lay, meta_o["BM"], device=q.device)
     if q0.numel():
         dummy = cached(("fp32_one", str(q.device)), lambda: torch.zeros(1, dtype=torch.float32, device=q.device))
-        _own_dq[(q0.numel(), Hq)](q, k, v, do, lse, delta, dummy if dq_acc is None else dq_acc,
-                                  dummy if dqp is None else dqp, sel, dq, q0, q1, p0, kb, *strides,
-                                  dq.stride(0), dq.stride(1), scale, sl2, lay.block_size,
-                                  Hq=Hq, G=G, S=Sx, D=D, DV=DV, ATOMIC=dq_acc is not None, **meta_o, **launch_o)
+        launch_kernel(_own_dq, (q0.numel(), Hq), q, k, v, do, lse, delta, dummy if dq_acc is None else dq_acc,
+                      dummy if dqp is None else dqp, sel, dq, q0, q1, p0, kb, *strides, dq.stride(0), dq.stride(1),
+                      scale, sl2, lay.block_size, Hq=Hq, G=G, S=Sx, D=D, DV=DV, ATOMIC=dq_acc is not None, **meta_o,
+                      **launch_o)
     return dq, dk, dv

@@ -27,6 +27,7 @@ from .configs import (FILL_BYTES, FWD_RING, KEEP_SHARE, OWN_GATE_BLOCKS, OWN_GAT
                       SELECT_SHARE)
 from .gate import block_means, launch_gate
 from .grouping import counters, group_entries
+from .launch import launch_kernel
 
 
 @triton.jit
@@ -204,17 +205,16 @@ def forward(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, ke
         n = tq[0].numel() * Hq
         gate = ((means, sel, count0[0], means.stride(0), means.stride(1), S * Hkv * NB, NB)
                 if own_gate else (lse, lse, lse, 0, 0, 1, 1))
-        fwd_sm90.own_fwd_kernel[(min(n, sm_count(q.device)),)](
-            q, *ws, out, lse, *tq, n, lay.block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2,
-            *gate, Hq=Hq, G=G, D=D, BN=128, NS=FWD_RING, GATE=own_gate, S=S if own_gate else 1,
-            NBC=16 if most - 1 <= 16 else OWN_GATE_BLOCKS, R=count0[2] if count0 else 1, COUNT=own_gate, num_warps=4)
+        launch_kernel(fwd_sm90.own_fwd_kernel, (min(n, sm_count(q.device)),), q, *ws, out, lse, *tq, n, lay.block_size,
+                      q.stride(0), q.stride(1), out.stride(0), out.stride(1), sl2, *gate, Hq=Hq, G=G, D=D, BN=128,
+                      NS=FWD_RING, GATE=own_gate, S=S if own_gate else 1, NBC=16 if most - 1 <= 16 else OWN_GATE_BLOCKS,
+                      R=count0[2] if count0 else 1, COUNT=own_gate, num_warps=4)
     else:
         (q0, q1, p0, kb, _), _ = q_tiles(lay, meta_o["BM"], device=q.device)
         if q0.numel():
-            _own_fwd[(q0.numel(), Hq)](
-                q, k, v, out, lse, q0, q1, p0, kb,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), sl2, lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
+            launch_kernel(_own_fwd, (q0.numel(), Hq), q, k, v, out, lse, q0, q1, p0, kb, q.stride(0), q.stride(1),
+                          k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), sl2,
+                          lay.block_size, Hq=Hq, G=G, D=D, DV=DV, **meta_o, **launch_o)
     if not run_sparse:
         return out, lse, torch.full(shape, -1, dtype=sel_dtype, device=q.device)
     g_tiles, g_starts = q_tiles(lay, meta_g["BM"], range(0, T, chunk), q.device)
@@ -235,13 +235,12 @@ def forward(q, k, v, lay: Layout, lt: LayoutTensors, topk: int, scale: float, ke
         tables = (ent, tile_g, tile_e0, tile_cum, grp_off[1:], lt.blk_start, lt.blk_end)
         for s in range(S):
             if ws:
-                fwd_sm90.sparse_fwd_kernel[(min(grid[0], sm_count(q.device)),)](
-                    q, *ws, out, lse, *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB,
-                    NG, s, tinfo[0], Hq=Hq, S=S, D=D, BN=128, NS=FWD_RING, EVEN=lay.block_size % 128 == 0,
-                    num_warps=4)
+                launch_kernel(fwd_sm90.sparse_fwd_kernel, (min(grid[0], sm_count(q.device)),), q, *ws, out, lse,
+                              *tables, q.stride(0), q.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s,
+                              tinfo[0], Hq=Hq, S=S, D=D, BN=128, NS=FWD_RING, EVEN=lay.block_size % 128 == 0,
+                              num_warps=4)
             else:
-                _sparse_fwd[grid](
-                    q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                    v.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s, Hq=Hq, S=S, D=D, DV=DV,
-                    EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
+                launch_kernel(_sparse_fwd, grid, q, k, v, out, lse, *tables, q.stride(0), q.stride(1), k.stride(0),
+                              k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), t0, sl2, NB, NG, s,
+                              Hq=Hq, S=S, D=D, DV=DV, EVEN=lay.block_size % meta["BN"] == 0, **meta, **launch)
     return out, lse, sel

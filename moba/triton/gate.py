@@ -14,6 +14,7 @@ from ..layout import Layout, LayoutTensors
 from ..utils import cdiv, next_pow2
 from .common import kernel_config, q_tiles, query_tile
 from .configs import GATE_REPLACE_S, GATE_SHARED_BLOCKS
+from .launch import launch_kernel
 
 
 @triton.jit
@@ -262,9 +263,8 @@ def block_means(k: torch.Tensor, lay: Layout, lt: LayoutTensors) -> torch.Tensor
         # 32 columns per program: with one program per (block, head), short inputs (few blocks and kv heads) ran
         # too few programs, each reading a whole block in turn
         BD = min(32, max(16, next_pow2(D)))
-        _block_means[(lay.n_blocks, Hkv, cdiv(D, BD))](
-            k, out, lt.blk_start, lt.blk_end, k.stride(0), k.stride(1), out.stride(0), out.stride(1), D=D, BN=128,
-            BD=BD, num_warps=4)
+        launch_kernel(_block_means, (lay.n_blocks, Hkv, cdiv(D, BD)), k, out, lt.blk_start, lt.blk_end, k.stride(0),
+                      k.stride(1), out.stride(0), out.stride(1), D=D, BN=128, BD=BD, num_warps=4)
     return out
 
 
@@ -295,6 +295,7 @@ def launch_gate(q, k, lay, lt, S, sel_c, t0, tiles, meta, launch, means=None, co
               BD=meta["BD"], SPLIT=q.dtype != torch.float32, PREC=meta["PREC"], R=R, COUNT=count is not None,
               GROUP=group)
     if lay.most_blocks <= GATE_SHARED_BLOCKS and S < GATE_REPLACE_S:
-        _gate_topk_g[(q0.numel(), Hkv)](*args, **kw, **launch)
+        launch_kernel(_gate_topk_g, (q0.numel(), Hkv), *args, **kw, **launch)
     else:
-        _gate_topk[(q0.numel(), Hkv if group else Hq)](*args, **kw, REPLACE=S >= GATE_REPLACE_S, **launch)
+        launch_kernel(_gate_topk, (q0.numel(), Hkv if group else Hq), *args, **kw, REPLACE=S >= GATE_REPLACE_S,
+                      **launch)

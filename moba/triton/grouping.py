@@ -10,6 +10,7 @@ import triton.language as tl
 
 from ..utils import cdiv
 from .configs import PLACE_COPIES, SCAN_SPANS
+from .launch import launch_kernel
 
 
 @triton.jit
@@ -128,20 +129,21 @@ def group_entries(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, 
     grid = (cdiv(n_ent, 1024),)
     kw = dict(Hq=Hq, S=S, G=G, NB=NB, NG=NG if by_slot else 0, R=R, BLOCK=1024)
     if n_ent and not counted:
-        _slot_place[grid](sel, cnt, cnt if stable else ent, n_ent, NK, SCATTER=False, **kw)   # writes no ids
+        # writes no ids
+        launch_kernel(_slot_place, grid, sel, cnt, cnt if stable else ent, n_ent, NK, SCATTER=False, **kw)
     blk = 2048 // R
     n_span = cdiv(NK, blk)
     if n_span > SCAN_SPANS:     # many groups (small blocks, many slots): the scan in parallel spans
         part = torch.empty(n_span, 2, dtype=torch.int64, device=dev)
-        _scan_part[(n_span,)](cnt, part, NK, BM=BM, R=R, BLOCK=blk)
+        launch_kernel(_scan_part, (n_span,), cnt, part, NK, BM=BM, R=R, BLOCK=blk)
         base = part.cumsum(0) - part
-        _slot_scan[(n_span,)](cnt, grp_off, tile_cum, base, NK, BM=BM, R=R, BLOCK=blk, SPLIT=True)
+        launch_kernel(_slot_scan, (n_span,), cnt, grp_off, tile_cum, base, NK, BM=BM, R=R, BLOCK=blk, SPLIT=True)
     else:
-        _slot_scan[(1,)](cnt, grp_off, tile_cum, cnt, NK, BM=BM, R=R, BLOCK=blk, SPLIT=False)
+        launch_kernel(_slot_scan, (1,), cnt, grp_off, tile_cum, cnt, NK, BM=BM, R=R, BLOCK=blk, SPLIT=False)
     if stable:
         key = torch.empty(n_ent, dtype=torch.int32, device=dev)
         if n_ent:
-            _group_keys[grid](sel, key, n_ent, Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
+            launch_kernel(_group_keys, grid, sel, key, n_ent, Hq=Hq, S=S, G=G, NB=NB, NG=NG, BLOCK=1024)
         ent = torch.sort(key, stable=True).indices
     tinfo = torch.empty(n_max, 4, dtype=torch.int32, device=dev) if blocks is not None else tile_g
     tables = (grp_off, tile_cum[1:], tile_g, tile_e0)
@@ -149,10 +151,10 @@ def group_entries(sel: torch.Tensor, Hkv: int, NB: int, BM: int, by_slot: bool, 
     blks = blocks if blocks is not None else (tile_g, tile_g)
     n_ti = cdiv(n_max, 1024)
     if stable or not n_ent:
-        _tile_index[(n_ti,)](*tables, NK, n_max, tinfo, *blks, NB, **info)
+        launch_kernel(_tile_index, (n_ti,), *tables, NK, n_max, tinfo, *blks, NB, **info)
     else:   # the scatter and the tile table in one launch
-        _scatter_index[(grid[0] + n_ti,)](sel, cnt, ent, n_ent, NK, grid[0], *tables, n_max, tinfo, *blks, NB, **kw,
-                                          **{k: v for k, v in info.items() if k != "BLOCK"})
+        launch_kernel(_scatter_index, (grid[0] + n_ti,), sel, cnt, ent, n_ent, NK, grid[0], *tables, n_max, tinfo,
+                      *blks, NB, **kw, **{k: v for k, v in info.items() if k != "BLOCK"})
     if blocks is not None:
         return ent, grp_off, tile_g, tile_e0, tile_cum, tinfo
     return ent, grp_off, tile_g, tile_e0, tile_cum
