@@ -150,3 +150,17 @@ def test_cuda_kernel_through_the_cache_matches_triton():
         finally:
             L._ON = was
     assert L._SITES.get(_append_rows), "the launches with the cache on should have cached the kernel"
+
+
+def test_host_stub_tool_runs_on_the_cpu():
+    """benchmarks/tools/host_stub.py (a call's own Python with the launches stubbed) counts the launches it
+    replaced: a forward of one 8K sequence issues at least the gate, the own block and one slot."""
+    import pathlib
+    import subprocess
+    import sys
+    tool = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tools" / "host_stub.py"
+    r = subprocess.run([sys.executable, str(tool), "--case", "fwd8k", "--calls", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n = int(r.stdout.split("us of Python per call")[1].split("launches")[0].split(",")[1])
+    assert n >= 3, r.stdout

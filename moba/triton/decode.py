@@ -334,100 +334,69 @@ def _launch(q, k, v, k_start, k_end, row, blk_off, block_size, topk, scale, mean
     Hkv, D] and ``means`` the per-page key sums; ``from_lens``: (Tq, blocks per batch row of ``means``) where
     ``k_end`` is a KV cache's lengths and the kernel derives the rest (FROM_LENS); ``group``: the ``gate="group"``
     variant."""
+    N, Hq, D = q.shape
+    Hkv, DV = k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    GP = max(16, next_pow2(G))
+    S = 0 if all_blocks else topk - 1          # all_blocks: topk covers every block, nothing to choose
+    BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
+    # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s walk
+    # in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at once
+    cfg = tuple(configs.CONFIG["decode"] or ())
+    per_sm, max_splits, bn, warps, stages, chunk, listed, bnb, replace, gate_progs = \
+        cfg + configs.DECODE_DEFAULT[len(cfg):]
+    sms = sm_count(q.device) if q.is_cuda else 1
+    NSPLIT = min(max_splits, max(2, next_pow2(cdiv(per_sm * sms, N * Hkv))))
+    n_part = N * Hkv * NSPLIT * GP                      # per split: running max, sum and output of each row
+    part = torch.empty(n_part * (BDV + 2), dtype=torch.float32, device=q.device)
+    pm, pl, pacc = part[:n_part], part[n_part:2 * n_part], part[2 * n_part:].view(n_part, BDV)
+    out = new_empty(N, Hq, DV, dtype=q.dtype, device=q.device)
+    lse = new_empty(N, Hq, dtype=torch.float32, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bt, ps = paged if paged is not None else (row, 1)
-    # the launch parameters other than tensors and strides follow from these: worked out once per kind of step (a
-    # decode step is bound by the host's time to issue it); strides are read per call (a packed cache's grow)
-    cfg = configs.CONFIG["decode"]
-    key = (q.shape, q.dtype, q.device, k.shape[2], v.shape[3], paged is not None, topk, all_blocks, group, from_lens,
-           tuple(cfg) if cfg else None)
-    P = _PLANS.get(key)
-    if P is None:
-        if len(_PLANS) >= 64:
-            _PLANS.clear()
-        P = _PLANS[key] = _Plan(q, k, v, paged is not None, topk, from_lens, all_blocks, group, cfg)
-    sq, sk, sv, sm = q.stride(), k.stride(), v.stride(), means.stride()
-    # one allocation for the step's scratch: the splits' partial results, then (int32) the gate's lists
-    buf = torch.empty(P.n_buf, dtype=torch.float32, device=q.device)
-    pm, pl, pacc = buf[:P.n_part], buf[P.n_part:2 * P.n_part], buf[2 * P.n_part:P.n_scratch]
-    out = new_empty(P.N, P.Hq, P.DV, dtype=q.dtype, device=q.device)
-    lse = new_empty(P.N, P.Hq, dtype=torch.float32, device=q.device)
-    if P.listed:      # the gate once per (query, kv head): its choices and their union's list
-        bi, lst, cnt = _gate_lists(P, buf, q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps,
-                                   sq, sm)
+    listed = bool(listed) and S > 0
+    SP = max(1, next_pow2(S))
+    lens = from_lens or (1, 0)
+    kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=bnb, SPLIT_M=q.dtype != torch.float32, PREC=prec,
+              PAGED=paged is not None, FROM_LENS=from_lens is not None, GROUP=group and G > 1,
+              REPLACE=bool(replace))
+    if listed:      # the gate once per (query, kv head): its choices and their union's list
+        bi, lst, cnt = _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw,
+                                   max(1, next_pow2(gate_progs)))
     else:
-        bi = lst = cnt = buf                                            # unread
-    launch_kernel(_decode_split, (P.N, P.Hkv, P.NSPLIT), q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc,
-                  bi, lst, cnt, sq[0], sq[1], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sm[0], sm[1],
-                  scale * 1.4426950408889634, block_size, m_scale, bt, bt.stride(0), ps, block_size // ps, *P.lens,
-                  **P.split_kw)
-    launch_kernel(_decode_merge, (P.N, P.Hq), pm, pl, pacc, out, lse, out.stride(0), out.stride(1), P.Hq,
-                  **P.out_kw)
+        bi = lst = cnt = part                                           # unread
+    launch_kernel(_decode_split, (N, Hkv, NSPLIT), q, k, v, means, k_start, k_end, row, blk_off, pm, pl, pacc, bi, lst,
+                  cnt, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                  v.stride(2), means.stride(0), means.stride(1), scale * 1.4426950408889634, block_size, m_scale, bt,
+                  bt.stride(0), ps, block_size // ps, *lens, NSPLIT=NSPLIT, DV=DV, BDV=BDV, BN=bn, CH=chunk,
+                  LISTED=listed, ALL=all_blocks, **kw, num_warps=warps, num_stages=stages)
+    launch_kernel(_decode_merge, (N, Hq), pm, pl, pacc, out, lse, out.stride(0), out.stride(1), Hq, G=G, GP=GP,
+                  NSPLIT=NSPLIT, DV=DV, BDV=BDV)
     return out, lse
 
 
-def _gate_lists(P, buf, q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, sq, sm):
-    """`_decode_gate` over every (query, kv head), in ``P.nprog`` programs each (then `_decode_gate_merge`), into
-    ``buf`` past the splits' scratch: each query row's chosen blocks BI [N, Hkv, GP, SP] (-1 for none), the list of
-    their union then the own block [N, Hkv, GP * SP + 1], and the list's length [N, Hkv]."""
-    ints = buf[P.n_scratch:].view(torch.int32)
-    bi, lst, cnt = ints[:P.n_bi], ints[P.n_bi:P.n_bi + P.n_lst], ints[P.n_bi + P.n_lst:P.n_gate]
-    if P.nprog > 1:       # each program's best S per row: ids and scores
-        ci, cv = ints[P.n_gate:P.n_gate + P.n_cand], buf[P.n_scratch + P.n_gate + P.n_cand:]
+def _gate_lists(q, means, k_start, k_end, row, blk_off, block_size, m_scale, bt, ps, lens, kw, nprog=1):
+    """`_decode_gate` over every (query, kv head), in ``nprog`` programs each (then `_decode_gate_merge`): each
+    query row's chosen blocks BI [N, Hkv, GP, SP] (-1 for none), the list of their union then the own block
+    [N, Hkv, GP * SP + 1], and the list's length [N, Hkv]."""
+    N, Hkv, GP, SP = q.shape[0], q.shape[1] // kw["G"], kw["GP"], kw["SP"]
+    # the rows of real heads that the union reads; under gate="group" they all hold the same choices: the first
+    GR = 1 if kw["GROUP"] else next_pow2(kw["G"])
+    bi = torch.empty(N, Hkv, GP, SP, dtype=torch.int32, device=q.device)
+    lst = torch.empty(N, Hkv, GP * SP + 1, dtype=torch.int32, device=q.device)
+    cnt = torch.empty(N, Hkv, dtype=torch.int32, device=q.device)
+    if nprog > 1:       # each program's best S per row: ids and scores
+        cand = torch.empty(2, N * Hkv * nprog * GP * SP, dtype=torch.int32, device=q.device)
+        ci, cv = cand[0], cand[1].view(torch.float32)
     else:
         ci, cv = bi, bi                                                 # cv unread
-    launch_kernel(_decode_gate, (P.N, P.Hkv, P.nprog), q, means, k_start, k_end, row, blk_off, ci, lst, cnt, cv,
-                  sq[0], sq[1], sm[0], sm[1], block_size, m_scale, bt, bt.stride(0), block_size // ps, *P.lens, **P.kw,
-                  NPROG=P.nprog, GR=P.GR, num_warps=4)
-    if P.nprog > 1:
-        launch_kernel(_decode_gate_merge, (P.N, P.Hkv), ci, lst, cnt, cv, k_start, k_end, row, blk_off, block_size,
-                      *P.lens, bi, **P.merge_kw)
-    return bi.view(P.N, P.Hkv, -1, P.kw["SP"]), lst.view(P.N, P.Hkv, -1), cnt.view(P.N, P.Hkv)
-
-
-_PLANS: dict = {}
-
-
-class _Plan:
-    """A decode step's launch parameters other than its tensors and strides (`_launch`'s cache entry)."""
-
-    def __init__(self, q, k, v, paged, topk, from_lens, all_blocks, group, cfg):
-        N, Hq, D = q.shape
-        Hkv, DV = k.shape[2], v.shape[3]
-        G = Hq // Hkv
-        GP = max(16, next_pow2(G))
-        S = 0 if all_blocks else topk - 1          # all_blocks: topk covers every block, nothing to choose
-        BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(DV))
-        # enough programs to keep every SM streaming K/V (per_sm over the whole grid), each (sequence, kv head)'s
-        # walk in at most max_splits; a work item is `chunk` keys, so a chosen block is read by several programs at
-        # once
-        per_sm, max_splits, bn, warps, stages, chunk, listed, bnb, replace, gate_progs = \
-            tuple(cfg or ()) + configs.DECODE_DEFAULT[len(cfg or ()):]
-        sms = sm_count(q.device) if q.is_cuda else 1
-        NSPLIT = min(max_splits, max(2, next_pow2(cdiv(per_sm * sms, N * Hkv))))
-        SP = max(1, next_pow2(S))
-        self.N, self.Hq, self.Hkv, self.DV, self.NSPLIT = N, Hq, Hkv, DV, NSPLIT
-        self.listed = bool(listed) and S > 0
-        self.nprog = max(1, next_pow2(gate_progs))
-        # the rows of real heads that the union reads; under gate="group" they all hold the same choices: the first
-        self.GR = 1 if group and G > 1 else next_pow2(G)
-        self.lens = from_lens or (1, 0)
-        # the scratch buffer: per split the running max, sum and output of each row (fp32); then the gate's int32
-        # choices BI [N, Hkv, GP, SP] (-1 for none), the list of their union then the own block [N, Hkv, GP * SP + 1]
-        # and the list's length [N, Hkv]; then with several gate programs their candidates' ids and scores
-        self.n_part = N * Hkv * NSPLIT * GP
-        self.n_scratch = self.n_part * (BDV + 2)
-        self.n_bi, self.n_lst = N * Hkv * GP * SP, N * Hkv * (GP * SP + 1)
-        self.n_gate = self.n_bi + self.n_lst + N * Hkv
-        self.n_cand = N * Hkv * self.nprog * GP * SP if self.nprog > 1 else 0
-        self.n_buf = self.n_scratch + (self.n_gate + 2 * self.n_cand if self.listed else 0)
-        self.kw = dict(G=G, GP=GP, S=S, SP=SP, D=D, BD=BD, BNB=bnb, SPLIT_M=q.dtype != torch.float32,
-                       PREC="ieee" if q.dtype == torch.float32 else "tf32", PAGED=paged,
-                       FROM_LENS=from_lens is not None, GROUP=group and G > 1, REPLACE=bool(replace))
-        self.merge_kw = dict(GP=GP, S=S, SP=SP, NPROG=self.nprog, GR=self.GR, FROM_LENS=from_lens is not None,
-                             num_warps=4)
-        self.split_kw = dict(NSPLIT=NSPLIT, DV=DV, BDV=BDV, BN=bn, CH=chunk, LISTED=self.listed, ALL=all_blocks,
-                             **self.kw, num_warps=warps, num_stages=stages)
-        self.out_kw = dict(G=G, GP=GP, NSPLIT=NSPLIT, DV=DV, BDV=BDV)
+    launch_kernel(_decode_gate, (N, Hkv, nprog), q, means, k_start, k_end, row, blk_off, ci, lst, cnt, cv, q.stride(0),
+                  q.stride(1), means.stride(0), means.stride(1), block_size, m_scale, bt, bt.stride(0),
+                  block_size // ps, *lens, **kw, NPROG=nprog, GR=GR, num_warps=4)
+    if nprog > 1:
+        launch_kernel(_decode_gate_merge, (N, Hkv), ci, lst, cnt, cv, k_start, k_end, row, blk_off, block_size, *lens,
+                      bi, GP=GP, S=kw["S"], SP=SP, NPROG=nprog, GR=GR, FROM_LENS=kw["FROM_LENS"], num_warps=4)
+    return bi, lst, cnt
 
 
 def kvcache(q, k_cache, v_cache, block_size: int, topk: int, cache_seqlens, block_table, key_sums, scale: float,
@@ -513,7 +482,8 @@ def append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, key_sums,
     ps = k_cache.shape[1] if paged else block_size
     bt = block_table if paged else cache_seqlens
     launch_kernel(_append_rows, (B, Hkv), k_new, v_new, k_cache, v_cache, cache_seqlens, bt, sums,
-                  *strides[0][:3], *strides[1][:3], *strides[2][:3], *strides[3][:3], bt.stride(0), *sums.stride()[:2], Tq, ps, srows, D=D, DV=DV,
+                  *strides[0][:3], *strides[1][:3], *strides[2][:3], *strides[3][:3], bt.stride(0), *sums.stride()[:2],
+                  Tq, ps, srows, D=D, DV=DV,
                   BD=max(16, next_pow2(D)), BDV=max(16, next_pow2(DV)), PAGED=paged, HAS_SUMS=key_sums is not None,
                   num_warps=1)
     return True
