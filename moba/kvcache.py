@@ -52,6 +52,14 @@ def _check(q, k_cache, v_cache, block_size, topk, cache_seqlens, block_table, k_
         if t is not None and tuple(t.shape) != (B, Tq, Hkv, last):
             raise ValueError(f"{name} must be [B, Tq, Hkv, D] = {[B, Tq, Hkv, last]} (one new key per query), got "
                              f"{tuple(t.shape)}")
+    for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+        if t is not None and t.dtype != cache.dtype:
+            raise ValueError(f"{name} must have its cache's dtype {cache.dtype} (it is written into it), got {t.dtype}")
+    # the kernels read these through raw pointers: a tensor on another device would be read as garbage
+    for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table), ("k_new", k_new),
+                    ("v_new", v_new), ("key_sums", key_sums), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
     if key_sums is not None:
         nb = -(-k_cache.shape[1] // block_size)
         want = (k_cache.shape[0], Hkv, D) if paged else (B, nb, Hkv, D)

@@ -132,6 +132,16 @@ def test_kvcache_rejects_bad_arguments():
                                          key_sums=torch.zeros(3, 2, 16))
     with pytest.raises(ValueError, match="block_table"):
         moba.moba_attention_with_kvcache(q, kc, vc, 8, 2, cache_seqlens=seqlens, block_table=bt[0])
+    with pytest.raises(ValueError, match="k_new must have its cache's dtype"):
+        moba.moba_attention_with_kvcache(q, kc, vc, 8, 2, cache_seqlens=seqlens, block_table=bt, k_new=k_new.double(),
+                                         v_new=v_new)
+    # another device than q's: every rank of a serving engine gets this error, not a kernel reading garbage
+    for name in ("cache_seqlens", "block_table", "key_sums", "v_new"):
+        args = dict(cache_seqlens=seqlens, block_table=bt, k_new=k_new, v_new=v_new,
+                    key_sums=torch.zeros(kc.shape[0], 2, 16))
+        args[name] = args[name].to("meta")
+        with pytest.raises(ValueError, match=f"{name} must be on q's device"):
+            moba.moba_attention_with_kvcache(q, kc, vc, 8, 2, **args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
