@@ -1,12 +1,14 @@
 """The library's own Python per call, with every kernel launch stubbed out: what is left of a call's host time
 once the launches cost nothing. Runs on the CPU (no GPU needed; the Triton path's host code runs on CPU tensors, its
-launches replaced by a counter).
+launches replaced by a counter). The torch ops between launches run for real there: fills of large buffers (the
+backward's fp32 dQ sum at 8K is 128 MiB of zeros) make fb8k's figure mostly memory time, not Python.
 
     python benchmarks/tools/host_stub.py [--case decode128k|fwd8k|fb8k] [--calls 500]
 """
 import argparse
 import cProfile
 import os
+import pathlib
 import pstats
 import sys
 import time
@@ -14,6 +16,9 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")       # the kernels are never run; this only lets them be defined
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))     # benchmarks/: the case registry
+import run  # noqa: E402
 
 import moba  # noqa: E402
 import moba.triton.bwd  # noqa: E402,F401
@@ -47,16 +52,13 @@ def main():
         def f():
             moba.moba_attention_with_kvcache(q, kc, vc, 4096, 12, cache_seqlens=lens, k_new=kn, v_new=vn,
                                              key_sums=sums, backend="triton")
-    else:                           # one 8K sequence, block 512, topk 3, bf16
-        T = 8192
-        q = torch.randn(1, T, Hq, D, dtype=torch.bfloat16, requires_grad=a.case == "fb8k")
-        k = torch.randn(1, T, Hkv, D, dtype=torch.bfloat16, requires_grad=a.case == "fb8k")
-        v = torch.randn(1, T, Hkv, D, dtype=torch.bfloat16, requires_grad=a.case == "fb8k")
-        do = torch.randn_like(q)
+    else:                           # the attention cases of benchmarks/run.py, bf16
+        c = run.case(a.case)
+        q, k, v, do = run.inputs(c, "cpu", torch.bfloat16)
 
         def f():
-            out = moba.moba_attention(q, k, v, 512, 3, backend="triton")
-            if a.case == "fb8k":
+            out = moba.moba_attention(q, k, v, c.block_size, c.topk, backend="triton")
+            if c.fwd_bwd:
                 torch.autograd.grad(out, (q, k, v), do)
     for _ in range(20):
         f()
