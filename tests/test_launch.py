@@ -1,6 +1,7 @@
 """moba.triton.launch: which launches reuse a compiled kernel and what they pass it. The cache's logic runs on a
-stand-in kernel here (CI has no GPU to launch on); on CUDA the real one launches every kernel of the package, so
-every GPU test of the Triton and Gluon paths goes through it, and the last test checks one real kernel."""
+stand-in kernel here (CI has no GPU to launch on). Every kernel of the package launches through it; with
+MOBA_DIRECT_LAUNCH=1 on CUDA every GPU test of the Triton and Gluon paths exercises the cache, and the last test
+checks one real kernel through it."""
 import pytest
 import torch
 
@@ -31,7 +32,8 @@ def _spec(x):
 
 class _Kernel:
     """A JITFunction's stand-in with parameters (a, b, n, C=7, D=1): launches through Triton log "triton"; each
-    new specialisation (by Triton's rules, coarser than the cache's) gets its own compiled kernel."""
+    new specialisation gets its own compiled kernel (keyed here by the cache's own rules, which are at least as fine as
+    Triton's)."""
 
     def __init__(self):
         self.log, self.compiled = [], {}
